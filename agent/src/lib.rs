@@ -1,0 +1,4 @@
+//! plasmavmc agent: a pure core (schema, validation, planning, QEMU argv) and an I/O shell
+//! (processes, QMP, files, control socket, ChainFire).
+
+pub mod spec;

@@ -1,0 +1,188 @@
+//! The desired-state file (`/etc/plasmavmc/desired.json`): what the operator declared.
+//!
+//! Plain data, deserialized strictly (unknown keys are errors). Field names here are the JSON keys
+//! and the NixOS option names: one name, one meaning, end to end. Semantic checks that serde
+//! cannot express live in `validate`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The only schema version this agent understands.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The whole file: `{"version": 1, "vms": {NAME: VM}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DesiredState {
+    pub version: u32,
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmSpec>,
+}
+
+/// One declared virtual machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VmSpec {
+    /// vCPUs online now. Moves live between 1 and `maxVcpus`.
+    pub vcpus: u32,
+    /// Ceiling for live vCPU changes, fixed at boot (`-smp maxcpus=`). Defaults to `vcpus`.
+    #[serde(default)]
+    pub max_vcpus: Option<u32>,
+    /// Guest memory in MiB. With `maxMemoryMiB`, the part above the boot memory is a virtio-mem
+    /// device and moves live; without it, a change waits for the next boot.
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    /// Ceiling for live memory changes, fixed at boot. Absent: memory is fixed for the boot.
+    #[serde(rename = "maxMemoryMiB", default)]
+    pub max_memory_mib: Option<u64>,
+    #[serde(default)]
+    pub machine: Machine,
+    #[serde(default)]
+    pub accel: Accel,
+    /// Direct kernel boot: kernel image. Either this or `bootDisk`.
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+    /// Boot from this disk (an id in `disks`) instead of a kernel.
+    #[serde(default)]
+    pub boot_disk: Option<String>,
+    /// UEFI firmware image (e.g. OVMF.fd); absent means SeaBIOS / direct boot.
+    #[serde(default)]
+    pub firmware: Option<PathBuf>,
+    #[serde(default)]
+    pub disks: BTreeMap<String, DiskSpec>,
+    #[serde(default)]
+    pub nics: BTreeMap<String, NicSpec>,
+    /// PCIe root ports reserved at boot for hotplugged disks and NICs (q35 only; `pc` hotplugs
+    /// onto the root bus).
+    #[serde(default = "default_hotplug_slots")]
+    pub hotplug_slots: u32,
+    /// Start the VM when the agent starts or the VM is declared.
+    #[serde(default = "default_true")]
+    pub autostart: bool,
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// What to do when a change cannot be applied live.
+    #[serde(default)]
+    pub on_restart_required: OnRestartRequired,
+    #[serde(default = "default_scope")]
+    pub org_id: String,
+    #[serde(default = "default_scope")]
+    pub project_id: String,
+    /// Write the serial console to `<run-dir>/vms/NAME/console.log`.
+    #[serde(default = "default_true")]
+    pub console_log: bool,
+    /// High availability across hosts (needs ChainFire and shared storage).
+    #[serde(default)]
+    pub ha: HaSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub cache: DiskCache,
+    /// Serial number the guest sees (virtio-blk: at most 20 bytes).
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// A NIC is either on a bridge (the agent creates, attaches and removes the tap) or on an
+/// existing tap the operator manages. Exactly one of `bridge` and `tap`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NicSpec {
+    pub mac: String,
+    #[serde(default)]
+    pub bridge: Option<String>,
+    #[serde(default)]
+    pub tap: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HaSpec {
+    #[serde(default)]
+    pub enable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    #[default]
+    Q35,
+    Pc,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    #[default]
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+/// QEMU's cache modes; `writeback` is QEMU's own default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    None,
+    #[default]
+    Writeback,
+    Writethrough,
+    Directsync,
+    Unsafe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRestartRequired {
+    /// Record the change as pending; apply it at the VM's next start.
+    #[default]
+    Pending,
+    /// Restart the VM now to apply it.
+    Restart,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_scope() -> String {
+    "default".to_owned()
+}
+
+fn default_hotplug_slots() -> u32 {
+    8
+}
+
+impl VmSpec {
+    pub fn effective_max_vcpus(&self) -> u32 {
+        self.max_vcpus.unwrap_or(self.vcpus)
+    }
+}
