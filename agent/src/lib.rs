@@ -1,4 +1,6 @@
 //! plasmavmc agent: a pure core (schema, validation, planning, QEMU argv) and an I/O shell
 //! (processes, QMP, files, control socket, ChainFire).
 
+pub mod action;
+pub mod observed;
 pub mod spec;

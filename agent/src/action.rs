@@ -1,0 +1,68 @@
+//! The planner's output: ordered steps that move a VM from what is observed to what is declared.
+//!
+//! Plain data. The shell executes `Action`s; `plan` and `status` print them. Every action is
+//! idempotent against observed state (ids are deterministic, see `ids`), so re-planning after a
+//! crash in the middle of an apply neither duplicates nor loses a device.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{DiskSpec, NicSpec, VmSpec};
+
+/// The whole plan for a host: per-VM steps in execution order, and what must wait for a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// Declared changes QEMU cannot take live, per VM; applied at the VM's next start (or by a
+    /// `RestartVm` step when the VM says `onRestartRequired = "restart"`).
+    pub pending: Vec<PendingChange>,
+}
+
+/// One action on one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Step {
+    pub vm: String,
+    pub action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Action {
+    /// Launch QEMU with this spec (the declared one, pending changes included).
+    StartVm { spec: Box<VmSpec> },
+    /// ACPI powerdown, wait, then quit; used for VMs no longer declared or no longer wanted here.
+    StopVm { reason: String },
+    /// Stop then start with the declared spec, to apply pending changes (`onRestartRequired`).
+    RestartVm { spec: Box<VmSpec>, reason: String },
+    AddDisk { id: String, disk: DiskSpec },
+    /// `device_del`, wait for the guest, then `blockdev-del`.
+    RemoveDisk { id: String },
+    AddNic { id: String, nic: NicSpec },
+    /// `device_del`, wait for the guest, `netdev_del`, then delete the tap if the agent made it.
+    RemoveNic { id: String },
+    /// Delete block nodes / netdevs left behind by an interrupted apply.
+    RemoveOrphanBlockNode { node: String },
+    RemoveOrphanNetdev { netdev: String },
+    SetVcpus { from: u32, to: u32 },
+    /// Resize the virtio-mem device so the guest has `to_mib` in total.
+    SetMemory {
+        #[serde(rename = "fromMiB")]
+        from_mib: u64,
+        #[serde(rename = "toMiB")]
+        to_mib: u64,
+    },
+}
+
+/// A declared change that waits for the VM's next boot, e.g. `machine: q35 -> pc`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingChange {
+    pub vm: String,
+    /// The spec field as named in the desired-state file (`machine`, `disks.root.path`, ...).
+    pub field: String,
+    pub from: String,
+    pub to: String,
+    /// Why it cannot be applied live (`boot-time setting`, `above maxVcpus`, ...).
+    pub reason: String,
+}

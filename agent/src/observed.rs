@@ -1,0 +1,84 @@
+//! What is actually there, read back from QEMU (and `/proc`), never from the agent's memory of
+//! what it did: after a crash, memory lies; QEMU does not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{DiskFormat, VmSpec};
+
+/// Everything the agent observed on this host, keyed by VM name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedHost {
+    pub vms: BTreeMap<String, ObservedVm>,
+}
+
+/// One VM whose QEMU process exists (running, paused or starting). A VM with no QEMU process is
+/// simply absent from `ObservedHost::vms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedVm {
+    pub pid: u32,
+    /// The spec QEMU was booted with (persisted in the run dir at launch): the source of truth for
+    /// boot-time settings QEMU cannot report (kernel, cmdline, machine, ceilings).
+    pub boot_spec: VmSpec,
+    /// QEMU reports its vCPUs stopped (`query-status`), e.g. after a `stop` or an I/O error.
+    pub paused: bool,
+    /// Hot-pluggable devices QEMU has now, by the declared disk/NIC id (parsed from device ids).
+    pub disks: BTreeMap<String, ObservedDisk>,
+    pub nics: BTreeMap<String, ObservedNic>,
+    /// Block nodes the agent created whose device is gone (an interrupted unplug or add).
+    pub orphan_block_nodes: BTreeSet<String>,
+    /// Netdevs the agent created whose device is gone.
+    pub orphan_netdevs: BTreeSet<String>,
+    /// vCPUs present now (boot CPUs plus hotplugged ones).
+    pub vcpus: u32,
+    /// Memory: boot memory plus what the virtio-mem device has actually plugged.
+    pub memory: ObservedMemory,
+    /// Devices the agent asked the guest to release that are still present.
+    pub unplugging: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedDisk {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+    pub read_only: bool,
+    /// Present since boot (on the command line) rather than hotplugged.
+    pub cold_plugged: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedNic {
+    pub mac: String,
+    /// The host-side tap interface name of its netdev.
+    pub tap: String,
+    /// The bridge the tap is attached to now, if any (read from sysfs).
+    pub bridge: Option<String>,
+    pub cold_plugged: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObservedMemory {
+    /// Memory given at boot (`-m`), in MiB.
+    #[serde(rename = "bootMiB")]
+    pub boot_mib: u64,
+    /// What the virtio-mem device was asked for, in MiB (0 without the device).
+    #[serde(rename = "requestedMiB")]
+    pub requested_mib: u64,
+    /// What the guest actually plugged, in MiB (virtio-mem `size`).
+    #[serde(rename = "pluggedMiB")]
+    pub plugged_mib: u64,
+}
+
+impl ObservedMemory {
+    /// The memory the guest has now.
+    pub fn total_mib(&self) -> u64 {
+        self.boot_mib + self.plugged_mib
+    }
+}
