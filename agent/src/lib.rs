@@ -2,5 +2,7 @@
 //! (processes, QMP, files, control socket, ChainFire).
 
 pub mod action;
+pub mod ids;
 pub mod observed;
+pub mod paths;
 pub mod spec;
