@@ -5,4 +5,5 @@ pub mod action;
 pub mod ids;
 pub mod observed;
 pub mod paths;
+pub mod qemu;
 pub mod spec;

@@ -1,0 +1,334 @@
+//! QEMU processes: launched detached from the agent, found again after an agent restart.
+//!
+//! Detached means killing, restarting or upgrading the agent never stops a VM: under systemd
+//! QEMU gets its own transient scope (so stopping the agent's unit leaves it alone), and in any
+//! case its own session (no controlling terminal, no signals aimed at the agent's group).
+//! Identity is PID-reuse safe: the pidfile alone is never trusted, `/proc/<pid>/cmdline` must be
+//! a QEMU for this VM name and this VM directory's QMP socket.
+
+use std::fs;
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::qmp::Qmp;
+use crate::paths::{RunDir, VmDir};
+use crate::spec::VmSpec;
+
+/// Environment variable naming the QEMU binary (the CLI's `--qemu` takes precedence).
+pub const QEMU_ENV: &str = "PLASMAVMC_QEMU";
+pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+
+/// A QEMU process that is provably this VM's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningQemu {
+    pub pid: u32,
+    /// The spec QEMU was launched with (`<vm_dir>/spec.json`).
+    pub boot_spec: VmSpec,
+}
+
+/// The QEMU binary: `explicit` (the `--qemu` flag), else `$PLASMAVMC_QEMU`, else from `PATH`.
+pub fn qemu_binary(explicit: Option<&Path>) -> PathBuf {
+    explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os(QEMU_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU))
+}
+
+/// Starts QEMU with `args`, detached, and returns its PID. Writes the boot spec and the pidfile;
+/// QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as soon as the process exists: use
+/// `qmp_after_launch` to wait for it to be usable (or to learn why it died). For `find_running`
+/// to recognise the process, `args` must hold `-name guest=NAME` and the QMP chardev
+/// `path=<vm_dir>/qmp.sock` (as `argv::qemu_argv` does).
+pub fn launch_with_argv(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    qemu: &Path,
+    args: &[String],
+) -> Result<u32> {
+    prepare_vm_dir(vm_dir)?;
+    write_atomically(
+        &vm_dir.boot_spec(),
+        &serde_json::to_vec_pretty(spec).expect("a VmSpec serializes"),
+    )?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(qemu_log(vm_dir))
+        .with_context(|| format!("opening {}", qemu_log(vm_dir).display()))?;
+    let mut command = detached_command(name, qemu, args);
+    command
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("duplicating the QEMU log handle")?)
+        .stderr(log);
+    // SAFETY: only async-signal-safe calls (setsid, umask) between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::unistd::setsid()?;
+            // The QMP socket and console log QEMU creates: 0600, the agent's alone.
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {} for VM {name}", qemu.display()))?;
+    let pid = child.id();
+    write_atomically(&vm_dir.pidfile(), format!("{pid}\n").as_bytes())?;
+    // QEMU is our child until the agent exits; reap it so it never lingers as a zombie (after the
+    // agent is gone, init reaps it). Observers learn about the exit from QMP and `/proc`.
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            let status = child.wait();
+            tracing::info!(pid, ?status, "QEMU exited");
+        })
+        .context("spawning the QEMU reaper thread")?;
+    tracing::info!(vm = name, pid, "launched QEMU");
+    Ok(pid)
+}
+
+/// Waits until the QEMU just launched as `pid` answers on its QMP socket. If it exits first (bad
+/// disk path, bad option), the error carries the end of its log, which says why.
+pub async fn qmp_after_launch(pid: u32, vm_dir: &VmDir, timeout: Duration) -> Result<Qmp> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let socket = vm_dir.qmp_socket();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match Qmp::connect(&socket, left.min(Duration::from_secs(2))).await {
+            Ok(qmp) => return Ok(qmp),
+            Err(e) if !is_alive(pid) => {
+                bail!(
+                    "QEMU exited during startup ({e}): {}",
+                    qemu_log_tail(vm_dir)
+                )
+            }
+            Err(e) if left.is_zero() => {
+                return Err(e).context(format!("QEMU (pid {pid}) never answered on QMP"));
+            }
+            // The socket appears a moment after exec; retry shortly.
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// The QEMU of VM `name`, if the pidfile names a live process that is provably it.
+/// `Ok(None)`: no pidfile, or the PID is dead or belongs to something else (PID reuse).
+/// `Err`: it is this VM's QEMU but its boot spec cannot be read (do not adopt blindly).
+pub fn find_running(name: &str, vm_dir: &VmDir) -> Result<Option<RunningQemu>> {
+    let Some(pid) = read_pidfile(vm_dir)? else {
+        return Ok(None);
+    };
+    if !is_qemu_of(pid, name, vm_dir) {
+        return Ok(None);
+    }
+    let path = vm_dir.boot_spec();
+    let json = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let boot_spec = serde_json::from_slice(&json)
+        .with_context(|| format!("{}: not a VM spec this agent understands", path.display()))?;
+    Ok(Some(RunningQemu { pid, boot_spec }))
+}
+
+/// Names of all VM directories under `<run-dir>/vms` (the VMs some agent launched on this boot).
+/// With `find_running`, this is how undeclared QEMUs are found.
+pub fn list_vm_dirs(run_dir: &RunDir) -> Result<Vec<String>> {
+    let dir = run_dir.vms_dir();
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.with_context(|| format!("listing {}", dir.display()))?;
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            if let Ok(name) = entry.file_name().into_string() {
+                names.push(name);
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Whether `pid` is alive (a zombie counts as dead).
+pub fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // Field 3, after the parenthesised command name (which may contain spaces).
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` runs a QEMU started for VM `name` with `vm_dir`'s QMP socket.
+pub fn is_qemu_of(pid: u32, name: &str, vm_dir: &VmDir) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    cmdline_matches(&cmdline, name, &vm_dir.qmp_socket()) && is_alive(pid)
+}
+
+/// Removes what only makes sense while QEMU runs (pidfile, QMP socket); keeps the logs and the
+/// boot spec for post-mortems.
+pub fn clear_runtime_files(vm_dir: &VmDir) -> Result<()> {
+    for path in [vm_dir.pidfile(), vm_dir.qmp_socket()] {
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// QEMU's stdout/stderr: why it refused to start, what it warned about.
+pub fn qemu_log(vm_dir: &VmDir) -> PathBuf {
+    vm_dir.dir().join("qemu.log")
+}
+
+/// The last lines of `qemu.log`, for error messages.
+pub fn qemu_log_tail(vm_dir: &VmDir) -> String {
+    let text = fs::read_to_string(qemu_log(vm_dir)).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+fn detached_command(name: &str, qemu: &Path, args: &[String]) -> Command {
+    if Path::new("/run/systemd/system").exists() {
+        // Its own scope: stopping the agent's unit does not take the VMs with it. `--scope` execs
+        // the command in place, so the PID we get is QEMU's.
+        let mut command = Command::new("systemd-run");
+        command
+            .args(["--scope", "--collect", "--quiet", "--unit"])
+            .arg(format!("plasmavmc-vm-{name}"))
+            .arg("--")
+            .arg(qemu)
+            .args(args);
+        command
+    } else {
+        let mut command = Command::new(qemu);
+        command.args(args);
+        command
+    }
+}
+
+fn prepare_vm_dir(vm_dir: &VmDir) -> Result<()> {
+    let dir = vm_dir.dir();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    // A stale socket would let a connect succeed against nothing; a stale pidfile would name a
+    // dead (or reused) PID until the new one is written.
+    clear_runtime_files(vm_dir)
+}
+
+fn read_pidfile(vm_dir: &VmDir) -> Result<Option<u32>> {
+    let path = vm_dir.pidfile();
+    match fs::read_to_string(&path) {
+        Ok(text) => match text.trim().parse() {
+            Ok(pid) => Ok(Some(pid)),
+            Err(_) => bail!("{}: not a PID: {:?}", path.display(), text.trim()),
+        },
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The identity check on a raw `/proc/<pid>/cmdline`: a `qemu-system-*` binary whose `-name`
+/// says `guest=NAME` and whose arguments hold `path=<qmp socket>`.
+fn cmdline_matches(cmdline: &[u8], name: &str, qmp_socket: &Path) -> bool {
+    let args: Vec<&str> = cmdline
+        .split(|&b| b == 0)
+        .filter_map(|arg| std::str::from_utf8(arg).ok())
+        .collect();
+    let Some(binary) = args.first() else {
+        return false;
+    };
+    let is_qemu = Path::new(binary)
+        .file_name()
+        .and_then(|f| f.to_str())
+        .is_some_and(|f| f.starts_with("qemu-system-"));
+    let options = |arg: &&str| arg.split(',').map(str::to_owned).collect::<Vec<_>>();
+    let guest = format!("guest={name}");
+    let socket = format!("path={}", qmp_socket.display());
+    let named = args
+        .windows(2)
+        .any(|w| w[0] == "-name" && options(&w[1]).contains(&guest));
+    let has_socket = args.iter().any(|arg| options(arg).contains(&socket));
+    is_qemu && named && has_socket
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmdline(args: &[&str]) -> Vec<u8> {
+        args.iter()
+            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+            .collect()
+    }
+
+    const SOCKET: &str = "/run/plasmavmc/vms/web/qmp.sock";
+
+    fn web_qemu(binary: &str, name_arg: &str, chardev: &str) -> Vec<u8> {
+        cmdline(&[binary, "-name", name_arg, "-chardev", chardev, "-m", "256"])
+    }
+
+    #[test]
+    fn accepts_the_qemu_it_launched() {
+        let qemu = web_qemu(
+            "/usr/bin/qemu-system-x86_64",
+            "guest=web,debug-threads=on",
+            "socket,id=qmp,path=/run/plasmavmc/vms/web/qmp.sock,server=on,wait=off",
+        );
+        assert!(cmdline_matches(&qemu, "web", Path::new(SOCKET)));
+    }
+
+    #[test]
+    fn rejects_other_processes_and_other_vms() {
+        let chardev = "socket,id=qmp,path=/run/plasmavmc/vms/web/qmp.sock,server=on";
+        let not_qemu = web_qemu("/bin/sleep", "guest=web", chardev);
+        assert!(!cmdline_matches(&not_qemu, "web", Path::new(SOCKET)));
+        let other_vm = web_qemu("qemu-system-x86_64", "guest=web2", chardev);
+        assert!(!cmdline_matches(&other_vm, "web", Path::new(SOCKET)));
+        let other_dir = web_qemu(
+            "qemu-system-x86_64",
+            "guest=web",
+            "socket,id=qmp,path=/tmp/other/vms/web/qmp.sock,server=on",
+        );
+        assert!(!cmdline_matches(&other_dir, "web", Path::new(SOCKET)));
+        assert!(!cmdline_matches(b"", "web", Path::new(SOCKET)));
+    }
+}
