@@ -7,3 +7,4 @@ pub mod observed;
 pub mod paths;
 pub mod qemu;
 pub mod spec;
+pub mod validate;

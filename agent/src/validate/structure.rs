@@ -1,0 +1,137 @@
+//! The serde pass, made to report every structural error instead of the first.
+//!
+//! serde stops at the first error. So: parse to a JSON tree, deserialize, and on an error record
+//! it with its path (`serde_path_to_error`), cut the offending value out of the tree and try
+//! again. A removed optional key falls back to its default; a removed required key shows up as
+//! "missing field" on its parent, which is then cut too (the key itself was already reported).
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+use serde_path_to_error::Segment;
+
+use super::Problem;
+use crate::spec::DesiredState;
+
+/// Bounds the retry loop; a document with more structural errors than this has bigger problems.
+const MAX_STRUCTURAL_ERRORS: usize = 100;
+
+pub(super) struct Structured {
+    /// The document as parsed once the bad parts were cut out; `None` if the root was unusable.
+    pub state: Option<DesiredState>,
+    pub problems: Vec<Problem>,
+    /// VMs that had a structural error somewhere inside them.
+    pub broken_vms: BTreeSet<String>,
+}
+
+pub(super) fn deserialize(json: &str) -> Structured {
+    let mut out = Structured {
+        state: None,
+        problems: Vec::new(),
+        broken_vms: BTreeSet::new(),
+    };
+    let mut tree: Value = match serde_json::from_str(json) {
+        Ok(tree) => tree,
+        Err(error) => {
+            out.problems.push(Problem {
+                path: String::new(),
+                message: format!("not valid JSON: {error}"),
+            });
+            return out;
+        }
+    };
+    let mut reported = BTreeSet::new();
+    for _ in 0..MAX_STRUCTURAL_ERRORS {
+        let error = match serde_path_to_error::deserialize::<_, DesiredState>(&tree) {
+            Ok(state) => {
+                out.state = Some(state);
+                return out;
+            }
+            Err(error) => error,
+        };
+        let path: Vec<String> = error.path().iter().map(segment_key).collect();
+        let message = error.into_inner().to_string();
+        if let [first, name, ..] = path.as_slice() {
+            if first == "vms" {
+                out.broken_vms.insert(name.clone());
+            }
+        }
+        // "missing field `x`" after `x` was cut out for a bad value: already reported.
+        let missing = missing_field(&message).map(|field| child(&path, field));
+        if !matches!(&missing, Some(full) if reported.contains(full)) {
+            out.problems.push(Problem {
+                path: render_path(&path),
+                message,
+            });
+        }
+        reported.insert(missing.unwrap_or_else(|| path.clone()));
+        if !remove(&mut tree, &path) {
+            return out;
+        }
+    }
+    out
+}
+
+fn segment_key(segment: &Segment) -> String {
+    match segment {
+        Segment::Seq { index } => index.to_string(),
+        Segment::Map { key } => key.clone(),
+        Segment::Enum { variant } => variant.clone(),
+        Segment::Unknown => "?".to_owned(),
+    }
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
+}
+
+fn child(path: &[String], key: &str) -> Vec<String> {
+    let mut full = path.to_vec();
+    full.push(key.to_owned());
+    full
+}
+
+/// Cuts the value at `path` out of the tree. False when there is nothing left to cut (the root).
+fn remove(tree: &mut Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = tree;
+    for key in parents {
+        node = match node {
+            Value::Object(map) => match map.get_mut(key) {
+                Some(next) => next,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Object(map) => map.remove(last).is_some(),
+        _ => false,
+    }
+}
+
+/// `vms.web.nics.eth0.mac`; keys that would make the path ambiguous are quoted:
+/// `vms["my.vm"]`.
+pub(super) fn render_path<S: AsRef<str>>(path: &[S]) -> String {
+    let mut out = String::new();
+    for key in path {
+        let key = key.as_ref();
+        let plain = !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if plain {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(key);
+        } else {
+            out.push('[');
+            out.push_str(&serde_json::to_string(key).expect("a string serializes"));
+            out.push(']');
+        }
+    }
+    out
+}
