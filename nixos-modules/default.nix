@@ -1,0 +1,11 @@
+# services.plasmavmc: VMs, disks and NICs declared in NixOS configuration, run by the plasmavmc
+# agent, changed live by `nixos-rebuild switch`.
+{
+  imports = [
+    ./options.nix
+    ./systemd.nix
+    ./activation.nix
+    ./assertions.nix
+    ./host.nix
+  ];
+}

@@ -1,0 +1,55 @@
+# The desired-state document (`/etc/plasmavmc/desired.json`) as a pure function of the evaluated
+# `services.plasmavmc.vms`: `{ version = 1; vms = { NAME = VM; }; }` with spec.rs's keys.
+#
+# Optional fields that are `null` are left out rather than written as `null`, so the file says only
+# what the operator declared and the agent's serde defaults stay the single source of defaults for
+# absent fields. Usable standalone:
+#   import ./desired-state.nix { inherit lib; } config.services.plasmavmc.vms
+{ lib }:
+let
+  schemaVersion = 1;
+
+  withoutNulls = lib.filterAttrs (_: value: value != null);
+
+  disk = d: withoutNulls {
+    inherit (d) path format readOnly cache serial;
+  };
+
+  nic = n: withoutNulls {
+    inherit (n) mac bridge tap;
+  };
+
+  vm =
+    v:
+    withoutNulls {
+      inherit (v)
+        vcpus
+        maxVcpus
+        memoryMiB
+        maxMemoryMiB
+        machine
+        accel
+        kernel
+        initrd
+        cmdline
+        bootDisk
+        firmware
+        hotplugSlots
+        autostart
+        restartPolicy
+        onRestartRequired
+        orgId
+        projectId
+        consoleLog
+        ;
+      disks = lib.mapAttrs (_: disk) v.disks;
+      nics = lib.mapAttrs (_: nic) v.nics;
+      ha = {
+        inherit (v.ha) enable;
+      };
+    };
+in
+vms: {
+  version = schemaVersion;
+  vms = lib.mapAttrs (_: vm) vms;
+}

@@ -1,0 +1,17 @@
+# What the host kernel must offer the VMs.
+{ config, lib, ... }:
+let
+  cfg = config.services.plasmavmc;
+in
+{
+  config = lib.mkIf cfg.enable {
+    # tun: taps; bridge: the agent attaches taps to bridges; vhost_net: in-kernel virtio-net.
+    # The agent runs as root with CAP_NET_ADMIN, so /dev/net/tun and the taps need no extra
+    # permissions; KVM itself comes from the hardware profile (kvm-intel / kvm-amd).
+    boot.kernelModules = [
+      "tun"
+      "bridge"
+      "vhost_net"
+    ];
+  };
+}

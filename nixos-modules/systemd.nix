@@ -1,0 +1,100 @@
+# The agent's unit and its desired-state file.
+#
+# A switch must never restart the agent for a config change: the desired-state file is a reload
+# trigger and ExecReload applies it (`plasmavmc reload --wait` exits non-zero when any of it failed,
+# which makes the switch fail loudly). Any other change to the unit (a new agent package, new flags)
+# also reloads rather than restarts; run `systemctl restart plasmavmc` to move to a new agent,
+# which leaves every VM running.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+let
+  cfg = config.services.plasmavmc;
+  configPath = "/etc/plasmavmc/desired.json";
+  desiredFile = config.environment.etc."plasmavmc/desired.json".source;
+  plasmavmc = lib.getExe' cfg.package "plasmavmc";
+
+  chainfireArgs = lib.optionals (cfg.chainfire.endpoints != [ ]) (
+    [
+      "--chainfire"
+      (lib.concatStringsSep "," cfg.chainfire.endpoints)
+      "--host-id"
+      cfg.hostId
+      "--lease-ttl"
+      (toString cfg.chainfire.leaseTtl)
+    ]
+    ++ lib.concatLists (
+      lib.mapAttrsToList (flag: value: lib.optionals (value != null) [ flag value ]) {
+        "--chainfire-ca" = cfg.chainfire.caFile;
+        "--chainfire-cert" = cfg.chainfire.certFile;
+        "--chainfire-key" = cfg.chainfire.keyFile;
+        "--chainfire-user" = cfg.chainfire.user;
+        "--chainfire-password-file" = cfg.chainfire.passwordFile;
+      }
+    )
+  );
+
+  agentArgs = [
+    "agent"
+    "--config"
+    configPath
+    "--state-dir"
+    cfg.stateDir
+    "--run-dir"
+    cfg.runDir
+  ]
+  ++ chainfireArgs;
+in
+{
+  config = lib.mkIf cfg.enable {
+    environment.etc."plasmavmc/desired.json".text = builtins.toJSON cfg.desiredState;
+
+    environment.systemPackages = [ cfg.package ];
+
+    # tmpfiles rather than StateDirectory/RuntimeDirectory: systemd removes a RuntimeDirectory
+    # when the agent stops, and the sockets and pidfiles in it belong to the VMs, which go on.
+    systemd.tmpfiles.rules = [
+      "d ${cfg.stateDir} 0700 root root - -"
+      "d ${cfg.runDir} 0700 root root - -"
+    ];
+
+    systemd.services.plasmavmc = {
+      description = "plasmavmc agent: runs the VMs declared in services.plasmavmc.vms";
+      wantedBy = [ "multi-user.target" ];
+      after = [ "network.target" ];
+      # qemu-system-*, qemu-img; ip for taps and bridges; systemd-run to put each QEMU in its own
+      # scope, outside this unit's cgroup.
+      path = [
+        cfg.qemuPackage
+        pkgs.iproute2
+        config.systemd.package
+      ];
+
+      reloadTriggers = [ desiredFile ];
+      reloadIfChanged = true;
+      restartIfChanged = false;
+      stopIfChanged = false;
+
+      serviceConfig = {
+        Type = "notify";
+        ExecStart = lib.escapeShellArgs ([ plasmavmc ] ++ agentArgs);
+        ExecReload = lib.escapeShellArgs [
+          plasmavmc
+          "reload"
+          "--wait"
+          "--run-dir"
+          cfg.runDir
+        ];
+        Restart = "always";
+        RestartSec = "2s";
+        # QEMU runs in its own transient scope; should one ever be left in this cgroup, stopping
+        # the agent must still not kill it.
+        KillMode = "process";
+      }
+      // import ./hardening.nix;
+    };
+  };
+}

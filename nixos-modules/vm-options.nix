@@ -1,0 +1,239 @@
+# One VM under `services.plasmavmc.vms.<name>`: every field of the agent's desired-state schema
+# (agent/src/spec.rs). Option names are the JSON keys; defaults are spec.rs's serde defaults, and an
+# option without a default is one the schema requires.
+{ lib, ... }:
+let
+  inherit (lib) mkOption mkEnableOption types;
+  names = import ./names.nix { inherit lib; };
+
+  diskOptions = {
+    options = {
+      path = mkOption {
+        type = names.absolutePath;
+        example = "/var/lib/vms/web.qcow2";
+        description = ''
+          Image file or block device. A string, not a Nix path: a writable image must not be
+          copied into the read-only Nix store.
+        '';
+      };
+      format = mkOption {
+        type = types.enum [
+          "qcow2"
+          "raw"
+        ];
+        example = "qcow2";
+        description = "Image format.";
+      };
+      readOnly = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Attach the disk read-only.";
+      };
+      cache = mkOption {
+        type = types.enum [
+          "none"
+          "writeback"
+          "writethrough"
+          "directsync"
+          "unsafe"
+        ];
+        default = "writeback";
+        description = "QEMU cache mode; `writeback` is QEMU's own default.";
+      };
+      serial = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "web-data";
+        description = "Serial number the guest sees (virtio-blk: at most 20 bytes).";
+      };
+    };
+  };
+
+  nicOptions = {
+    options = {
+      mac = mkOption {
+        type = names.mac;
+        example = "52:54:00:12:34:56";
+        description = "Unicast MAC address of the guest's NIC; unique across every VM of the host.";
+      };
+      bridge = mkOption {
+        type = types.nullOr names.ifname;
+        default = null;
+        example = "br0";
+        description = ''
+          Host bridge to attach the NIC to. The agent creates the tap, attaches it and removes it
+          with the NIC. Exactly one of `bridge` and `tap`.
+        '';
+      };
+      tap = mkOption {
+        type = types.nullOr names.ifname;
+        default = null;
+        example = "tap-web0";
+        description = ''
+          Existing tap interface the operator manages. Exactly one of `bridge` and `tap`.
+        '';
+      };
+    };
+  };
+in
+{
+  options = {
+    vcpus = mkOption {
+      type = types.ints.positive;
+      example = 2;
+      description = "vCPUs online now. Changes live between 1 and `maxVcpus`.";
+    };
+    maxVcpus = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 8;
+      description = ''
+        Ceiling for live vCPU changes, fixed at boot (`-smp maxcpus=`). `null` means `vcpus`:
+        no live vCPU changes. A change is pending until the next start.
+      '';
+    };
+    memoryMiB = mkOption {
+      type = types.ints.positive;
+      example = 2048;
+      description = ''
+        Guest memory in MiB. With `maxMemoryMiB`, the part above the boot memory is a virtio-mem
+        device and changes live; without it, a change waits for the next start.
+      '';
+    };
+    maxMemoryMiB = mkOption {
+      type = types.nullOr types.ints.positive;
+      default = null;
+      example = 8192;
+      description = ''
+        Ceiling for live memory changes, fixed at boot. `null`: memory is fixed for the boot.
+        A change is pending until the next start.
+      '';
+    };
+    machine = mkOption {
+      type = types.enum [
+        "q35"
+        "pc"
+      ];
+      default = "q35";
+      description = "QEMU machine type. Pending until the next start when changed.";
+    };
+    accel = mkOption {
+      type = types.enum [
+        "kvm"
+        "tcg"
+      ];
+      default = "kvm";
+      description = ''
+        Accelerator: `kvm` (hardware virtualisation) or `tcg` (software emulation, for hosts
+        without usable KVM and for tests). Pending until the next start when changed.
+      '';
+    };
+    kernel = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = lib.literalExpression ''"''${pkgs.linux}/bzImage"'';
+      description = "Direct kernel boot: the kernel image. Exactly one of `kernel` and `bootDisk`.";
+    };
+    initrd = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = lib.literalExpression ''"''${myInitrd}/initrd"'';
+      description = "Direct kernel boot: the initramfs (only with `kernel`).";
+    };
+    cmdline = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "console=ttyS0 panic=-1";
+      description = "Direct kernel boot: the kernel command line (only with `kernel`).";
+    };
+    bootDisk = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "root";
+      description = "Boot from this disk (a name in `disks`) instead of a kernel.";
+    };
+    firmware = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = lib.literalExpression ''"''${pkgs.OVMF.fd}/FV/OVMF.fd"'';
+      description = "UEFI firmware image; `null` means SeaBIOS (or direct kernel boot).";
+    };
+    disks = mkOption {
+      type = types.attrsOf (types.submodule diskOptions);
+      default = { };
+      example = lib.literalExpression ''
+        {
+          root = { path = "/var/lib/vms/web.qcow2"; format = "qcow2"; };
+          data = { path = "/dev/vg0/web-data"; format = "raw"; cache = "none"; };
+        }
+      '';
+      description = ''
+        Disks by name. Adding, removing or replacing a disk is applied live (hotplug) to a
+        running VM.
+      '';
+    };
+    nics = mkOption {
+      type = types.attrsOf (types.submodule nicOptions);
+      default = { };
+      example = lib.literalExpression ''
+        { eth0 = { mac = "52:54:00:12:34:56"; bridge = "br0"; }; }
+      '';
+      description = ''
+        Network interfaces by name. Adding, removing or replacing a NIC is applied live (hotplug)
+        to a running VM.
+      '';
+    };
+    hotplugSlots = mkOption {
+      type = types.ints.unsigned;
+      default = 8;
+      description = ''
+        PCIe root ports reserved at boot for hotplugged disks and NICs (`q35` only; `pc`
+        hotplugs onto the root bus). Pending until the next start when changed.
+      '';
+    };
+    autostart = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Start the VM when the agent starts or when the VM is declared.";
+    };
+    restartPolicy = mkOption {
+      type = types.enum [
+        "always"
+        "on-failure"
+        "never"
+      ];
+      default = "on-failure";
+      description = "When the agent restarts the VM after QEMU exits (with backoff).";
+    };
+    onRestartRequired = mkOption {
+      type = types.enum [
+        "pending"
+        "restart"
+      ];
+      default = "pending";
+      description = ''
+        What to do with a change that cannot be applied live: `pending` records it and applies
+        it at the VM's next start; `restart` restarts the VM now to apply it.
+      '';
+    };
+    orgId = mkOption {
+      type = types.str;
+      default = "default";
+      description = "Organisation the VM belongs to (published to ChainFire).";
+    };
+    projectId = mkOption {
+      type = types.str;
+      default = "default";
+      description = "Project the VM belongs to (published to ChainFire).";
+    };
+    consoleLog = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Write the serial console to `<runDir>/vms/<name>/console.log`.";
+    };
+    ha.enable = mkEnableOption ''
+      high availability across hosts: the VM fails over to another host when this one stops
+      renewing its ChainFire lease. Needs `services.plasmavmc.chainfire` and shared storage
+    '';
+  };
+}
