@@ -1,5 +1,6 @@
 # Mistakes the build can see, reported by `nixos-rebuild` before anything reaches the host. Each
-# message names the option path, like the agent's own validation names the JSON path.
+# message names the option path, as the agent's own validation names the JSON path. Checks on a
+# single value are option types (./names.nix); these are the ones that relate several values.
 { config, lib, ... }:
 let
   cfg = config.services.plasmavmc;
@@ -7,28 +8,35 @@ let
   opt = "services.plasmavmc";
   vmOpt = name: "${opt}.vms.${name}";
 
-  allNics = lib.concatLists (
-    lib.mapAttrsToList (
-      vmName: vm:
-      lib.mapAttrsToList (nicName: nic: nic // { path = "${vmOpt vmName}.nics.${nicName}"; }) vm.nics
-    ) cfg.vms
-  );
-
-  # Values declared more than once, with where each was declared.
-  duplicates =
-    key: items:
-    lib.filterAttrs (_: paths: builtins.length paths > 1) (
-      lib.foldl' (
-        acc: item: acc // { ${key item} = (acc.${key item} or [ ]) ++ [ item.path ]; }
-      ) { } items
+  # Every disk and NIC of every VM, with the option path it was declared at.
+  devicesOf =
+    kind:
+    lib.concatLists (
+      lib.mapAttrsToList (
+        vmName: vm: lib.mapAttrsToList (id: d: d // { at = "${vmOpt vmName}.${kind}.${id}"; }) vm.${kind}
+      ) cfg.vms
     );
+  allNics = devicesOf "nics";
+  allDisks = devicesOf "disks";
 
-  duplicateAssertions =
-    what: dups:
-    lib.mapAttrsToList (value: paths: {
-      assertion = false;
-      message = "${opt}: ${what} ${value} is declared more than once: ${lib.concatStringsSep ", " paths}.";
-    }) dups;
+  # { value = [ declarations ]; } for values declared more than once.
+  groupsOfMany =
+    key: items:
+    lib.filterAttrs (_: group: builtins.length group > 1) (
+      lib.foldl' (acc: item: acc // { ${key item} = (acc.${key item} or [ ]) ++ [ item ]; }) { } items
+    );
+  where = group: lib.concatStringsSep ", " (map (item: item.at) group);
+
+  uniqueAcrossVms = what: key: items: lib.mapAttrsToList (value: group: {
+    assertion = false;
+    message = "${opt}: ${what} ${value} is declared more than once: ${where group}.";
+  }) (groupsOfMany key items);
+
+  # A writable image attached twice gets corrupted; read-only images may be shared.
+  exclusiveImages = lib.mapAttrsToList (path: group: {
+    assertion = builtins.all (disk: disk.readOnly) group;
+    message = "${opt}: image ${path} is attached by ${where group}; a writable image can be attached only once.";
+  }) (groupsOfMany (disk: disk.path) allDisks);
 
   # Bridges this configuration creates; others must be listed in externalBridges.
   networkdBridges = lib.mapAttrsToList (_: netdev: netdev.netdevConfig.Name or null) (
@@ -39,11 +47,11 @@ let
   knownBridges =
     builtins.attrNames (config.networking.bridges or { }) ++ networkdBridges ++ cfg.externalBridges;
 
-  nameAssertions =
-    what: path: attrs:
+  namesMatch =
+    what: pattern: isValid: path: attrs:
     map (name: {
-      assertion = names.isSafeName name;
-      message = "${path}.${name}: ${what} name must match ${names.namePattern} (it becomes a path component and a QEMU id).";
+      assertion = isValid name;
+      message = "${path}.${name}: ${what} must match ^${pattern}$ (it becomes part of paths and QEMU ids).";
     }) (builtins.attrNames attrs);
 
   vmAssertions =
@@ -61,12 +69,17 @@ let
         message = "${p}.memoryMiB (${toString vm.memoryMiB}) is greater than ${p}.maxMemoryMiB (${toString vm.maxMemoryMiB}).";
       }
       {
-        assertion = (vm.kernel != null) != (vm.bootDisk != null);
-        message =
-          if vm.kernel == null then
-            "${p}: nothing to boot: set ${p}.kernel (direct kernel boot) or ${p}.bootDisk."
-          else
-            "${p}: set either ${p}.kernel or ${p}.bootDisk, not both.";
+        assertion =
+          vm.maxMemoryMiB == null || (lib.mod vm.memoryMiB 2 == 0 && lib.mod vm.maxMemoryMiB 2 == 0);
+        message = "${p}.memoryMiB and ${p}.maxMemoryMiB must be multiples of 2 MiB (the virtio-mem block size).";
+      }
+      {
+        assertion = vm.kernel != null || vm.bootDisk != null;
+        message = "${p}: nothing to boot: set ${p}.kernel (direct kernel boot) or ${p}.bootDisk.";
+      }
+      {
+        assertion = vm.kernel == null || vm.bootDisk == null;
+        message = "${p}: set either ${p}.kernel or ${p}.bootDisk, not both.";
       }
       {
         assertion = vm.bootDisk == null || vm.disks ? ${vm.bootDisk};
@@ -81,38 +94,36 @@ let
         message = "${p}.ha.enable needs ChainFire: set ${opt}.chainfire.endpoints.";
       }
     ]
-    ++ nameAssertions "disk" "${p}.disks" vm.disks
-    ++ nameAssertions "NIC" "${p}.nics" vm.nics
+    ++ namesMatch "disk id" names.deviceIdPattern names.isDeviceId "${p}.disks" vm.disks
+    ++ namesMatch "NIC id" names.deviceIdPattern names.isDeviceId "${p}.nics" vm.nics
     ++ lib.mapAttrsToList (disk: d: {
-      assertion = d.serial == null || builtins.stringLength d.serial <= 20;
-      message = "${p}.disks.${disk}.serial is longer than 20 bytes (virtio-blk's limit).";
+      assertion = d.serial == null || names.isSerial d.serial;
+      message = "${p}.disks.${disk}.serial must be 1 to 20 printable ASCII characters without ','.";
     }) vm.disks
-    ++ lib.concatLists (
-      lib.mapAttrsToList (
-        nic: n:
-        let
-          np = "${p}.nics.${nic}";
-        in
-        [
-          {
-            assertion = (n.bridge == null) != (n.tap == null);
-            message =
-              if n.bridge == null then
-                "${np}: set either bridge (the agent makes a tap) or tap (an existing one)."
-              else
-                "${np}: set either bridge or tap, not both.";
-          }
-          {
-            assertion = names.isUnicastMac n.mac;
-            message = "${np}.mac ${n.mac} is a multicast address; the first octet must be even (e.g. 52:54:00:...).";
-          }
-          {
-            assertion = n.bridge == null || builtins.elem n.bridge knownBridges;
-            message = "${np}.bridge \"${toString n.bridge}\" is not a bridge this configuration declares (networking.bridges, systemd.network.netdevs) nor listed in ${opt}.externalBridges.";
-          }
-        ]
-      ) vm.nics
-    );
+    ++ lib.concatLists (lib.mapAttrsToList (nicAssertions "${p}.nics") vm.nics);
+
+  nicAssertions = nicsPath: nic: n: let np = "${nicsPath}.${nic}"; in [
+    {
+      assertion = n.bridge != null || n.tap != null;
+      message = "${np}: set bridge (the agent makes a tap) or tap (an existing one).";
+    }
+    {
+      assertion = n.bridge == null || n.tap == null;
+      message = "${np}: set either bridge or tap, not both.";
+    }
+    {
+      assertion = names.isUnicastMac n.mac && !names.isZeroMac n.mac;
+      message = "${np}.mac ${n.mac} is not a usable unicast address; the first octet must be even and the address not all zero (e.g. 52:54:00:...).";
+    }
+    {
+      assertion = n.bridge == null || builtins.elem n.bridge knownBridges;
+      message = "${np}.bridge \"${toString n.bridge}\" is not declared in networking.bridges or systemd.network.netdevs, nor listed in ${opt}.externalBridges.";
+    }
+    {
+      assertion = n.tap == null || !names.isAgentTap n.tap;
+      message = "${np}.tap \"${toString n.tap}\": names of the form pv<12 hex digits> are reserved for the taps the agent makes.";
+    }
+  ];
 in
 {
   config = lib.mkIf cfg.enable {
@@ -130,9 +141,10 @@ in
         message = "${opt}.chainfire.user and ${opt}.chainfire.passwordFile go together: set both or neither.";
       }
     ]
-    ++ nameAssertions "VM" "${opt}.vms" cfg.vms
+    ++ namesMatch "VM name" names.vmNamePattern names.isVmName "${opt}.vms" cfg.vms
     ++ lib.concatLists (lib.mapAttrsToList vmAssertions cfg.vms)
-    ++ duplicateAssertions "MAC address" (duplicates (nic: lib.toLower nic.mac) allNics)
-    ++ duplicateAssertions "tap" (duplicates (nic: nic.tap) (builtins.filter (nic: nic.tap != null) allNics));
+    ++ uniqueAcrossVms "MAC address" (nic: lib.toLower nic.mac) allNics
+    ++ uniqueAcrossVms "tap" (nic: nic.tap) (builtins.filter (nic: nic.tap != null) allNics)
+    ++ exclusiveImages;
   };
 }

@@ -24,7 +24,7 @@ in
     qemuPackage = mkPackageOption pkgs "QEMU" { default = [ "qemu_kvm" ]; };
 
     hostId = mkOption {
-      type = types.nullOr (types.strMatching names.namePattern);
+      type = types.nullOr (types.strMatching names.vmNamePattern);
       default = null;
       example = "hv-01";
       description = ''

@@ -44,7 +44,7 @@ let
         type = types.nullOr types.str;
         default = null;
         example = "web-data";
-        description = "Serial number the guest sees (virtio-blk: at most 20 bytes).";
+        description = "Serial number the guest sees: 1 to 20 printable ASCII characters, no ','.";
       };
     };
   };
@@ -71,6 +71,7 @@ let
         example = "tap-web0";
         description = ''
           Existing tap interface the operator manages. Exactly one of `bridge` and `tap`.
+          Names of the form `pv<12 hex digits>` are reserved for the taps the agent makes.
         '';
       };
     };
@@ -79,12 +80,12 @@ in
 {
   options = {
     vcpus = mkOption {
-      type = types.ints.positive;
+      type = types.ints.between 1 255;
       example = 2;
       description = "vCPUs online now. Changes live between 1 and `maxVcpus`.";
     };
     maxVcpus = mkOption {
-      type = types.nullOr types.ints.positive;
+      type = types.nullOr (types.ints.between 1 255);
       default = null;
       example = 8;
       description = ''
@@ -93,15 +94,16 @@ in
       '';
     };
     memoryMiB = mkOption {
-      type = types.ints.positive;
+      type = types.ints.between 16 16777216;
       example = 2048;
       description = ''
         Guest memory in MiB. With `maxMemoryMiB`, the part above the boot memory is a virtio-mem
-        device and changes live; without it, a change waits for the next start.
+        device and changes live; without it, a change waits for the next start. With
+        `maxMemoryMiB`, both must be multiples of 2 MiB (the virtio-mem block size).
       '';
     };
     maxMemoryMiB = mkOption {
-      type = types.nullOr types.ints.positive;
+      type = types.nullOr (types.ints.between 16 16777216);
       default = null;
       example = 8192;
       description = ''
@@ -184,7 +186,7 @@ in
       '';
     };
     hotplugSlots = mkOption {
-      type = types.ints.unsigned;
+      type = types.ints.between 0 32;
       default = 8;
       description = ''
         PCIe root ports reserved at boot for hotplugged disks and NICs (`q35` only; `pc`
@@ -217,12 +219,12 @@ in
       '';
     };
     orgId = mkOption {
-      type = types.str;
+      type = names.scopeId;
       default = "default";
       description = "Organisation the VM belongs to (published to ChainFire).";
     };
     projectId = mkOption {
-      type = types.str;
+      type = names.scopeId;
       default = "default";
       description = "Project the VM belongs to (published to ChainFire).";
     };

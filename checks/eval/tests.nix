@@ -1,0 +1,580 @@
+# Evaluation tests of services.plasmavmc: options and defaults, the exact generated JSON, the
+# unit, the activation snippet, and every assertion firing with its message.
+#
+# Each test is `{ expr; expected; }` (pass when equal) or `{ throws; }` (pass when evaluating it
+# fails, as a type error does). ./run.nix runs them.
+{ lib }:
+let
+  host = import ./eval-host.nix { inherit lib; };
+  store = "/nix/store/00000000000000000000000000000000";
+
+  # The smallest VM the schema accepts, on a declared bridge.
+  minimalVm = {
+    vcpus = 1;
+    memoryMiB = 512;
+    bootDisk = "root";
+    disks.root = {
+      path = "/var/lib/vms/a.qcow2";
+      format = "qcow2";
+    };
+  };
+  withVms = vms: {
+    networking.bridges.br0.interfaces = [ ];
+    services.plasmavmc = {
+      enable = true;
+      inherit vms;
+    };
+  };
+  hostWith = modules: host modules;
+  minimal = hostWith [ (withVms { a = minimalVm; }) ];
+  everyField = hostWith [ ./fixtures/every-field.nix ];
+  example = hostWith [ ../../examples/hypervisor/vms.nix ];
+  unit = minimal.config.systemd.services.plasmavmc;
+
+  # Failed assertion messages for one VM that differs from minimalVm by `change`.
+  failuresOfVm = change: (hostWith [ (withVms { a = lib.recursiveUpdate minimalVm change; }) ]).failedAssertions;
+  failuresOf = modules: (hostWith modules).failedAssertions;
+  nic = mac: extra: { inherit mac; bridge = "br0"; } // extra;
+  vmA = "services.plasmavmc.vms.a";
+in
+{
+  # ---- desired state -------------------------------------------------------------------------
+
+  minimalJsonHasDefaultsAndNoNulls = {
+    expr = minimal.desired;
+    expected = {
+      version = 1;
+      vms.a = {
+        vcpus = 1;
+        memoryMiB = 512;
+        machine = "q35";
+        accel = "kvm";
+        bootDisk = "root";
+        disks.root = {
+          path = "/var/lib/vms/a.qcow2";
+          format = "qcow2";
+          readOnly = false;
+          cache = "writeback";
+        };
+        nics = { };
+        hotplugSlots = 8;
+        autostart = true;
+        restartPolicy = "on-failure";
+        onRestartRequired = "pending";
+        orgId = "default";
+        projectId = "default";
+        consoleLog = true;
+        ha.enable = false;
+      };
+    };
+  };
+
+  everyFieldExactJson = {
+    expr = everyField.config.environment.etc."plasmavmc/desired.json".text;
+    expected = builtins.toJSON {
+      version = 1;
+      vms.tiny = {
+        accel = "tcg";
+        autostart = false;
+        cmdline = "console=ttyS0 panic=-1";
+        consoleLog = false;
+        disks.scratch = {
+          cache = "directsync";
+          format = "raw";
+          path = "/dev/vg0/tiny-scratch";
+          readOnly = true;
+          serial = "scratch-1";
+        };
+        firmware = "/usr/share/OVMF/OVMF.fd";
+        ha.enable = true;
+        hotplugSlots = 4;
+        initrd = "/boot/initrd.img";
+        kernel = "/boot/vmlinuz";
+        machine = "pc";
+        maxMemoryMiB = 1024;
+        maxVcpus = 4;
+        memoryMiB = 256;
+        nics = {
+          lan = {
+            bridge = "br-lan";
+            mac = "52:54:00:AB:CD:01";
+          };
+          mgmt = {
+            mac = "52:54:00:ab:cd:03";
+            tap = "tap-mgmt";
+          };
+          ovs = {
+            bridge = "ovsbr0";
+            mac = "52:54:00:ab:cd:02";
+          };
+        };
+        onRestartRequired = "restart";
+        orgId = "acme";
+        projectId = "edge";
+        restartPolicy = "never";
+        vcpus = 2;
+      };
+    };
+  };
+
+  # The bytes the agent reads, written out by hand.
+  minimalJsonLiteral = {
+    expr = minimal.config.environment.etc."plasmavmc/desired.json".text;
+    expected = lib.concatStrings [
+      ''{"version":1,"vms":{"a":{"accel":"kvm","autostart":true,"bootDisk":"root","consoleLog":true,''
+      ''"disks":{"root":{"cache":"writeback","format":"qcow2","path":"/var/lib/vms/a.qcow2","readOnly":false}},''
+      ''"ha":{"enable":false},"hotplugSlots":8,"machine":"q35","memoryMiB":512,"nics":{},''
+      ''"onRestartRequired":"pending","orgId":"default","projectId":"default","restartPolicy":"on-failure",''
+      ''"vcpus":1}}}''
+    ];
+  };
+
+  noVmsIsAnEmptyDocument = {
+    expr = (hostWith [ { services.plasmavmc.enable = true; } ]).desired;
+    expected = {
+      version = 1;
+      vms = { };
+    };
+  };
+
+  disabledSetsNothing = {
+    expr =
+      let
+        c = (hostWith [ { services.plasmavmc.vms.a = minimalVm; } ]).config;
+      in
+      [
+        (c.systemd.services ? plasmavmc)
+        (c.environment.etc ? "plasmavmc/desired.json")
+        (c.system.activationScripts ? plasmavmc-plan)
+        c.boot.kernelModules
+        c.assertions
+      ];
+    expected = [
+      false
+      false
+      false
+      [ ]
+      [ ]
+    ];
+  };
+
+  validExamplesHaveNoFailedAssertions = {
+    expr = [
+      minimal.failedAssertions
+      everyField.failedAssertions
+      example.failedAssertions
+    ];
+    expected = [
+      [ ]
+      [ ]
+      [ ]
+    ];
+  };
+
+  hostDefaults = {
+    expr = with minimal.config.services.plasmavmc; [
+      stateDir
+      runDir
+      chainfire.endpoints
+      chainfire.leaseTtl
+      hostId
+      "${package}"
+      "${qemuPackage}"
+    ];
+    expected = [
+      "/var/lib/plasmavmc"
+      "/run/plasmavmc"
+      [ ]
+      10
+      null
+      "${store}-plasmavmc"
+      "${store}-qemu"
+    ];
+  };
+
+  # ---- the unit ------------------------------------------------------------------------------
+
+  agentCommandLine = {
+    expr = unit.serviceConfig.ExecStart;
+    expected = "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json --state-dir /var/lib/plasmavmc --run-dir /run/plasmavmc";
+  };
+
+  agentCommandLineWithChainfire = {
+    expr = everyField.config.systemd.services.plasmavmc.serviceConfig.ExecStart;
+    expected = lib.concatStringsSep " " [
+      "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json"
+      "--state-dir /srv/plasmavmc/state --run-dir /run/pvmc"
+      "--chainfire https://10.0.0.1:2379,https://10.0.0.2:2379 --host-id hv-01 --lease-ttl 15"
+      "--chainfire-ca /etc/plasmavmc/ca.pem --chainfire-cert /etc/plasmavmc/client.pem"
+      "--chainfire-key /run/keys/plasmavmc.key --chainfire-password-file /run/keys/plasmavmc.password"
+      "--chainfire-user hv-01"
+    ];
+  };
+
+  reloadCommandLine = {
+    expr = everyField.config.systemd.services.plasmavmc.serviceConfig.ExecReload;
+    expected = "${store}-plasmavmc/bin/plasmavmc reload --wait --run-dir /run/pvmc";
+  };
+
+  switchReloadsAndNeverRestarts = {
+    expr = {
+      inherit (unit) reloadIfChanged restartIfChanged stopIfChanged;
+      reloadTriggers = unit.reloadTriggers == [ minimal.config.environment.etc."plasmavmc/desired.json".source ];
+      triggerIsTheFile = lib.hasSuffix "-desired.json" (toString (builtins.head unit.reloadTriggers));
+    };
+    expected = {
+      reloadIfChanged = true;
+      restartIfChanged = false;
+      stopIfChanged = false;
+      reloadTriggers = true;
+      triggerIsTheFile = true;
+    };
+  };
+
+  agentRestartLeavesVmsRunning = {
+    expr = {
+      inherit (unit.serviceConfig)
+        Type
+        KillMode
+        Restart
+        ;
+      wantedBy = unit.wantedBy;
+    };
+    expected = {
+      Type = "notify";
+      KillMode = "process";
+      Restart = "always";
+      wantedBy = [ "multi-user.target" ];
+    };
+  };
+
+  unitPathHasQemuIpAndSystemdRun = {
+    expr = map toString unit.path;
+    expected = [
+      "${store}-qemu"
+      "${store}-iproute2"
+      "${store}-systemd"
+    ];
+  };
+
+  hardeningKeepsWhatQemuNeeds = {
+    expr = {
+      jitAllowed = unit.serviceConfig ? MemoryDenyWriteExecute;
+      devicesVisible = unit.serviceConfig ? PrivateDevices;
+      hostNetwork = unit.serviceConfig ? PrivateNetwork;
+      tmpOutlivesAgent = unit.serviceConfig ? PrivateTmp;
+      inherit (unit.serviceConfig) NoNewPrivileges ProtectSystem;
+      canMakeTaps = builtins.elem "CAP_NET_ADMIN" unit.serviceConfig.CapabilityBoundingSet;
+    };
+    expected = {
+      jitAllowed = false;
+      devicesVisible = false;
+      hostNetwork = false;
+      tmpOutlivesAgent = false;
+      NoNewPrivileges = true;
+      ProtectSystem = "full";
+      canMakeTaps = true;
+    };
+  };
+
+  runDirSurvivesTheAgent = {
+    expr = {
+      rules = everyField.config.systemd.tmpfiles.rules;
+      runtimeDirectory = unit.serviceConfig ? RuntimeDirectory;
+    };
+    expected = {
+      rules = [
+        "d /srv/plasmavmc/state 0700 root root - -"
+        "d /run/pvmc 0700 root root - -"
+      ];
+      runtimeDirectory = false;
+    };
+  };
+
+  kernelModulesForTapsBridgesVhost = {
+    expr = minimal.config.boot.kernelModules;
+    expected = [
+      "tun"
+      "bridge"
+      "vhost_net"
+    ];
+  };
+
+  cliInstalled = {
+    expr = map toString minimal.config.environment.systemPackages;
+    expected = [ "${store}-plasmavmc" ];
+  };
+
+  # ---- the plan during a switch --------------------------------------------------------------
+
+  activationPreviewsThePlan =
+    let
+      # Compared as plain text: store-path context is irrelevant here and regexes refuse it.
+      plain = builtins.unsafeDiscardStringContext;
+      script = minimal.config.system.activationScripts.plasmavmc-plan // {
+        text = plain minimal.config.system.activationScripts.plasmavmc-plan.text;
+      };
+      newFile = plain (toString minimal.config.environment.etc."plasmavmc/desired.json".source);
+    in
+    {
+      expr = {
+        inherit (script) supportsDryActivation;
+        plansTheNewFile = lib.hasInfix "plasmavmc plan --config ${newFile} --run-dir /run/plasmavmc" script.text;
+        validatesWithoutAgent = lib.hasInfix "plasmavmc validate ${newFile}" script.text;
+        checksTheAgentFirst = lib.hasPrefix "if [ -S /run/plasmavmc/control.sock ]; then" script.text;
+        # Each command is guarded by `|| echo`: the snippet cannot fail the activation.
+        guardedCommands = builtins.length (lib.splitString "|| echo" script.text) - 1;
+        boundedInTime = builtins.length (lib.splitString "/bin/timeout 30 " script.text) - 1;
+      };
+      expected = {
+        supportsDryActivation = true;
+        plansTheNewFile = true;
+        validatesWithoutAgent = true;
+        checksTheAgentFirst = true;
+        guardedCommands = 2;
+        boundedInTime = 2;
+      };
+    };
+
+  # ---- assertions ----------------------------------------------------------------------------
+
+  assertVcpusAboveMax = {
+    expr = failuresOfVm {
+      vcpus = 6;
+      maxVcpus = 4;
+    };
+    expected = [ "${vmA}.vcpus (6) is greater than ${vmA}.maxVcpus (4)." ];
+  };
+
+  assertMemoryAboveMax = {
+    expr = failuresOfVm {
+      memoryMiB = 4096;
+      maxMemoryMiB = 2048;
+    };
+    expected = [ "${vmA}.memoryMiB (4096) is greater than ${vmA}.maxMemoryMiB (2048)." ];
+  };
+
+  assertVirtioMemBlockSize = {
+    expr = failuresOfVm {
+      memoryMiB = 513;
+      maxMemoryMiB = 2048;
+    };
+    expected = [ "${vmA}.memoryMiB and ${vmA}.maxMemoryMiB must be multiples of 2 MiB (the virtio-mem block size)." ];
+  };
+
+  oddMemoryWithoutMaxIsFine = {
+    expr = failuresOfVm { memoryMiB = 513; };
+    expected = [ ];
+  };
+
+  assertNothingToBoot = {
+    expr = failuresOfVm { bootDisk = null; };
+    expected = [ "${vmA}: nothing to boot: set ${vmA}.kernel (direct kernel boot) or ${vmA}.bootDisk." ];
+  };
+
+  assertKernelAndBootDisk = {
+    expr = failuresOfVm { kernel = "/boot/vmlinuz"; };
+    expected = [ "${vmA}: set either ${vmA}.kernel or ${vmA}.bootDisk, not both." ];
+  };
+
+  assertBootDiskMissing = {
+    expr = failuresOfVm { bootDisk = "system"; };
+    expected = [ ''${vmA}.bootDisk names disk "system", which is not in ${vmA}.disks (declared: root).'' ];
+  };
+
+  assertInitrdWithoutKernel = {
+    expr = failuresOfVm { cmdline = "console=ttyS0"; };
+    expected = [ "${vmA}: initrd and cmdline are for direct kernel boot; set ${vmA}.kernel or remove them." ];
+  };
+
+  assertNicBothBridgeAndTap = {
+    expr = failuresOfVm { nics.eth0 = nic "52:54:00:00:00:01" { tap = "tap0"; }; };
+    expected = [ "${vmA}.nics.eth0: set either bridge or tap, not both." ];
+  };
+
+  assertNicNeitherBridgeNorTap = {
+    expr = failuresOfVm { nics.eth0.mac = "52:54:00:00:00:01"; };
+    expected = [ "${vmA}.nics.eth0: set bridge (the agent makes a tap) or tap (an existing one)." ];
+  };
+
+  assertMulticastMac = {
+    expr = failuresOfVm { nics.eth0 = nic "53:54:00:00:00:01" { }; };
+    expected = [ "${vmA}.nics.eth0.mac 53:54:00:00:00:01 is not a usable unicast address; the first octet must be even and the address not all zero (e.g. 52:54:00:...)." ];
+  };
+
+  assertZeroMac = {
+    expr = builtins.length (failuresOfVm { nics.eth0 = nic "00:00:00:00:00:00" { }; });
+    expected = 1;
+  };
+
+  assertDuplicateMacAcrossVms = {
+    expr = failuresOf [
+      (withVms {
+        a = minimalVm // { nics.eth0 = nic "52:54:00:00:00:01" { }; };
+        b = minimalVm // {
+          disks.root = minimalVm.disks.root // { path = "/var/lib/vms/b.qcow2"; };
+          nics.eth0 = nic "52:54:00:00:00:0A" { };
+          nics.eth1 = nic "52:54:00:00:00:0a" { };
+        };
+      })
+    ];
+    expected = [ "services.plasmavmc: MAC address 52:54:00:00:00:0a is declared more than once: services.plasmavmc.vms.b.nics.eth0, services.plasmavmc.vms.b.nics.eth1." ];
+  };
+
+  assertDuplicateMacBetweenTwoVms = {
+    expr = failuresOf [
+      (withVms {
+        a = minimalVm // { nics.eth0 = nic "52:54:00:00:00:01" { }; };
+        b = minimalVm // {
+          disks.root = minimalVm.disks.root // { path = "/var/lib/vms/b.qcow2"; };
+          nics.eth0 = nic "52:54:00:00:00:01" { };
+        };
+      })
+    ];
+    expected = [ "services.plasmavmc: MAC address 52:54:00:00:00:01 is declared more than once: services.plasmavmc.vms.a.nics.eth0, services.plasmavmc.vms.b.nics.eth0." ];
+  };
+
+  assertDuplicateTap = {
+    expr = failuresOf [
+      (withVms {
+        a = minimalVm // { nics.eth0 = { mac = "52:54:00:00:00:01"; tap = "tap0"; }; };
+        b = minimalVm // {
+          disks.root = minimalVm.disks.root // { path = "/var/lib/vms/b.qcow2"; };
+          nics.eth0 = { mac = "52:54:00:00:00:02"; tap = "tap0"; };
+        };
+      })
+    ];
+    expected = [ "services.plasmavmc: tap tap0 is declared more than once: services.plasmavmc.vms.a.nics.eth0, services.plasmavmc.vms.b.nics.eth0." ];
+  };
+
+  assertReservedTapName = {
+    expr = failuresOfVm { nics.eth0 = { mac = "52:54:00:00:00:01"; tap = "pv0123456789ab"; }; };
+    expected = [ ''${vmA}.nics.eth0.tap "pv0123456789ab": names of the form pv<12 hex digits> are reserved for the taps the agent makes.'' ];
+  };
+
+  assertUnknownBridge = {
+    expr = failuresOfVm { nics.eth0 = nic "52:54:00:00:00:01" { bridge = "br1"; }; };
+    expected = [ ''${vmA}.nics.eth0.bridge "br1" is not declared in networking.bridges or systemd.network.netdevs, nor listed in services.plasmavmc.externalBridges.'' ];
+  };
+
+  bridgeKnownFromNetworkdOrExternalList = {
+    expr = failuresOf [
+      (withVms {
+        a = minimalVm // {
+          nics.eth0 = nic "52:54:00:00:00:01" { bridge = "br-nd"; };
+          nics.eth1 = nic "52:54:00:00:00:02" { bridge = "ovs0"; };
+        };
+      })
+      {
+        systemd.network.netdevs.br.netdevConfig = {
+          Kind = "bridge";
+          Name = "br-nd";
+        };
+        services.plasmavmc.externalBridges = [ "ovs0" ];
+      }
+    ];
+    expected = [ ];
+  };
+
+  assertWritableImageAttachedTwice = {
+    expr = failuresOf [
+      (withVms {
+        a = minimalVm;
+        b = minimalVm;
+      })
+    ];
+    expected = [ "services.plasmavmc: image /var/lib/vms/a.qcow2 is attached by services.plasmavmc.vms.a.disks.root, services.plasmavmc.vms.b.disks.root; a writable image can be attached only once." ];
+  };
+
+  readOnlyImageMayBeShared =
+    let
+      iso = {
+        path = "/srv/install.iso";
+        format = "raw";
+        readOnly = true;
+      };
+    in
+    {
+    expr = failuresOf [
+      (withVms {
+        a = lib.recursiveUpdate minimalVm { disks.iso = iso; };
+        b = lib.recursiveUpdate minimalVm {
+          disks.root.path = "/var/lib/vms/b.qcow2";
+          disks.iso = iso;
+        };
+      })
+    ];
+    expected = [ ];
+  };
+
+  assertSerialTooLong = {
+    expr = failuresOfVm { disks.root.serial = "123456789012345678901"; };
+    expected = [ "${vmA}.disks.root.serial must be 1 to 20 printable ASCII characters without ','." ];
+  };
+
+  assertVmName = {
+    expr = failuresOf [ (withVms { Web_1 = minimalVm; }) ];
+    expected = [ "services.plasmavmc.vms.Web_1: VM name must match ^[a-z][a-z0-9-]{0,31}$ (it becomes part of paths and QEMU ids)." ];
+  };
+
+  assertDeviceIds = {
+    expr = failuresOf [
+      (withVms {
+        a = builtins.removeAttrs minimalVm [ "disks" ] // {
+          bootDisk = "Root";
+          disks.Root = minimalVm.disks.root;
+          nics.a-nic-name-longer-than-20 = nic "52:54:00:00:00:01" { };
+        };
+      })
+    ];
+    expected = [
+      "${vmA}.disks.Root: disk id must match ^[a-z][a-z0-9-]{0,19}$ (it becomes part of paths and QEMU ids)."
+      "${vmA}.nics.a-nic-name-longer-than-20: NIC id must match ^[a-z][a-z0-9-]{0,19}$ (it becomes part of paths and QEMU ids)."
+    ];
+  };
+
+  assertChainfireWithoutHostId = {
+    expr = failuresOf [
+      (withVms { a = minimalVm; })
+      { services.plasmavmc.chainfire.endpoints = [ "http://127.0.0.1:2379" ]; }
+    ];
+    expected = [ "services.plasmavmc.chainfire.endpoints is set but services.plasmavmc.hostId is not: every host needs its own id in ChainFire." ];
+  };
+
+  assertCertWithoutKey = {
+    expr = failuresOf [
+      (withVms { a = minimalVm; })
+      { services.plasmavmc.chainfire.certFile = "/etc/plasmavmc/client.pem"; }
+    ];
+    expected = [ "services.plasmavmc.chainfire.certFile and services.plasmavmc.chainfire.keyFile go together: set both or neither." ];
+  };
+
+  assertUserWithoutPassword = {
+    expr = failuresOf [
+      (withVms { a = minimalVm; })
+      { services.plasmavmc.chainfire.user = "hv"; }
+    ];
+    expected = [ "services.plasmavmc.chainfire.user and services.plasmavmc.chainfire.passwordFile go together: set both or neither." ];
+  };
+
+  assertHaWithoutChainfire = {
+    expr = failuresOfVm { ha.enable = true; };
+    expected = [ "${vmA}.ha.enable needs ChainFire: set services.plasmavmc.chainfire.endpoints." ];
+  };
+
+  # ---- option types reject bad values at their definition -------------------------------------
+
+  typeRejectsZeroVcpus.throws = (hostWith [ (withVms { a = minimalVm // { vcpus = 0; }; }) ]).desired;
+  typeRejectsTooManyVcpus.throws = (hostWith [ (withVms { a = minimalVm // { maxVcpus = 256; }; }) ]).desired;
+  typeRejectsTinyMemory.throws = (hostWith [ (withVms { a = minimalVm // { memoryMiB = 8; }; }) ]).desired;
+  typeRejectsUnknownMachine.throws = (hostWith [ (withVms { a = minimalVm // { machine = "virt"; }; }) ]).desired;
+  typeRejectsUnknownCache.throws = (hostWith [ (withVms { a = lib.recursiveUpdate minimalVm { disks.root.cache = "fast"; }; }) ]).desired;
+  typeRejectsRelativeDiskPath.throws = (hostWith [ (withVms { a = lib.recursiveUpdate minimalVm { disks.root.path = "a.qcow2"; }; }) ]).desired;
+  typeRejectsMalformedMac.throws = (hostWith [ (withVms { a = minimalVm // { nics.eth0 = nic "52:54:00:00:01" { }; }; }) ]).desired;
+  typeRejectsLongBridgeName.throws = (hostWith [ (withVms { a = minimalVm // { nics.eth0 = nic "52:54:00:00:00:01" { bridge = "a-very-long-bridge"; }; }; }) ]).desired;
+  typeRejectsTooManyHotplugSlots.throws = (hostWith [ (withVms { a = minimalVm // { hotplugSlots = 33; }; }) ]).desired;
+  typeRejectsSlashInOrgId.throws = (hostWith [ (withVms { a = minimalVm // { orgId = "a/b"; }; }) ]).desired;
+  typeRequiresVcpus.throws = (hostWith [ (withVms { a = builtins.removeAttrs minimalVm [ "vcpus" ]; }) ]).desired;
+  typeRequiresDiskFormat.throws = (hostWith [ (withVms { a = minimalVm // { disks.root.path = "/a.qcow2"; }; }) ]).desired;
+  typeRejectsUnknownOption.throws = (hostWith [ (withVms { a = minimalVm // { cpus = 2; }; }) ]).desired;
+}
