@@ -2,6 +2,8 @@
 //! (processes, QMP, files, control socket, ChainFire).
 
 pub mod action;
+pub mod argv;
+pub mod devices;
 pub mod ids;
 pub mod observed;
 pub mod paths;

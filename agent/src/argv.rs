@@ -1,0 +1,251 @@
+//! The QEMU command line for a VM spec: a plain argv, never a shell string.
+//!
+//! Choices worth knowing:
+//! - vCPUs: `-smp V,maxcpus=M,sockets=1,cores=M,threads=1`. An explicit topology keeps the
+//!   hotpluggable slots (`query-hotpluggable-cpus`: socket 0, cores 0..M, thread 0) the same
+//!   across QEMU versions, whose default topology has changed before.
+//! - Memory: boot memory is `memoryMiB` at launch. With `maxMemoryMiB` above it, a virtio-mem
+//!   device backed by `maxMemoryMiB - memoryMiB` of RAM starts empty; live changes move within
+//!   [boot memory, maxMemoryMiB]. Going below the boot memory waits for the next boot.
+//! - q35: every disk and NIC sits behind its own `pcie-root-port` (so cold-plugged devices can be
+//!   unplugged too), plus `hotplugSlots` empty ports. Ports are packed 8 per slot of pcie.0 as
+//!   multifunction devices, from slot 2. pc: devices go on pci.0 where QEMU puts them.
+//! - Firmware is loaded with `-bios` (works for SeaBIOS and for OVMF images with built-in
+//!   variables; variables do not persist).
+//! - No `-daemonize`, no `-pidfile`: the shell detaches QEMU and writes the pidfile itself.
+
+use serde_json::{Map, Value};
+
+use crate::devices::{self, DeviceProps};
+use crate::ids;
+use crate::paths::VmDir;
+use crate::spec::{Accel, Machine, VmSpec};
+
+/// Root ports per PCI slot (functions 0..7 of one multifunction slot).
+const PORTS_PER_SLOT: u32 = 8;
+/// First slot of pcie.0 used for root ports (0 is the host bridge, 1 is left to QEMU).
+const FIRST_PORT_SLOT: u32 = 2;
+
+/// QEMU's arguments (without the program itself) to boot `spec` as VM `name`.
+pub fn qemu_argv(name: &str, spec: &VmSpec, vm_dir: &VmDir) -> Vec<String> {
+    let mut argv = Argv::default();
+    argv.push("-name", format!("guest={},debug-threads=on", escape(name)));
+    let machine = match spec.machine {
+        Machine::Q35 => "q35",
+        Machine::Pc => "pc",
+    };
+    let (accel, cpu) = match spec.accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    argv.push("-machine", format!("{machine},accel={accel}"));
+    argv.flags(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    argv.push("-cpu", cpu);
+    let max_vcpus = spec.effective_max_vcpus();
+    argv.push(
+        "-smp",
+        format!(
+            "{},maxcpus={max_vcpus},sockets=1,cores={max_vcpus},threads=1",
+            spec.vcpus
+        ),
+    );
+    push_memory(&mut argv, spec);
+    push_boot(&mut argv, spec);
+    push_devices(&mut argv, name, spec);
+    push_console_and_monitor(&mut argv, spec, vm_dir);
+    argv.0
+}
+
+/// The PCIe root port a cold-plugged device sits on, or `None` where QEMU picks (pc).
+/// Disks (by id) come first, then NICs (by id); see `qemu_argv`.
+pub fn cold_plug_bus(spec: &VmSpec, index: usize) -> Option<String> {
+    (spec.machine == Machine::Q35).then(|| ids::root_port(index as u32))
+}
+
+/// Number of root ports created at boot on q35: one per declared device, plus the free ones.
+pub fn root_port_count(spec: &VmSpec) -> u32 {
+    match spec.machine {
+        Machine::Q35 => (spec.disks.len() + spec.nics.len()) as u32 + spec.hotplug_slots,
+        Machine::Pc => 0,
+    }
+}
+
+fn push_memory(argv: &mut Argv, spec: &VmSpec) {
+    let boot = spec.memory_mib;
+    match spec.max_memory_mib.filter(|&max| max > boot) {
+        None => argv.push("-m", format!("{boot}M")),
+        Some(max) => {
+            argv.push("-m", format!("{boot}M,maxmem={max}M"));
+            argv.push(
+                "-object",
+                keyval_object(&devices::virtio_mem_backend(max - boot)),
+            );
+            argv.push("-device", keyval_device(&devices::virtio_mem_device()));
+        }
+    }
+}
+
+fn push_boot(argv: &mut Argv, spec: &VmSpec) {
+    if let Some(firmware) = &spec.firmware {
+        argv.push("-bios", firmware.display().to_string());
+    }
+    if let Some(kernel) = &spec.kernel {
+        argv.push("-kernel", kernel.display().to_string());
+        if let Some(initrd) = &spec.initrd {
+            argv.push("-initrd", initrd.display().to_string());
+        }
+        if let Some(cmdline) = &spec.cmdline {
+            argv.push("-append", cmdline.clone());
+        }
+    }
+}
+
+fn push_devices(argv: &mut Argv, name: &str, spec: &VmSpec) {
+    for n in 0..root_port_count(spec) {
+        argv.push("-device", root_port(n));
+    }
+    let mut index = 0;
+    for (id, disk) in &spec.disks {
+        argv.push(
+            "-blockdev",
+            keyval_blockdev(&devices::disk_file_node(id, disk)),
+        );
+        argv.push(
+            "-blockdev",
+            keyval_blockdev(&devices::disk_format_node(id, disk)),
+        );
+        let boot = spec.boot_disk.as_deref() == Some(id.as_str());
+        let device = devices::disk_device(id, disk, cold_plug_bus(spec, index), boot);
+        argv.push("-device", keyval_device(&device));
+        index += 1;
+    }
+    for (id, nic) in &spec.nics {
+        argv.push(
+            "-netdev",
+            keyval_netdev(&devices::nic_netdev(name, id, nic)),
+        );
+        argv.push(
+            "-device",
+            keyval_device(&devices::nic_device(id, nic, cold_plug_bus(spec, index))),
+        );
+        index += 1;
+    }
+}
+
+/// Root port `n`: function `n % 8` of slot `2 + n / 8`, its own chassis number.
+fn root_port(n: u32) -> String {
+    let (slot, function) = (FIRST_PORT_SLOT + n / PORTS_PER_SLOT, n % PORTS_PER_SLOT);
+    let multifunction = if function == 0 {
+        ",multifunction=on"
+    } else {
+        ""
+    };
+    format!(
+        "pcie-root-port,id={},bus=pcie.0,addr={slot:#x}.{function:#x}{multifunction},chassis={},port={n}",
+        ids::root_port(n),
+        n + 1,
+    )
+}
+
+fn push_console_and_monitor(argv: &mut Argv, spec: &VmSpec, vm_dir: &VmDir) {
+    if spec.console_log {
+        let log = vm_dir.console_log();
+        argv.push(
+            "-chardev",
+            format!(
+                "file,id=console,path={}",
+                escape(&log.display().to_string())
+            ),
+        );
+        argv.push("-serial", "chardev:console");
+    } else {
+        argv.push("-serial", "null");
+    }
+    let qmp = vm_dir.qmp_socket();
+    argv.push(
+        "-chardev",
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            escape(&qmp.display().to_string())
+        ),
+    );
+    argv.push("-mon", "chardev=qmp,mode=control");
+}
+
+#[derive(Default)]
+struct Argv(Vec<String>);
+
+impl Argv {
+    fn push(&mut self, option: &str, value: impl Into<String>) {
+        self.0.push(option.to_owned());
+        self.0.push(value.into());
+    }
+
+    fn flags(&mut self, flags: &[&str]) {
+        self.0.extend(flags.iter().map(|f| (*f).to_owned()));
+    }
+}
+
+/// `-device DRIVER,id=ID[,bus=BUS],props...`
+fn keyval_device(device: &DeviceProps) -> String {
+    let mut out = format!("{},id={}", device.driver, escape(&device.id));
+    if let Some(bus) = &device.bus {
+        out.push_str(&format!(",bus={}", escape(bus)));
+    }
+    append_keyval(&mut out, "", &device.properties);
+    out
+}
+
+/// `-blockdev driver=..,node-name=..,...` from `blockdev-add` JSON.
+fn keyval_blockdev(options: &Value) -> String {
+    leading_keyval(options, "driver", |driver| format!("driver={driver}"))
+}
+
+/// `-netdev TYPE,id=..,...` from `netdev_add` JSON.
+fn keyval_netdev(options: &Value) -> String {
+    leading_keyval(options, "type", str::to_owned)
+}
+
+/// `-object TYPE,id=..,...` from `object-add` JSON.
+fn keyval_object(options: &Value) -> String {
+    leading_keyval(options, "qom-type", str::to_owned)
+}
+
+/// Renders a JSON object as QEMU `key=value` options: `lead` first (its value rendered by
+/// `render_lead`), then `id` if any, then the rest in key order.
+fn leading_keyval(options: &Value, lead: &str, render_lead: impl Fn(&str) -> String) -> String {
+    let map = options.as_object().expect("QEMU options are a JSON object");
+    let lead_value = map[lead].as_str().expect("the leading option is a string");
+    let mut out = render_lead(lead_value);
+    if let Some(Value::String(id)) = map.get("id") {
+        out.push_str(&format!(",id={}", escape(id)));
+    }
+    let rest: Map<String, Value> = map
+        .iter()
+        .filter(|(key, _)| key.as_str() != lead && key.as_str() != "id")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    append_keyval(&mut out, "", &rest);
+    out
+}
+
+/// Nested objects become dotted keys (`cache.direct=on`), as QEMU's keyval syntax has it.
+fn append_keyval(out: &mut String, prefix: &str, map: &Map<String, Value>) {
+    for (key, value) in map {
+        let key = format!("{prefix}{key}");
+        match value {
+            Value::Object(inner) => append_keyval(out, &format!("{key}."), inner),
+            Value::Bool(on) => out.push_str(&format!(",{key}={}", if *on { "on" } else { "off" })),
+            Value::String(text) => out.push_str(&format!(",{key}={}", escape(text))),
+            other => out.push_str(&format!(",{key}={other}")),
+        }
+    }
+}
+
+/// QEMU option values end at a comma; a literal comma is written twice.
+fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests;
