@@ -4,16 +4,18 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/../.." && pwd)"
 target="$repo/docs/options.md"
+rendered="$(mktemp)"
+trap 'rm -f "$rendered"' EXIT
 
-rendered="$(nix-instantiate --eval --strict --json -E "import $repo/checks/docs/options-md.nix { }" | jq -r .)"
+nix-instantiate --eval --strict --json -E "import $repo/checks/docs/options-md.nix { }" | jq -j . >"$rendered"
 
 if [ "${1:-}" = "--check" ]; then
-  if ! diff -u "$target" <(printf '%s\n' "$rendered"); then
+  if ! diff -u "$target" "$rendered"; then
     echo "docs/options.md is stale: run checks/docs/gen-options.sh and commit the result" >&2
     exit 1
   fi
   echo "docs/options.md is up to date"
 else
-  printf '%s\n' "$rendered" >"$target"
+  cp "$rendered" "$target"
   echo "wrote $target"
 fi

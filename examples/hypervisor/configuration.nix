@@ -1,0 +1,54 @@
+# A bare-metal hypervisor, ready for
+#   nixos-anywhere --flake .#example-hypervisor root@HOST
+# Replace the SSH key, the uplink interface and the disk (./disko.nix) with the host's own; see
+# docs/provisioning.md.
+{ modulesPath, ... }:
+{
+  imports = [
+    (modulesPath + "/installer/scan/not-detected.nix")
+    ./disko.nix
+    ./vms.nix
+  ];
+
+  nixpkgs.hostPlatform = "x86_64-linux";
+  system.stateVersion = "25.11";
+
+  # GRUB installed as the removable EFI loader also boots machines whose NVRAM nixos-anywhere
+  # cannot write; the BIOS boot partition in ./disko.nix covers legacy boot.
+  boot.loader.grub = {
+    enable = true;
+    efiSupport = true;
+    efiInstallAsRemovable = true;
+  };
+  boot.initrd.availableKernelModules = [
+    "ahci"
+    "nvme"
+    "sd_mod"
+    "xhci_pci"
+    "virtio_pci"
+    "virtio_blk"
+    "virtio_scsi"
+  ];
+  boot.kernelModules = [
+    "kvm-intel"
+    "kvm-amd"
+  ];
+
+  networking.hostName = "hypervisor";
+  networking.useDHCP = false;
+  # The uplink is enslaved to br0, which the VMs' NICs join (./vms.nix).
+  networking.bridges.br0.interfaces = [ "eno1" ];
+  networking.interfaces.br0.useDHCP = true;
+
+  services.openssh.enable = true;
+  users.users.root.openssh.authorizedKeys.keys = [
+    # Replace with your own key before provisioning.
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPlasmavmcExampleKeyReplaceMeBeforeInstalling operator@example"
+  ];
+
+  # The VMs' images live on their own filesystem (./disko.nix); the agent only opens them.
+  systemd.tmpfiles.rules = [
+    "d /var/lib/vms/web 0700 root root - -"
+    "d /var/lib/vms/db 0700 root root - -"
+  ];
+}

@@ -1,0 +1,113 @@
+{
+  description = "plasmavmc: declarative QEMU VMs on NixOS hosts, changed live by nixos-rebuild switch";
+
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+    disko = {
+      url = "github:nix-community/disko";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs =
+    {
+      self,
+      nixpkgs,
+      disko,
+    }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      plasmavmc =
+        {
+          lib,
+          rustPlatform,
+          protobuf,
+        }:
+        rustPlatform.buildRustPackage {
+          pname = "plasmavmc";
+          version = (lib.importTOML ./agent/Cargo.toml).package.version;
+          # Only what the build reads: docs or Nix changes do not rebuild the agent.
+          src = lib.fileset.toSource {
+            root = ./.;
+            fileset = lib.fileset.unions [
+              ./Cargo.toml
+              ./Cargo.lock
+              ./agent
+            ];
+          };
+          cargoLock.lockFile = ./Cargo.lock;
+          cargoBuildFlags = [
+            "--package"
+            "plasmavmc-agent"
+          ];
+          # etcd-client compiles etcd's protobuf definitions with protoc at build time.
+          nativeBuildInputs = [ protobuf ];
+          # The agent's tests boot real QEMU guests and start a real etcd: they cannot run in the
+          # build sandbox. They run in CI (scripts/test.sh) and in the NixOS VM tests (checks).
+          doCheck = false;
+          meta = {
+            description = "Agent that runs declared QEMU VMs and applies config changes live over QMP";
+            license = lib.licenses.mit;
+            mainProgram = "plasmavmc";
+            platforms = lib.platforms.linux;
+          };
+        };
+    in
+    {
+      overlays.default = final: _prev: { plasmavmc = final.callPackage plasmavmc { }; };
+
+      packages = forAllSystems (pkgs: rec {
+        plasmavmc = pkgs.callPackage plasmavmc { };
+        default = plasmavmc;
+      });
+
+      apps = forAllSystems (pkgs: {
+        default = {
+          type = "app";
+          program = lib.getExe self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          meta.description = "The plasmavmc command line (agent, plan, reload, status, ...)";
+        };
+      });
+
+      nixosModules.default =
+        { lib, pkgs, ... }:
+        {
+          imports = [ ./nixos-modules ];
+          services.plasmavmc.package =
+            lib.mkDefault
+              self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        };
+
+      # nixfmt is the RFC 166 style formatter (formerly packaged as nixfmt-rfc-style).
+      formatter = forAllSystems (pkgs: pkgs.nixfmt);
+
+      checks = forAllSystems (
+        pkgs:
+        {
+          module-eval = import ./checks/eval/flake-check.nix { inherit pkgs lib; };
+          options-doc = import ./checks/docs/flake-check.nix { inherit pkgs lib; };
+          package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+        }
+        // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") {
+          vm-lifecycle = pkgs.testers.runNixOSTest (
+            import ./checks/vm-tests/lifecycle.nix { plasmavmcModule = self.nixosModules.default; }
+          );
+          example-hypervisor = self.nixosConfigurations.example-hypervisor.config.system.build.toplevel;
+        }
+      );
+
+      nixosConfigurations.example-hypervisor = lib.nixosSystem {
+        modules = [
+          disko.nixosModules.disko
+          self.nixosModules.default
+          ./examples/hypervisor/configuration.nix
+        ];
+      };
+    };
+}
