@@ -3,7 +3,7 @@
 {
   disko.devices.disk.main = {
     type = "disk";
-    # The install target; override per host (or `nixos-anywhere --disk main /dev/nvme0n1`).
+    # The install target: set it to the host's disk (`lsblk` on the target), e.g. /dev/nvme0n1.
     device = "/dev/sda";
     content = {
       type = "gpt";
