@@ -23,7 +23,7 @@
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
-      plasmavmc =
+      plasmavmcPackage =
         {
           lib,
           rustPlatform,
@@ -60,12 +60,18 @@
         };
     in
     {
-      overlays.default = final: _prev: { plasmavmc = final.callPackage plasmavmc { }; };
+      overlays.default = final: _prev: { plasmavmc = final.callPackage plasmavmcPackage { }; };
 
-      packages = forAllSystems (pkgs: rec {
-        plasmavmc = pkgs.callPackage plasmavmc { };
-        default = plasmavmc;
-      });
+      packages = forAllSystems (
+        pkgs:
+        let
+          plasmavmc = pkgs.callPackage plasmavmcPackage { };
+        in
+        {
+          inherit plasmavmc;
+          default = plasmavmc;
+        }
+      );
 
       apps = forAllSystems (pkgs: {
         default = {
