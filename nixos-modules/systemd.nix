@@ -1,10 +1,10 @@
 # The agent's unit and its desired-state file.
 #
-# A switch must never restart the agent for a config change: the desired-state file is a reload
-# trigger and ExecReload applies it (`plasmavmc reload --wait` exits non-zero when any of it failed,
-# which makes the switch fail loudly). Any other change to the unit (a new agent package, new flags)
-# also reloads rather than restarts; run `systemctl restart plasmavmc` to move to a new agent,
-# which leaves every VM running.
+# A config change reloads the agent: the desired-state file is a reload trigger and ExecReload
+# applies it (`plasmavmc reload --wait` exits non-zero when any of it failed, which makes the switch
+# fail loudly). Any other change to the unit (a new agent package, new flags) restarts the agent,
+# which is safe: QEMU lives outside the agent's cgroup and the restarted agent adopts every VM
+# without touching it, then applies the (possibly new) desired state.
 {
   config,
   lib,
@@ -74,8 +74,7 @@ in
       ];
 
       reloadTriggers = [ desiredFile ];
-      reloadIfChanged = true;
-      restartIfChanged = false;
+      # `systemctl restart` rather than stop-then-start, so the agent is away for one restart only.
       stopIfChanged = false;
 
       serviceConfig = {

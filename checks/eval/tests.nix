@@ -216,15 +216,15 @@ in
     expected = "${store}-plasmavmc/bin/plasmavmc reload --wait --run-dir /run/pvmc";
   };
 
-  switchReloadsAndNeverRestarts = {
+  switchReloadsForConfigRestartsForNewAgent = {
     expr = {
       inherit (unit) reloadIfChanged restartIfChanged stopIfChanged;
       reloadTriggers = unit.reloadTriggers == [ minimal.config.environment.etc."plasmavmc/desired.json".source ];
       triggerIsTheFile = lib.hasSuffix "-desired.json" (toString (builtins.head unit.reloadTriggers));
     };
     expected = {
-      reloadIfChanged = true;
-      restartIfChanged = false;
+      reloadIfChanged = false;
+      restartIfChanged = true;
       stopIfChanged = false;
       reloadTriggers = true;
       triggerIsTheFile = true;
