@@ -127,6 +127,18 @@ fn node_cache(cache: DiskCache) -> Value {
     json!({"direct": direct, "no-flush": no_flush})
 }
 
+/// The cache mode back from what QEMU reports (format node `cache.direct`/`cache.no-flush`,
+/// device `write-cache`), for observation. The inverse of `node_cache` + `device_write_cache`.
+pub fn cache_mode(direct: bool, no_flush: bool, write_cache: bool) -> DiskCache {
+    match (direct, no_flush, write_cache) {
+        (_, true, _) => DiskCache::Unsafe,
+        (true, _, true) => DiskCache::None,
+        (true, _, false) => DiskCache::Directsync,
+        (false, _, true) => DiskCache::Writeback,
+        (false, _, false) => DiskCache::Writethrough,
+    }
+}
+
 fn device_write_cache(cache: DiskCache) -> bool {
     !matches!(cache, DiskCache::Writethrough | DiskCache::Directsync)
 }
@@ -183,6 +195,7 @@ mod tests {
                 disk_device("x", &d, None, false).properties["write-cache"],
                 write_cache
             );
+            assert_eq!(cache_mode(direct, no_flush, write_cache == "on"), cache);
         }
     }
 

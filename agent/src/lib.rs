@@ -7,6 +7,7 @@ pub mod devices;
 pub mod ids;
 pub mod observed;
 pub mod paths;
+pub mod plan;
 pub mod qemu;
 pub mod spec;
 pub mod validate;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{DiskFormat, VmSpec};
+use crate::spec::{DiskCache, DiskFormat, VmSpec};
 
 /// Everything the agent observed on this host, keyed by VM name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +37,8 @@ pub struct ObservedVm {
     pub vcpus: u32,
     /// Memory: boot memory plus what the virtio-mem device has actually plugged.
     pub memory: ObservedMemory,
-    /// Devices the agent asked the guest to release that are still present.
+    /// Devices the agent asked the guest to release that are still present, by QEMU device id
+    /// (`disk-<id>`, `nic-<id>`).
     pub unplugging: BTreeSet<String>,
 }
 
@@ -47,6 +48,11 @@ pub struct ObservedDisk {
     pub path: PathBuf,
     pub format: DiskFormat,
     pub read_only: bool,
+    /// From the format node's `cache.direct`/`cache.no-flush` and the device's `write-cache`
+    /// (`devices::cache_mode` maps them back).
+    pub cache: DiskCache,
+    /// The device's `serial` property; QEMU reports "" for none.
+    pub serial: Option<String>,
     /// Present since boot (on the command line) rather than hotplugged.
     pub cold_plugged: bool,
 }

@@ -1,0 +1,173 @@
+//! Test-only fake of the QEMU shell: applies a plan's steps to observed state the way the real
+//! shell would change what QEMU reports, and panics on steps the real one would fail (duplicate
+//! ids, no free root port, out-of-range vCPU or memory).
+
+use std::collections::BTreeMap;
+
+use crate::action::{Action, Plan};
+use crate::argv::root_port_count;
+use crate::devices::nic_tap;
+use crate::observed::{ObservedDisk, ObservedHost, ObservedMemory, ObservedNic, ObservedVm};
+use crate::spec::{DiskSpec, Machine, NicSpec, VmSpec};
+
+use super::cpu_memory::{memory_live_range, vcpus_live_range};
+
+/// What QEMU reports right after booting `spec`.
+pub fn booted(name: &str, spec: &VmSpec) -> ObservedVm {
+    ObservedVm {
+        pid: 1000,
+        boot_spec: spec.clone(),
+        paused: false,
+        disks: spec
+            .disks
+            .iter()
+            .map(|(id, disk)| (id.clone(), observed_disk(disk, true)))
+            .collect(),
+        nics: spec
+            .nics
+            .iter()
+            .map(|(id, nic)| (id.clone(), observed_nic(name, id, nic, true)))
+            .collect(),
+        orphan_block_nodes: Default::default(),
+        orphan_netdevs: Default::default(),
+        vcpus: spec.vcpus,
+        memory: ObservedMemory {
+            boot_mib: spec.memory_mib,
+            requested_mib: 0,
+            plugged_mib: 0,
+        },
+        unplugging: Default::default(),
+    }
+}
+
+pub fn observed_disk(disk: &DiskSpec, cold_plugged: bool) -> ObservedDisk {
+    ObservedDisk {
+        path: disk.path.clone(),
+        format: disk.format,
+        read_only: disk.read_only,
+        cache: disk.cache,
+        serial: disk.serial.clone(),
+        cold_plugged,
+    }
+}
+
+pub fn observed_nic(vm: &str, id: &str, nic: &NicSpec, cold_plugged: bool) -> ObservedNic {
+    ObservedNic {
+        mac: nic.mac.to_ascii_lowercase(),
+        tap: nic_tap(vm, id, nic),
+        bridge: nic.bridge.clone(),
+        cold_plugged,
+    }
+}
+
+pub fn apply(host: &mut ObservedHost, plan: &Plan) {
+    for step in &plan.steps {
+        let name = step.vm.as_str();
+        match &step.action {
+            Action::StartVm { spec } | Action::RestartVm { spec, .. } => {
+                host.vms.insert(name.to_owned(), booted(name, spec));
+            }
+            Action::StopVm { .. } => {
+                host.vms.remove(name).expect("stop a running VM");
+            }
+            action => apply_live(
+                name,
+                host.vms.get_mut(name).expect("live step on a running VM"),
+                action,
+            ),
+        }
+    }
+}
+
+fn apply_live(name: &str, vm: &mut ObservedVm, action: &Action) {
+    match action {
+        Action::AddDisk { id, disk } => {
+            take_port(vm);
+            let old = vm.disks.insert(id.clone(), observed_disk(disk, false));
+            assert!(old.is_none(), "disk {id} added twice");
+        }
+        Action::RemoveDisk { id } => {
+            vm.disks.remove(id).expect("remove a present disk");
+            vm.unplugging.remove(&crate::ids::disk_device(id));
+        }
+        Action::AddNic { id, nic } => {
+            take_port(vm);
+            let old = vm
+                .nics
+                .insert(id.clone(), observed_nic(name, id, nic, false));
+            assert!(old.is_none(), "NIC {id} added twice");
+        }
+        Action::RemoveNic { id } => {
+            vm.nics.remove(id).expect("remove a present NIC");
+            vm.unplugging.remove(&crate::ids::nic_device(id));
+        }
+        Action::RemoveOrphanBlockNode { node } => {
+            assert!(
+                vm.orphan_block_nodes.remove(node),
+                "orphan node {node} exists"
+            );
+        }
+        Action::RemoveOrphanNetdev { netdev } => {
+            assert!(
+                vm.orphan_netdevs.remove(netdev),
+                "orphan netdev {netdev} exists"
+            );
+        }
+        Action::SetVcpus { from, to } => {
+            assert_eq!(*from, vm.vcpus);
+            assert!(
+                vcpus_live_range(&vm.boot_spec).contains(to),
+                "vcpus {to} out of range"
+            );
+            vm.vcpus = *to;
+        }
+        Action::SetMemory { from_mib, to_mib } => {
+            let live = memory_live_range(&vm.boot_spec).expect("virtio-mem present");
+            assert_eq!(*from_mib, vm.memory.boot_mib + vm.memory.requested_mib);
+            assert!(live.contains(to_mib), "memory {to_mib} out of range");
+            vm.memory.requested_mib = to_mib - vm.memory.boot_mib;
+            vm.memory.plugged_mib = vm.memory.requested_mib;
+        }
+        Action::StartVm { .. } | Action::StopVm { .. } | Action::RestartVm { .. } => unreachable!(),
+    }
+}
+
+/// On q35 a hotplug needs a root port without a device.
+fn take_port(vm: &ObservedVm) {
+    if vm.boot_spec.machine == Machine::Q35 {
+        let used = vm.disks.len() + vm.nics.len();
+        assert!(
+            used < root_port_count(&vm.boot_spec) as usize,
+            "no free root port"
+        );
+    }
+}
+
+/// Tiny deterministic PRNG for the property tests (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 33) % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// Keys of a map, for picking.
+pub fn keys<V>(map: &BTreeMap<String, V>) -> Vec<String> {
+    map.keys().cloned().collect()
+}
