@@ -33,7 +33,7 @@ pub(super) fn plan(
 
     let mut diff = Diff::default();
     for (id, observed) in &vm.disks {
-        let unplugging = vm.unplugging.contains(&ids::disk_device(id));
+        let unplugging = is_unplugging(vm, || ids::disk_device(id));
         let declared = desired.disks.get(id);
         if unplugging || !declared.is_some_and(|disk| disk_matches(disk, observed)) {
             diff.remove(Action::RemoveDisk { id: id.clone() }, unplugging);
@@ -51,7 +51,7 @@ pub(super) fn plan(
     }
 
     for (id, observed) in &vm.nics {
-        let unplugging = vm.unplugging.contains(&ids::nic_device(id));
+        let unplugging = is_unplugging(vm, || ids::nic_device(id));
         let declared = desired.nics.get(id);
         let matches = |nic: &NicSpec| nic_matches(name, id, nic, observed);
         if unplugging || !declared.is_some_and(matches) {
@@ -152,6 +152,11 @@ fn add_nic(id: &str, nic: &NicSpec) -> Action {
         id: id.to_owned(),
         nic: nic.clone(),
     }
+}
+
+/// Builds the device id only when something is unplugging: the no-op plan stays allocation-light.
+fn is_unplugging(vm: &ObservedVm, device: impl FnOnce() -> String) -> bool {
+    !vm.unplugging.is_empty() && vm.unplugging.contains(&device())
 }
 
 fn disk_matches(declared: &DiskSpec, observed: &ObservedDisk) -> bool {
