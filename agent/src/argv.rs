@@ -58,7 +58,7 @@ pub fn qemu_argv(name: &str, spec: &VmSpec, vm_dir: &VmDir) -> Vec<String> {
 
 /// The PCIe root port a cold-plugged device sits on, or `None` where QEMU picks (pc).
 /// Disks (by id) come first, then NICs (by id); see `qemu_argv`.
-pub fn cold_plug_bus(spec: &VmSpec, index: usize) -> Option<String> {
+fn cold_plug_bus(spec: &VmSpec, index: usize) -> Option<String> {
     (spec.machine == Machine::Q35).then(|| ids::root_port(index as u32))
 }
 
