@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{DiskCache, DiskFormat, VmSpec};
+use crate::devices::nic_tap;
+use crate::spec::{DiskCache, DiskFormat, DiskSpec, NicSpec, VmSpec};
 
 /// Everything the agent observed on this host, keyed by VM name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,5 +87,62 @@ impl ObservedMemory {
     /// The memory the guest has now.
     pub fn total_mib(&self) -> u64 {
         self.boot_mib + self.plugged_mib
+    }
+}
+
+impl ObservedVm {
+    /// What QEMU reports right after booting `spec`: every declared device cold-plugged, no
+    /// hotplugged vCPU, an empty virtio-mem device. What the planner compares a fresh boot against.
+    pub fn freshly_booted(name: &str, spec: &VmSpec, pid: u32) -> Self {
+        Self {
+            pid,
+            boot_spec: spec.clone(),
+            paused: false,
+            disks: spec
+                .disks
+                .iter()
+                .map(|(id, disk)| (id.clone(), ObservedDisk::from_spec(disk, true)))
+                .collect(),
+            nics: spec
+                .nics
+                .iter()
+                .map(|(id, nic)| (id.clone(), ObservedNic::from_spec(name, id, nic, true)))
+                .collect(),
+            orphan_block_nodes: BTreeSet::new(),
+            orphan_netdevs: BTreeSet::new(),
+            vcpus: spec.vcpus,
+            memory: ObservedMemory {
+                boot_mib: spec.memory_mib,
+                requested_mib: 0,
+                plugged_mib: 0,
+            },
+            unplugging: BTreeSet::new(),
+        }
+    }
+}
+
+impl ObservedDisk {
+    /// The disk as QEMU reports it once `disk` is attached.
+    pub fn from_spec(disk: &DiskSpec, cold_plugged: bool) -> Self {
+        Self {
+            path: disk.path.clone(),
+            format: disk.format,
+            read_only: disk.read_only,
+            cache: disk.cache,
+            serial: disk.serial.clone(),
+            cold_plugged,
+        }
+    }
+}
+
+impl ObservedNic {
+    /// The NIC as QEMU and the host report it once `nic` is attached.
+    pub fn from_spec(vm: &str, id: &str, nic: &NicSpec, cold_plugged: bool) -> Self {
+        Self {
+            mac: nic.mac.to_ascii_lowercase(),
+            tap: nic_tap(vm, id, nic),
+            bridge: nic.bridge.clone(),
+            cold_plugged,
+        }
     }
 }

@@ -6,58 +6,14 @@ use std::collections::BTreeMap;
 
 use crate::action::{Action, Plan};
 use crate::argv::root_port_count;
-use crate::devices::nic_tap;
-use crate::observed::{ObservedDisk, ObservedHost, ObservedMemory, ObservedNic, ObservedVm};
-use crate::spec::{DiskSpec, Machine, NicSpec, VmSpec};
+use crate::observed::{ObservedDisk, ObservedHost, ObservedNic, ObservedVm};
+use crate::spec::{Machine, VmSpec};
 
 use super::cpu_memory::{memory_live_range, vcpus_live_range};
 
 /// What QEMU reports right after booting `spec`.
 pub fn booted(name: &str, spec: &VmSpec) -> ObservedVm {
-    ObservedVm {
-        pid: 1000,
-        boot_spec: spec.clone(),
-        paused: false,
-        disks: spec
-            .disks
-            .iter()
-            .map(|(id, disk)| (id.clone(), observed_disk(disk, true)))
-            .collect(),
-        nics: spec
-            .nics
-            .iter()
-            .map(|(id, nic)| (id.clone(), observed_nic(name, id, nic, true)))
-            .collect(),
-        orphan_block_nodes: Default::default(),
-        orphan_netdevs: Default::default(),
-        vcpus: spec.vcpus,
-        memory: ObservedMemory {
-            boot_mib: spec.memory_mib,
-            requested_mib: 0,
-            plugged_mib: 0,
-        },
-        unplugging: Default::default(),
-    }
-}
-
-pub fn observed_disk(disk: &DiskSpec, cold_plugged: bool) -> ObservedDisk {
-    ObservedDisk {
-        path: disk.path.clone(),
-        format: disk.format,
-        read_only: disk.read_only,
-        cache: disk.cache,
-        serial: disk.serial.clone(),
-        cold_plugged,
-    }
-}
-
-pub fn observed_nic(vm: &str, id: &str, nic: &NicSpec, cold_plugged: bool) -> ObservedNic {
-    ObservedNic {
-        mac: nic.mac.to_ascii_lowercase(),
-        tap: nic_tap(vm, id, nic),
-        bridge: nic.bridge.clone(),
-        cold_plugged,
-    }
+    ObservedVm::freshly_booted(name, spec, 1000)
 }
 
 pub fn apply(host: &mut ObservedHost, plan: &Plan) {
@@ -83,7 +39,7 @@ fn apply_live(name: &str, vm: &mut ObservedVm, action: &Action) {
     match action {
         Action::AddDisk { id, disk } => {
             take_port(vm);
-            let old = vm.disks.insert(id.clone(), observed_disk(disk, false));
+            let old = vm.disks.insert(id.clone(), ObservedDisk::from_spec(disk, false));
             assert!(old.is_none(), "disk {id} added twice");
         }
         Action::RemoveDisk { id } => {
@@ -94,7 +50,7 @@ fn apply_live(name: &str, vm: &mut ObservedVm, action: &Action) {
             take_port(vm);
             let old = vm
                 .nics
-                .insert(id.clone(), observed_nic(name, id, nic, false));
+                .insert(id.clone(), ObservedNic::from_spec(name, id, nic, false));
             assert!(old.is_none(), "NIC {id} added twice");
         }
         Action::RemoveNic { id } => {

@@ -2,7 +2,8 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::simulate::{apply, booted, keys, observed_disk, observed_nic, Rng};
+use super::simulate::{apply, booted, keys, Rng};
+use crate::observed::{ObservedDisk, ObservedNic};
 use super::*;
 use crate::action::PendingChange;
 use crate::ids;
@@ -664,14 +665,14 @@ fn random_observed(rng: &mut Rng, name: &str, boot: &VmSpec) -> ObservedVm {
         if rng.chance(50) && vm.disks.len() + vm.nics.len() < ports {
             vm.disks
                 .entry(id.clone())
-                .or_insert_with(|| observed_disk(d, false));
+                .or_insert_with(|| ObservedDisk::from_spec(d, false));
         }
     }
     for (id, n) in &other.nics {
         if rng.chance(50) && vm.disks.len() + vm.nics.len() < ports {
             vm.nics
                 .entry(id.clone())
-                .or_insert_with(|| observed_nic(name, id, n, false));
+                .or_insert_with(|| ObservedNic::from_spec(name, id, n, false));
         }
     }
     for id in ["a", "b", "c", "d"] {
