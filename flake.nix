@@ -42,9 +42,12 @@
             ];
           };
           cargoLock.lockFile = ./Cargo.lock;
+          # The agent only; plasmavmc-bench (docs/benchmarks.md) is a developer tool.
           cargoBuildFlags = [
             "--package"
             "plasmavmc-agent"
+            "--bin"
+            "plasmavmc"
           ];
           # etcd-client compiles etcd's protobuf definitions with protoc at build time.
           nativeBuildInputs = [ protobuf ];
