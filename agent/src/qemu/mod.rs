@@ -3,8 +3,11 @@
 //! Everything here executes decisions made by the pure core (`plan`, `argv`); nothing here
 //! decides what the VM should look like.
 
+pub mod lifecycle;
+pub mod observe;
 pub mod process;
 pub mod qmp;
+pub mod tap;
 
-pub use process::{find_running, list_vm_dirs, RunningQemu};
+pub use process::{find_running, launch, list_vm_dirs, RunningQemu};
 pub use qmp::{QemuEvent, Qmp, QmpError};

@@ -18,6 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use super::qmp::Qmp;
+use crate::argv;
 use crate::paths::{RunDir, VmDir};
 use crate::spec::VmSpec;
 
@@ -39,6 +40,17 @@ pub fn qemu_binary(explicit: Option<&Path>) -> PathBuf {
         .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(QEMU_ENV).map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU))
+}
+
+/// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`); see `launch_with_argv`.
+pub fn launch(name: &str, spec: &VmSpec, vm_dir: &VmDir, qemu: &Path) -> Result<u32> {
+    launch_with_argv(
+        name,
+        spec,
+        vm_dir,
+        qemu,
+        &argv::qemu_argv(name, spec, vm_dir),
+    )
 }
 
 /// Starts QEMU with `args`, detached, and returns its PID. Writes the boot spec and the pidfile;
@@ -169,6 +181,53 @@ pub fn is_alive(pid: u32) -> bool {
             .and_then(|(_, rest)| rest.split_whitespace().next())
             .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
+    }
+}
+
+/// Waits until `pid` has exited, up to `timeout`; true if it did. Event driven through a pidfd
+/// (works for processes that are not our children, e.g. adopted QEMUs).
+pub async fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
+    let exited = async {
+        match Pidfd::open(pid) {
+            Ok(pidfd) => {
+                // SAFETY: the AsyncFd owns the pidfd, which stays open for as long as it is
+                // registered.
+                if let Ok(fd) = unsafe { tokio::io::unix::AsyncFd::register(pidfd) } {
+                    let _ = fd.readable().await;
+                }
+            }
+            // ESRCH: gone already. Anything else (no pidfd support): fall back to watching /proc.
+            Err(_) => {
+                while is_alive(pid) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, exited).await.is_ok() || !is_alive(pid)
+}
+
+/// A pidfd: becomes readable when the process exits.
+struct Pidfd(std::os::fd::OwnedFd);
+
+impl Pidfd {
+    fn open(pid: u32) -> std::io::Result<Pidfd> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just handed us this fd; nobody else owns it.
+        Ok(Pidfd(unsafe {
+            std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+        }))
+    }
+}
+
+impl std::os::fd::AsRawFd for Pidfd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }
 

@@ -5,6 +5,7 @@
 //! the `Qmp` lives. When QEMU closes the socket the task broadcasts `QemuEvent::Disconnected`;
 //! without a `Shutdown` before it, QEMU died (killed, crashed) rather than shut down.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -294,6 +295,18 @@ impl Qmp {
             .map(drop)
     }
 
+    /// Netdevs and their tap interface names, from HMP `info network` (QEMU 7.2 has no
+    /// `query-netdev`).
+    pub async fn netdevs(&self) -> Result<BTreeMap<String, Netdev>, QmpError> {
+        let text = self
+            .execute(qmp::human_monitor_command {
+                command_line: "info network".to_owned(),
+                cpu_index: None,
+            })
+            .await?;
+        Ok(parse_info_network(&text))
+    }
+
     pub async fn query_hotpluggable_cpus(&self) -> Result<Vec<qmp::HotpluggableCPU>, QmpError> {
         self.execute(qmp::query_hotpluggable_cpus {}).await
     }
@@ -314,6 +327,24 @@ impl Qmp {
     /// ACPI power button: the guest decides what to do (it may ignore it).
     pub async fn system_powerdown(&self) -> Result<(), QmpError> {
         self.execute(qmp::system_powerdown {}).await.map(drop)
+    }
+
+    /// Resumes stopped vCPUs.
+    pub async fn cont(&self) -> Result<(), QmpError> {
+        self.execute(qmp::cont {}).await.map(drop)
+    }
+
+    /// What a guest shutdown does: exit QEMU (`poweroff`, the default) or only stop the vCPUs
+    /// (`pause`), which lets the agent reset and resume the same process.
+    pub async fn set_shutdown_action(&self, action: qmp::ShutdownAction) -> Result<(), QmpError> {
+        self.execute(qmp::set_action {
+            shutdown: Some(action),
+            panic: None,
+            reboot: None,
+            watchdog: None,
+        })
+        .await
+        .map(drop)
     }
 
     /// Makes QEMU exit now, without asking the guest.
@@ -351,6 +382,14 @@ pub mod raw {
         /// The image file name (for a format node, its file's name).
         pub file: String,
         pub ro: bool,
+        pub cache: BlockNodeCache,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct BlockNodeCache {
+        pub direct: bool,
+        #[serde(rename = "no-flush")]
+        pub no_flush: bool,
     }
 
     macro_rules! command {
@@ -431,6 +470,41 @@ impl QemuEvent {
     }
 }
 
+/// A host network backend as `info network` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Netdev {
+    /// `tap`, `user`, ...
+    pub kind: String,
+    /// The host interface of a tap netdev.
+    pub ifname: Option<String>,
+}
+
+/// Parses HMP `info network`: NIC lines (`type=nic`) and netdev lines, the latter indented with
+/// ` \ ` under the NIC that uses them, or at top level when no NIC does.
+fn parse_info_network(text: &str) -> BTreeMap<String, Netdev> {
+    let mut netdevs = BTreeMap::new();
+    for line in text.lines() {
+        let line = line.trim_start().trim_start_matches('\\').trim();
+        let Some((id, options)) = line.split_once(": ") else {
+            continue;
+        };
+        let option = |key: &str| {
+            options
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        match option("type") {
+            Some(kind) if kind != "nic" => {
+                let ifname = option("ifname");
+                netdevs.insert(id.to_owned(), Netdev { kind, ifname });
+            }
+            _ => {}
+        }
+    }
+    netdevs
+}
+
 /// QAPI enums serialize as their wire name (`guest-shutdown`, `DeviceNotFound`).
 fn enum_name(value: &impl Serialize) -> String {
     match serde_json::to_value(value) {
@@ -451,6 +525,16 @@ mod tests {
         assert_send_sync(qmp);
         let future = qmp.query_status();
         assert_send_sync(&future);
+    }
+
+    #[test]
+    fn info_network_lists_netdevs_with_and_without_nics() {
+        let text = "nic-e: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:00:00:01\r\n \\ net-e: index=0,type=tap,ifname=tapx,script=no,downscript=no\r\nnet-old: index=0,type=tap,ifname=pv0123456789ab,script=no,downscript=no\r\n";
+        let netdevs = parse_info_network(text);
+        assert_eq!(netdevs.len(), 2, "{netdevs:?}");
+        assert_eq!(netdevs["net-e"].ifname.as_deref(), Some("tapx"));
+        assert_eq!(netdevs["net-old"].kind, "tap");
+        assert_eq!(netdevs["net-old"].ifname.as_deref(), Some("pv0123456789ab"));
     }
 
     #[test]
