@@ -4,6 +4,7 @@
 //! decides what the VM should look like.
 
 pub mod lifecycle;
+pub mod live;
 pub mod observe;
 pub mod process;
 pub mod qmp;
