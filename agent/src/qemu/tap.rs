@@ -2,7 +2,6 @@
 //! names itself (`ids::agent_tap`); taps the operator declares (`tap = ...`) are never touched.
 //! Everything goes through `ip` with an argv, never a shell.
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -38,14 +37,32 @@ pub fn delete_tap(tap: &str) -> Result<()> {
     ip(&["link", "delete", "dev", tap])
 }
 
-/// The bridge an interface is attached to, from sysfs.
+/// The bridge an interface is attached to. Asked of `ip` rather than sysfs, whose view is the
+/// network namespace it was mounted in, not necessarily ours.
 pub fn bridge_of(interface: &str) -> Option<String> {
-    let master = std::fs::read_link(format!("/sys/class/net/{interface}/master")).ok()?;
-    Some(master.file_name()?.to_str()?.to_owned())
+    link(interface)?.master
 }
 
 pub fn interface_exists(interface: &str) -> bool {
-    Path::new("/sys/class/net").join(interface).exists()
+    link(interface).is_some()
+}
+
+#[derive(serde::Deserialize)]
+struct Link {
+    master: Option<String>,
+}
+
+/// `ip -json link show dev NAME`; `None` when there is no such interface.
+fn link(interface: &str) -> Option<Link> {
+    if interface.is_empty() {
+        return None;
+    }
+    let output = Command::new("ip")
+        .args(["-json", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
+    let links: Vec<Link> = serde_json::from_slice(&output.stdout).ok()?;
+    links.into_iter().next()
 }
 
 fn ip(args: &[&str]) -> Result<()> {

@@ -72,6 +72,24 @@ pub fn bare_argv(name: &str, vm_dir: &VmDir) -> Vec<String> {
     .into()
 }
 
+/// The host's Debian kernel (`linux-image-amd64`), for specs that need some kernel to name.
+pub fn kernel() -> PathBuf {
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("/boot")
+        .expect("/boot")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .collect();
+    kernels.sort();
+    kernels
+        .pop()
+        .expect("a kernel in /boot (linux-image-amd64)")
+}
+
 /// The smallest spec that validates: used where the spec only needs to round-trip.
 pub fn tiny_spec() -> VmSpec {
     serde_json::from_str(
@@ -83,4 +101,51 @@ pub fn tiny_spec() -> VmSpec {
 pub fn mode_of(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+}
+
+/// Runs `test` on a fresh single-threaded runtime inside a new network namespace of this thread
+/// (QEMU and `ip` inherit it), with `lo` up and an empty bridge `br0`: bridges and taps never
+/// touch the host's network.
+pub fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    // SAFETY: unshare only changes this thread's namespaces.
+    let rc = unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "unshare(CLONE_NEWNET): {}",
+        std::io::Error::last_os_error()
+    );
+    for args in [
+        &["link", "set", "lo", "up"][..],
+        &["link", "add", "br0", "type", "bridge"],
+        &["link", "set", "br0", "up"],
+    ] {
+        let status = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .expect("ip");
+        assert!(status.success(), "ip {args:?}");
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test());
+}
+
+pub fn spec(json: serde_json::Value) -> VmSpec {
+    serde_json::from_value(json).expect("test spec")
+}
+
+/// A raw or qcow2 image of `size_mib` in `dir`.
+pub fn image(dir: &Path, name: &str, format: &str, size_mib: u32) -> PathBuf {
+    let path = dir.join(name);
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(&path)
+        .arg(format!("{size_mib}M"))
+        .status()
+        .expect("qemu-img");
+    assert!(status.success());
+    path
 }
