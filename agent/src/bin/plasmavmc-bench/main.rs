@@ -3,8 +3,12 @@
 //! Benchmarks are a command, never a timed test: figures depend on the machine, so they are
 //! printed (and recorded in docs/) rather than asserted.
 
+mod adopt;
+mod agent;
 mod plan;
 mod stats;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +28,16 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         iterations: usize,
     },
+    /// Kill -9 the agent while N VMs run, start a new one, time until it has adopted them all
+    /// (zero restarts expected), and report its RSS. Runs real QEMUs (guest-less, TCG).
+    Adopt {
+        /// Comma-separated VM counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        vms: Vec<usize>,
+        /// Scratch directory for configs, state and run dirs.
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +46,7 @@ fn main() -> anyhow::Result<()> {
             let summary = plan::run(vms, iterations);
             println!("no-op plan, {vms} VMs: {summary}");
         }
+        Bench::Adopt { vms, work_dir } => adopt::report(&vms, &work_dir)?,
     }
     Ok(())
 }
