@@ -149,3 +149,73 @@ pub fn image(dir: &Path, name: &str, format: &str, size_mib: u32) -> PathBuf {
     assert!(status.success());
     path
 }
+
+/// The guest's `/init`: loads the virtio drivers, onlines hotplugged CPUs, then prints a `STATE`
+/// line every second (online CPUs, MemTotal, block devices, NICs) for the tests to read.
+const GUEST_INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk failover net_failover virtio_net virtio_mem; do insmod /mod/$m.ko || echo INSMOD-FAIL $m; done
+echo GUEST-BOOTED
+while true; do
+  for c in /sys/devices/system/cpu/cpu[0-9]*/online; do [ -e $c ] && [ "$(cat $c)" = 0 ] && echo 1 > $c; done
+  echo "STATE cpus=$(cat /sys/devices/system/cpu/online) mem=$(grep MemTotal /proc/meminfo | tr -s ' ') blk=$(ls /sys/block | tr '\n' ,) net=$(ls /sys/class/net | tr '\n' ,)"
+  sleep 1
+done
+"#;
+
+/// Builds a busybox-static initramfs with the host kernel's virtio modules into `dir`.
+/// (Stand-in until the shared guest from `tests/guest/` lands; same idea, same markers.)
+pub fn guest_initrd(dir: &Path) -> PathBuf {
+    let kernel = kernel();
+    let release = kernel.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_owned();
+    let root = dir.join("initrd-root");
+    for sub in ["bin", "proc", "sys", "dev", "mod"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::copy("/usr/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let modules = Path::new("/lib/modules").join(release);
+    for line in std::fs::read_to_string(modules.join("modules.dep"))
+        .expect("modules.dep")
+        .lines()
+    {
+        let module = line.split(':').next().unwrap();
+        let name = Path::new(module)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let wanted = [
+            "virtio",
+            "virtio_ring",
+            "virtio_pci_legacy_dev",
+            "virtio_pci_modern_dev",
+            "virtio_pci",
+            "virtio_blk",
+            "failover",
+            "net_failover",
+            "virtio_net",
+            "virtio_mem",
+        ];
+        if wanted.iter().any(|w| name == format!("{w}.ko")) {
+            std::fs::copy(modules.join(module), root.join("mod").join(&name)).unwrap();
+        }
+    }
+    let init = root.join("init");
+    std::fs::write(&init, GUEST_INIT).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = dir.join("initrd.gz");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("cd \"$1\" && find . | cpio -o -H newc --quiet | gzip > \"$2\"")
+        .args([
+            "sh",
+            &root.display().to_string(),
+            &initrd.display().to_string(),
+        ])
+        .status()
+        .expect("cpio");
+    assert!(status.success());
+    initrd
+}
