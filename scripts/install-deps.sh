@@ -12,6 +12,7 @@ have etcdctl || need+=(etcd-client)
 have nix-instantiate || need+=(nix-bin)
 have protoc || need+=(protobuf-compiler)
 have ip || need+=(iproute2)
+have cpio || need+=(cpio)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 
