@@ -30,17 +30,20 @@ pub fn run(vms: usize, work: &Path) -> Result<Adoption> {
     let config = write_config(&dir, vms)?;
 
     let all_running = |status: &serde_json::Value| pids_in_state(status, "running").len() == vms;
-    let first = Agent::spawn(&binary, &config, &state_dir, &run_dir)?;
+    let first = Agent::spawn(&binary, &config, &state_dir, &run_dir, None)?;
     let booted = first.wait_for(Duration::from_secs(60 + 3 * vms as u64), all_running)?;
     let before: BTreeMap<String, u64> = pids_in_state(&booted, "running").into_iter().collect();
     first.kill_hard()?;
 
     let start = Instant::now();
-    let second = Agent::spawn(&binary, &config, &state_dir, &run_dir)?;
+    let second = Agent::spawn(&binary, &config, &state_dir, &run_dir, None)?;
     let adopted = second.wait_for(Duration::from_secs(60), all_running)?;
     let took = start.elapsed();
     let after: BTreeMap<String, u64> = pids_in_state(&adopted, "running").into_iter().collect();
-    let restarted = before.iter().filter(|(vm, pid)| after.get(*vm) != Some(pid)).count();
+    let restarted = before
+        .iter()
+        .filter(|(vm, pid)| after.get(*vm) != Some(pid))
+        .count();
     let rss_kib = second.rss_kib()?;
 
     drop(second);

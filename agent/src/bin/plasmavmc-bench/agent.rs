@@ -28,9 +28,26 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn spawn(binary: &Path, config: &Path, state_dir: &Path, run_dir: &Path) -> Result<Self> {
+    /// Starts the agent, inside network namespace `netns` when given (its taps and bridges live
+    /// there).
+    pub fn spawn(
+        binary: &Path,
+        config: &Path,
+        state_dir: &Path,
+        run_dir: &Path,
+        netns: Option<&str>,
+    ) -> Result<Self> {
         let log = std::fs::File::create(run_dir.with_extension("agent.log"))?;
-        let child = Command::new(binary)
+        let mut command = match netns {
+            // `ip netns exec` execs the agent, so the child's PID is the agent's.
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("agent")
             .arg("--config")
             .arg(config)

@@ -5,6 +5,7 @@
 
 mod adopt;
 mod agent;
+mod hotplug;
 mod plan;
 mod stats;
 
@@ -13,7 +14,10 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "plasmavmc-bench", about = "Measure plasmavmc: planning, adoption, live changes")]
+#[command(
+    name = "plasmavmc-bench",
+    about = "Measure plasmavmc: planning, adoption, live changes"
+)]
 struct Cli {
     #[command(subcommand)]
     bench: Bench,
@@ -38,6 +42,18 @@ enum Bench {
         #[arg(long, default_value = "/tmp/plasmavmc-bench")]
         work_dir: PathBuf,
     },
+    /// Live change vs restart for a disk add, a NIC add and a vCPU add on one real guest (TCG),
+    /// in a network namespace of the bench's own. Needs root.
+    Hotplug {
+        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/test-guest")]
+        guest_dir: PathBuf,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+        /// Live applications per change (each followed by a revert).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -47,6 +63,15 @@ fn main() -> anyhow::Result<()> {
             println!("no-op plan, {vms} VMs: {summary}");
         }
         Bench::Adopt { vms, work_dir } => adopt::report(&vms, &work_dir)?,
+        Bench::Hotplug {
+            guest_dir,
+            work_dir,
+            rounds,
+        } => hotplug::report(&hotplug::Options {
+            guest_dir: std::path::absolute(guest_dir)?,
+            work_dir,
+            rounds,
+        })?,
     }
     Ok(())
 }
