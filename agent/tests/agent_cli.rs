@@ -1,0 +1,185 @@
+//! The `plasmavmc` client commands where no agent (and no QEMU) is needed: help texts, `validate`,
+//! exit code 3 with a clear message when the agent is not reachable, and `plan` against "nothing
+//! running" when no agent runs.
+
+#[path = "support/agent.rs"]
+mod harness;
+#[path = "support/qemu_harness.rs"]
+mod qemu_harness;
+
+use harness::{path_str, run};
+use serde_json::{json, Value};
+
+fn write(dir: &tempfile::TempDir, name: &str, json: &Value) -> std::path::PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+fn web() -> Value {
+    json!({
+        "vcpus": 1, "memoryMiB": 128, "accel": "tcg", "kernel": "/boot/vmlinuz",
+        "disks": {"data": {"path": "/var/lib/vms/web-data.qcow2", "format": "qcow2"}},
+        "nics": {"eth0": {"mac": "52:54:00:12:34:56", "bridge": "br0"}},
+    })
+}
+
+#[test]
+fn help_explains_every_command_and_the_exit_codes() {
+    let top = run(&["--help"]).expect_code(0, "--help");
+    for command in [
+        "agent", "validate", "plan", "reload", "status", "start", "stop", "reset",
+    ] {
+        assert!(
+            top.stdout.contains(command),
+            "--help lists {command}:\n{}",
+            top.stdout
+        );
+        let help = run(&[command, "--help"]).expect_code(0, command);
+        assert!(
+            help.stdout.len() > 100,
+            "{command} --help says something:\n{}",
+            help.stdout
+        );
+    }
+    assert!(
+        top.stdout.contains("3"),
+        "--help documents exit codes:\n{}",
+        top.stdout
+    );
+    for client in ["plan", "reload", "status", "start", "stop", "reset"] {
+        let help = run(&[client, "--help"]).stdout;
+        assert!(
+            help.contains("--run-dir"),
+            "{client} takes --run-dir:\n{help}"
+        );
+    }
+}
+
+#[test]
+fn validate_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(
+        &dir,
+        "good.json",
+        &json!({"version": 1, "vms": {"web": web()}}),
+    );
+    run(&["validate", path_str(&good)]).expect_code(0, "valid file");
+
+    let mut bad_vm = web();
+    bad_vm["vcpus"] = json!(0);
+    bad_vm["nics"]["eth0"]["mac"] = json!("01:00:5e:00:00:01");
+    bad_vm["vcpuz"] = json!(2);
+    let bad = write(
+        &dir,
+        "bad.json",
+        &json!({"version": 1, "vms": {"web": bad_vm}}),
+    );
+    let out = run(&["validate", path_str(&bad)]).expect_code(2, "invalid file");
+    assert!(
+        out.stderr.contains("vms.web.vcpuz"),
+        "unknown field named:\n{}",
+        out.stderr
+    );
+
+    // Semantic problems are all reported together.
+    let mut bad_vm = web();
+    bad_vm["vcpus"] = json!(0);
+    bad_vm["nics"]["eth0"]["mac"] = json!("01:00:5e:00:00:01");
+    let bad = write(
+        &dir,
+        "bad2.json",
+        &json!({"version": 1, "vms": {"web": bad_vm}}),
+    );
+    let out = run(&["validate", path_str(&bad)]).expect_code(2, "invalid file");
+    assert!(out.stderr.contains("vms.web.vcpus"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("vms.web.nics.eth0.mac"),
+        "{}",
+        out.stderr
+    );
+
+    let missing = dir.path().join("missing.json");
+    let out = run(&["validate", path_str(&missing)]).expect_code(2, "missing file");
+    assert!(
+        out.stderr.contains(path_str(&missing)),
+        "names the file:\n{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn client_commands_without_an_agent_exit_3_and_say_where_they_looked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = path_str(dir.path());
+    for args in [
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["reload", "--wait"],
+        vec!["start", "web"],
+        vec!["stop", "web"],
+        vec!["reset", "web"],
+    ] {
+        let mut full = args.clone();
+        full.extend(["--run-dir", run_dir]);
+        let out = run(&full).expect_code(3, &args.join(" "));
+        assert!(
+            out.stderr.contains("not reachable") && out.stderr.contains("control.sock"),
+            "{args:?} explains:\n{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn plan_without_an_agent_plans_against_nothing_running_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        &dir,
+        "desired.json",
+        &json!({"version": 1, "vms": {"web": web()}}),
+    );
+    let run_dir = dir.path().join("run");
+    let args = [
+        "plan",
+        "--config",
+        path_str(&config),
+        "--run-dir",
+        path_str(&run_dir),
+    ];
+    let out = run(&args).expect_code(0, "plan without agent");
+    assert!(out.stdout.contains("web"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("start"),
+        "the VM would be started:\n{}",
+        out.stdout
+    );
+    assert!(
+        format!("{}{}", out.stdout, out.stderr).contains("agent"),
+        "says that no agent runs:\n{}{}",
+        out.stdout,
+        out.stderr
+    );
+
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = run(&json_args).expect_code(0, "plan --json");
+    let text = out.stdout;
+    let start = text.find('{').expect("JSON on stdout");
+    let plan: Value = serde_json::from_str(&text[start..]).expect("plan --json is JSON");
+    let steps = plan["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 1, "{plan:#}");
+    assert_eq!(steps[0]["vm"], "web");
+    assert_eq!(steps[0]["action"]["kind"], "startVm");
+
+    let bad = write(&dir, "bad.json", &json!({"version": 2, "vms": {}}));
+    let out = run(&[
+        "plan",
+        "--config",
+        path_str(&bad),
+        "--run-dir",
+        path_str(&run_dir),
+    ])
+    .expect_code(2, "plan of an invalid file");
+    assert!(out.stderr.contains("version"), "{}", out.stderr);
+}

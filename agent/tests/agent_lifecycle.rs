@@ -1,0 +1,167 @@
+//! The agent supervising real guests, through the real `plasmavmc` binary: boot to the guest's
+//! marker, status, adoption after the agent is killed (same QEMU PID, no second boot), QEMU
+//! killed → `failed` and restarted per `restartPolicy`, operator stop/start, strangers untouched.
+
+#[path = "support/agent.rs"]
+mod harness;
+#[path = "support/qemu_harness.rs"]
+mod qemu_harness;
+
+use std::time::Duration;
+
+use harness::*;
+use serde_json::json;
+
+#[test]
+fn a_vm_boots_and_survives_an_agent_kill_9_on_the_same_qemu() {
+    let mut host = Host::new();
+    let data = host.image("data.qcow2");
+    host.write_config(json!({
+        "web": host.vm(json!({"disks": {"data": {"path": data, "format": "qcow2"}}})),
+    }));
+    host.start_agent();
+    let pid = host.wait_running("web");
+    host.wait_boot("web");
+
+    let web = host.vm_status("web");
+    assert_eq!(web["state"], "running", "{web:#}");
+    assert!(web["uptimeSeconds"].is_u64(), "{web:#}");
+    assert!(
+        web["pending"].as_array().is_some_and(|p| p.is_empty()),
+        "{web:#}"
+    );
+    assert!(web["lastError"].is_null(), "{web:#}");
+    let data_disk = web["devices"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["id"] == "disk-data"))
+        .unwrap_or_else(|| panic!("disk-data among the devices QEMU reports: {web:#}"));
+    assert_eq!(data_disk["kind"], "disk");
+    let pidfile = host.run_dir.join("vms/web/pid");
+    assert_eq!(
+        std::fs::read_to_string(pidfile).unwrap().trim(),
+        pid.to_string()
+    );
+
+    let human = host.cli(&["status"]).expect_code(0, "status");
+    assert!(
+        human.stdout.contains("web") && human.stdout.contains("running"),
+        "{}",
+        human.stdout
+    );
+
+    let old_agent = host.agent_pid();
+    host.kill_agent();
+    assert!(is_alive(pid), "QEMU outlives a kill -9 of the agent");
+    host.start_agent();
+    assert_ne!(host.agent_pid(), old_agent);
+    assert_eq!(
+        host.wait_running("web"),
+        pid,
+        "the new agent adopts the same QEMU"
+    );
+    let devices = device_ids(&host.vm_status("web"));
+    assert!(
+        devices.contains(&"disk-data".to_owned()),
+        "re-read: {devices:?}"
+    );
+
+    // Re-applying the unchanged config after adoption changes nothing.
+    host.cli(&["reload", "--wait"])
+        .expect_code(0, "reload after adoption");
+    assert_eq!(host.wait_running("web"), pid);
+    assert_eq!(
+        host.console("web").matches(BOOT_MARKER).count(),
+        1,
+        "the guest booted once: it never noticed the agent's restart"
+    );
+}
+
+#[test]
+fn a_killed_qemu_is_failed_and_restarted_per_restart_policy() {
+    let mut host = Host::new();
+    host.write_config(json!({
+        "crashy": host.vm(json!({"restartPolicy": "on-failure"})),
+        "fragile": host.vm(json!({"restartPolicy": "never"})),
+    }));
+    host.start_agent();
+    let crashy = host.wait_running("crashy");
+    let fragile = host.wait_running("fragile");
+    assert_ne!(crashy, fragile);
+
+    kill_9(crashy);
+    kill_9(fragile);
+
+    let status = host.wait_status("fragile failed", AGENT, |s| {
+        s["vms"]["fragile"]["state"] == "failed"
+    });
+    let failed = &status["vms"]["fragile"];
+    assert!(failed["pid"].is_null(), "{failed:#}");
+    assert!(
+        failed["lastError"].as_str().is_some_and(|e| !e.is_empty()),
+        "the failure is explained: {failed:#}"
+    );
+
+    let restarted = host.wait_status("crashy restarted", BOOT, |s| {
+        s["vms"]["crashy"]["state"] == "running"
+            && s["vms"]["crashy"]["pid"]
+                .as_u64()
+                .is_some_and(|p| p != crashy as u64)
+    });
+    let new_crashy = restarted["vms"]["crashy"]["pid"].as_u64().unwrap() as u32;
+    host.wait_boot("crashy");
+
+    // restartPolicy never: it stays failed (a reload does not bring it back either).
+    std::thread::sleep(Duration::from_secs(3));
+    host.cli(&["reload", "--wait"]).expect_code(0, "reload");
+    assert_eq!(host.vm_status("fragile")["state"], "failed");
+
+    // The operator brings it back.
+    host.cli(&["start", "fragile"])
+        .expect_code(0, "start fragile");
+    host.wait_running("fragile");
+
+    // An operator stop keeps the VM down, also across a reload.
+    host.cli(&["stop", "crashy"]).expect_code(0, "stop crashy");
+    assert!(wait_dead(new_crashy, AGENT), "stop ends its QEMU");
+    host.wait_status("crashy stopped", AGENT, |s| {
+        s["vms"]["crashy"]["state"] == "stopped"
+    });
+    host.cli(&["reload", "--wait"]).expect_code(0, "reload");
+    assert_eq!(host.vm_status("crashy")["state"], "stopped");
+    host.cli(&["start", "crashy"])
+        .expect_code(0, "start crashy");
+    let again = host.wait_running("crashy");
+    assert_ne!(again, new_crashy);
+}
+
+#[test]
+fn a_qemu_the_agent_cannot_identify_is_reported_and_never_touched() {
+    use plasmavmc_agent::paths::RunDir;
+    use plasmavmc_agent::qemu::process::{launch_with_argv, qemu_binary};
+
+    let mut host = Host::new();
+    // A guest-less QEMU in a VM directory whose boot spec this agent cannot read.
+    let run_dir = RunDir::new(&host.run_dir);
+    let vm_dir = run_dir.vm("ghost");
+    let spec = serde_json::from_value(host.vm(json!({}))).unwrap();
+    let argv = qemu_harness::bare_argv("ghost", &vm_dir);
+    let ghost = launch_with_argv("ghost", &spec, &vm_dir, &qemu_binary(None), &argv).unwrap();
+    let _guard = qemu_harness::KillOnDrop(ghost);
+    std::fs::write(vm_dir.boot_spec(), "not a spec").unwrap();
+
+    host.write_config(json!({}));
+    host.start_agent();
+    host.cli(&["reload", "--wait"]).expect_code(0, "reload");
+    let human = host.cli(&["status"]).expect_code(0, "status");
+    assert!(
+        human.stdout.contains("ghost"),
+        "the stranger is reported:\n{}",
+        human.stdout
+    );
+    let json = host
+        .cli(&["status", "--json"])
+        .expect_code(0, "status --json");
+    assert!(json.stdout.contains("ghost"), "{}", json.stdout);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(is_alive(ghost), "the stranger's QEMU is left alone");
+}

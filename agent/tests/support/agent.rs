@@ -1,0 +1,372 @@
+//! Shared by the `agent_*` integration tests: drives the real `plasmavmc` binary the way an
+//! operator does. A `Host` is a temp config/state/run dir with the shared tiny real guest
+//! (`tests/guest/`, TCG); it spawns the agent, writes configs, runs client commands, parses
+//! `status --json`, and on drop kills the agent and every QEMU it saw, even when the test failed.
+//! A `Host` holds the cross-binary QEMU test lock for its whole life: guests boot one test at a
+//! time, because this machine has 2 cores and TCG boots slowly under load.
+//!
+//! Each test file declares `#[path = "support/qemu_harness.rs"] mod qemu_harness;` (images, bare
+//! QEMU argvs) and `#[path = "support/agent.rs"] mod harness;`; the guest's console protocol is
+//! `harness::guest`.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+#[path = "guest.rs"]
+pub mod guest;
+
+use guest::{guest_artifacts, guest_cmdline, qemu_test_lock, BOOT_TIMEOUT, READY};
+
+/// What the guest prints once its init runs.
+pub const BOOT_MARKER: &str = READY;
+/// A TCG boot on a loaded 2-core machine; generous on purpose.
+pub const BOOT: Duration = BOOT_TIMEOUT;
+/// Anything the agent does without a guest boot (adopt, stop, reload).
+pub const AGENT: Duration = Duration::from_secs(60);
+/// The test guest never powers off on ACPI: the agent waits this long, then quits QEMU.
+const STOP_TIMEOUT_SECS: &str = "2";
+
+/// The result of one `plasmavmc` client command.
+#[derive(Debug)]
+pub struct Cli {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Cli {
+    fn from(output: Output) -> Cli {
+        Cli {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// Panics with the whole output unless the command exited `code`.
+    pub fn expect_code(self, code: i32, what: &str) -> Cli {
+        assert_eq!(
+            self.code, code,
+            "{what}: expected exit {code}\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+pub fn plasmavmc() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_plasmavmc"))
+}
+
+/// Runs `plasmavmc ARGS` (no agent needed for `validate`, `plan` without agent, `--help`).
+pub fn run(args: &[&str]) -> Cli {
+    Cli::from(plasmavmc().args(args).output().expect("running plasmavmc"))
+}
+
+/// A host of the test's own: config, state and run dirs, guest artifacts, the agent process.
+pub struct Host {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    agent: Option<Child>,
+    /// Every QEMU PID a status showed: killed on drop, whatever the agent did.
+    seen_qemus: std::cell::RefCell<BTreeSet<u32>>,
+    _lock: Box<dyn std::any::Any>,
+}
+
+impl Host {
+    pub fn new() -> Host {
+        let lock = Box::new(qemu_test_lock());
+        let dir = tempfile::Builder::new()
+            .prefix("pv-agent-")
+            .tempdir()
+            .expect("temp dir");
+        let (state_dir, run_dir) = (dir.path().join("state"), dir.path().join("run"));
+        std::fs::create_dir_all(&state_dir).unwrap();
+        std::fs::create_dir_all(&run_dir).unwrap();
+        let guest = guest_artifacts();
+        Host {
+            config: dir.path().join("desired.json"),
+            state_dir,
+            run_dir,
+            kernel: guest.kernel,
+            initrd: guest.initrd,
+            dir,
+            agent: None,
+            seen_qemus: Default::default(),
+            _lock: lock,
+        }
+    }
+
+    /// A small TCG guest; `extra` keys are merged over the defaults.
+    pub fn vm(&self, extra: Value) -> Value {
+        let mut vm = json!({
+            "vcpus": 1, "memoryMiB": 128, "accel": "tcg", "machine": "q35",
+            "kernel": self.kernel, "initrd": self.initrd,
+            "cmdline": guest_cmdline(false),
+        });
+        for (key, value) in extra.as_object().expect("an object") {
+            vm[key] = value.clone();
+        }
+        vm
+    }
+
+    /// A qcow2 image in the host's dir.
+    pub fn image(&self, name: &str) -> PathBuf {
+        crate::qemu_harness::image(self.dir.path(), name, "qcow2", 16)
+    }
+
+    /// Writes `{"version": 1, "vms": vms}` the way NixOS does: a new file renamed over the old.
+    pub fn write_config(&self, vms: Value) {
+        self.write_config_text(&json!({"version": 1, "vms": vms}).to_string());
+    }
+
+    pub fn write_config_text(&self, text: &str) {
+        let tmp = self.config.with_extension("json.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    /// Starts `plasmavmc agent` and waits until it answers `status`.
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "an agent already runs");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.agent_log())
+            .unwrap();
+        let child = plasmavmc()
+            .arg("agent")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .args(["--stop-timeout", STOP_TIMEOUT_SECS])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning plasmavmc agent");
+        self.agent = Some(child);
+        let deadline = Instant::now() + AGENT;
+        while self.cli(&["status", "--json"]).code != 0 {
+            if let Some(exit) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the agent exited ({exit}):\n{}", self.agent_log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent never answered:\n{}",
+                self.agent_log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `kill -9` the agent: no chance to clean up (VMs must not notice).
+    pub fn kill_agent(&mut self) {
+        let mut child = self.agent.take().expect("no agent running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("no agent running").id()
+    }
+
+    /// `plasmavmc ARGS --run-dir <this host's run dir>`.
+    pub fn cli(&self, args: &[&str]) -> Cli {
+        Cli::from(
+            plasmavmc()
+                .args(args)
+                .arg("--run-dir")
+                .arg(&self.run_dir)
+                .output()
+                .expect("running plasmavmc"),
+        )
+    }
+
+    /// `status --json`, parsed; remembers every QEMU PID in it for cleanup.
+    pub fn status(&self) -> Value {
+        let out = self
+            .cli(&["status", "--json"])
+            .expect_code(0, "status --json");
+        let status: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("status --json is not JSON ({e}):\n{}", out.stdout));
+        if let Some(vms) = status["vms"].as_object() {
+            for vm in vms.values() {
+                if let Some(pid) = vm["pid"].as_u64() {
+                    self.seen_qemus.borrow_mut().insert(pid as u32);
+                }
+            }
+        }
+        status
+    }
+
+    pub fn vm_status(&self, name: &str) -> Value {
+        self.status()["vms"][name].clone()
+    }
+
+    /// Polls `status --json` until `done` holds for it.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never showed {what}; last status:\n{status:#}\nagent log:\n{}",
+                self.agent_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until VM `name` is `running` and returns its QEMU PID.
+    pub fn wait_running(&self, name: &str) -> u32 {
+        let status = self.wait_status(&format!("{name} running"), BOOT, |s| {
+            s["vms"][name]["state"] == "running" && s["vms"][name]["pid"].is_u64()
+        });
+        status["vms"][name]["pid"].as_u64().unwrap() as u32
+    }
+
+    /// The VM's serial console, as the guest wrote it.
+    pub fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.run_dir.join("vms").join(name).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    /// Waits until the guest of VM `name` printed its boot marker.
+    pub fn wait_boot(&self, name: &str) {
+        let deadline = Instant::now() + BOOT;
+        while !self.console(name).contains(BOOT_MARKER) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never booted; console:\n{}\nagent log:\n{}",
+                self.console(name),
+                self.agent_log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn agent_log_text(&self) -> String {
+        std::fs::read_to_string(self.agent_log()).unwrap_or_default()
+    }
+
+    fn agent_log_tail(&self) -> String {
+        let text = self.agent_log_text();
+        let start = text.len().saturating_sub(4000);
+        let start = (start..text.len())
+            .find(|i| text.is_char_boundary(*i))
+            .unwrap_or(text.len());
+        text[start..].to_owned()
+    }
+
+    /// QEMU PIDs named by the pidfiles under `<run-dir>/vms` that are still QEMUs of that VM.
+    fn qemus_in_run_dir(&self) -> Vec<u32> {
+        let run_dir = plasmavmc_agent::paths::RunDir::new(&self.run_dir);
+        let Ok(entries) = std::fs::read_dir(run_dir.vms_dir()) else {
+            return vec![];
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|name| {
+                let vm_dir = run_dir.vm(&name);
+                let pid: u32 = std::fs::read_to_string(vm_dir.pidfile())
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()?;
+                plasmavmc_agent::qemu::process::is_qemu_of(pid, &name, &vm_dir).then_some(pid)
+            })
+            .collect()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some(mut agent) = self.agent.take() {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        let mut pids: BTreeSet<u32> = self.qemus_in_run_dir().into_iter().collect();
+        // Only PIDs that are still a QEMU: a seen PID may have been reused since.
+        pids.extend(self.seen_qemus.borrow().iter().filter(|pid| is_qemu(**pid)));
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        if std::thread::panicking() {
+            eprintln!("agent log:\n{}", self.agent_log_tail());
+        }
+    }
+}
+
+pub fn is_alive(pid: u32) -> bool {
+    plasmavmc_agent::qemu::process::is_alive(pid)
+}
+
+fn is_qemu(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| String::from_utf8_lossy(&cmdline).contains("qemu-system"))
+        .unwrap_or(false)
+        && is_alive(pid)
+}
+
+/// `kill -9 PID`.
+pub fn kill_9(pid: u32) {
+    kill(Pid::from_raw(pid as i32), Signal::SIGKILL).expect("kill -9");
+}
+
+/// Waits until `pid` is gone (a zombie counts as gone).
+pub fn wait_dead(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while is_alive(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+/// The device ids `status` reports for a VM.
+pub fn device_ids(vm: &Value) -> Vec<String> {
+    vm["devices"]
+        .as_array()
+        .map(|devices| {
+            devices
+                .iter()
+                .filter_map(|d| d["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
