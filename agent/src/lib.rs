@@ -3,6 +3,7 @@
 
 pub mod action;
 pub mod argv;
+pub mod chainfire;
 pub mod devices;
 pub mod ids;
 pub mod observed;

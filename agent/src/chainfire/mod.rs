@@ -1,0 +1,24 @@
+//! ChainFire (etcd v3 API): publishing this host's VMs, watching the cluster, detecting lost
+//! hosts and HA failover with self-fencing.
+//!
+//! Pure core: `keys`, `records`, `events`, `view`, `reconcile`, `fence`. Shell: `session` (a
+//! tokio task the daemon talks to through channels), `lease` (keep-alives), `store` (the writes).
+
+mod backoff;
+pub mod config;
+pub mod events;
+pub mod fence;
+pub mod keys;
+mod lease;
+pub mod reconcile;
+pub mod records;
+pub mod session;
+mod store;
+pub mod view;
+
+pub use config::{ChainFireConfig, TlsFiles};
+pub use events::{StateEvent, StateSink};
+pub use keys::VmKey;
+pub use records::{HandleRecord, HostRecord, LocalVm, SpecSummary, VmRecord};
+pub use session::{Notice, Session, SessionHandle};
+pub use view::ClusterView;

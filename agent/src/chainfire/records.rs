@@ -1,0 +1,163 @@
+//! The JSON values stored under each key (camelCase, like the desired-state file).
+
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::keys::VmKey;
+use crate::spec::VmSpec;
+
+/// State other agents write for a VM whose host lost its lease.
+pub const STATE_UNKNOWN: &str = "unknown";
+
+/// `/plasmavmc/vms/{orgId}/{projectId}/{vm}`: what the VM is and how it is doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmRecord {
+    pub name: String,
+    pub org_id: String,
+    pub project_id: String,
+    /// The host that runs (or last ran) it.
+    pub host: String,
+    /// The agent's state word (`running`, `stopped`, ... or `unknown` when its host was lost).
+    pub state: String,
+    pub spec: SpecSummary,
+    /// Declared changes waiting for the next boot.
+    #[serde(default)]
+    pub pending: Vec<String>,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When the record last changed (RFC 3339). Not part of "did anything change".
+    #[serde(default)]
+    pub updated_at: String,
+}
+
+/// What the cluster needs to know about a VM's declaration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpecSummary {
+    pub vcpus: u32,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
+    pub disks: Vec<String>,
+    pub nics: Vec<String>,
+    /// Declared with `ha.enable`: runs only on the holder of its lock.
+    #[serde(default)]
+    pub ha: bool,
+}
+
+/// `/plasmavmc/handles/{orgId}/{projectId}/{vm}`: where the running QEMU is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandleRecord {
+    pub host: String,
+    pub pid: u32,
+    pub qmp_socket: String,
+    pub started_at: String,
+}
+
+/// `/plasmavmc/hosts/{hostId}`: the host's heartbeat; it disappears with the host's lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostRecord {
+    pub host_id: String,
+    pub agent_version: String,
+    pub started_at: String,
+}
+
+/// `/plasmavmc/locks/{orgId}/{projectId}/{vm}`: who may run an HA VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LockRecord {
+    pub host: String,
+    /// The lease the lock is bound to: a lock of an older lease of the same host never counts.
+    pub lease: i64,
+    pub acquired_at: String,
+}
+
+/// One VM as this host sees it: the daemon's input to the publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalVm {
+    pub record: VmRecord,
+    /// Present while a QEMU runs for it here.
+    pub handle: Option<HandleRecord>,
+}
+
+impl VmRecord {
+    /// A record for a declared VM on `host`, stamped now.
+    pub fn new(key: &VmKey, host: &str, state: &str, spec: &VmSpec) -> Self {
+        VmRecord {
+            name: key.vm.clone(),
+            org_id: key.org_id.clone(),
+            project_id: key.project_id.clone(),
+            host: host.to_owned(),
+            state: state.to_owned(),
+            spec: SpecSummary::of(spec),
+            pending: Vec::new(),
+            last_error: None,
+            updated_at: now(),
+        }
+    }
+
+    pub fn key(&self) -> VmKey {
+        VmKey::new(&self.org_id, &self.project_id, &self.name)
+    }
+
+    /// Equal in everything but the time stamp: a re-sync with a fresh `updatedAt` is no change.
+    pub fn same_content(&self, other: &VmRecord) -> bool {
+        VmRecord { updated_at: String::new(), ..self.clone() }
+            == VmRecord { updated_at: String::new(), ..other.clone() }
+    }
+}
+
+impl SpecSummary {
+    pub fn of(spec: &VmSpec) -> Self {
+        SpecSummary {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            disks: spec.disks.keys().cloned().collect(),
+            nics: spec.nics.keys().cloned().collect(),
+            ha: spec.ha.enable,
+        }
+    }
+}
+
+/// Wall-clock time for records (RFC 3339, milliseconds); never used for decisions.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(host: &str, state: &str) -> VmRecord {
+        VmRecord {
+            name: "vm1".into(),
+            org_id: "acme".into(),
+            project_id: "web".into(),
+            host: host.into(),
+            state: state.into(),
+            spec: SpecSummary { vcpus: 2, memory_mib: 512, disks: vec!["root".into()], nics: vec![], ha: false },
+            pending: vec![],
+            last_error: None,
+            updated_at: "2024-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn updated_at_alone_is_no_change() {
+        let a = record("h1", "running");
+        let b = VmRecord { updated_at: now(), ..a.clone() };
+        assert!(a.same_content(&b));
+        assert!(!a.same_content(&record("h1", "stopped")));
+    }
+
+    #[test]
+    fn json_keys_are_camel_case() {
+        let json = serde_json::to_value(record("h1", "running")).unwrap();
+        assert_eq!(json["orgId"], "acme");
+        assert_eq!(json["spec"]["memoryMiB"], 512);
+        assert!(json.get("updatedAt").is_some() && json.get("lastError").is_some());
+    }
+}
