@@ -1,5 +1,5 @@
 //! The shared test guest (`tests/guest/`) booted by the agent's own launcher: it comes up, reports
-//! what it sees, sees a live vCPU added and a disk unplugged, and — booted with the ignore-unplug
+//! what it sees, sees a live vCPU and memory added and a disk unplugged, and — booted with the ignore-unplug
 //! command line — keeps a disk whose unplug QEMU requested.
 
 mod support;
@@ -131,6 +131,17 @@ fn guest_reports_its_devices_and_sees_live_changes() {
     );
     vm.console
         .wait_for_state(|s| s.online_cpus == 2, GUEST)
+        .unwrap();
+
+    let before = state.mem_kib;
+    let memory = Action::SetMemory {
+        from_mib: 256,
+        to_mib: 384,
+    };
+    assert_eq!(vm.apply(memory), LiveOutcome::Done);
+    // virtio-mem memory is onlined by the guest (movable) as soon as it is plugged.
+    vm.console
+        .wait_for_state(|s| s.mem_kib >= before + 120 * 1024, GUEST)
         .unwrap();
 
     let removed = vm.apply(Action::RemoveDisk { id: "root".into() });
