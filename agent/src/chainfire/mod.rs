@@ -10,6 +10,7 @@ pub mod events;
 pub mod fence;
 pub mod keys;
 mod lease;
+pub mod local_etcd;
 pub mod reconcile;
 pub mod records;
 pub mod session;

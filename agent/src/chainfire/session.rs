@@ -97,13 +97,17 @@ impl Session {
 
 impl SessionHandle {
     /// The host's full local picture; the session writes what differs from the store. Never
-    /// blocks; a newer picture replaces one not yet written.
+    /// blocks; a newer picture replaces one not yet written. Records and handles are stamped
+    /// with this session's host id.
     pub fn sync(&self, local: BTreeMap<VmKey, LocalVm>) {
         let host = &self.config.host_id;
         let local = local
             .into_iter()
             .map(|(key, mut vm)| {
                 vm.record.host.clone_from(host);
+                if let Some(handle) = vm.handle.as_mut() {
+                    handle.host.clone_from(host);
+                }
                 (key, vm)
             })
             .collect();

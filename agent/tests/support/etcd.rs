@@ -1,0 +1,156 @@
+//! Real etcd for the `chainfire_*` tests: members on loopback (the library's `LocalEtcd`),
+//! `etcdctl` to read back what the agent wrote, and a TCP proxy that can cut one session off
+//! the store (a partition that only that session sees).
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use plasmavmc_agent::chainfire::local_etcd::LocalEtcd;
+use plasmavmc_agent::chainfire::ChainFireConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub fn single() -> LocalEtcd {
+    LocalEtcd::start(None, 1).expect("start etcd")
+}
+
+pub fn cluster(size: usize) -> LocalEtcd {
+    LocalEtcd::start(None, size).expect("start etcd cluster")
+}
+
+pub fn config(endpoints: Vec<String>, host: &str, ttl_secs: u64) -> ChainFireConfig {
+    ChainFireConfig::new(endpoints, host, Duration::from_secs(ttl_secs))
+}
+
+/// `etcdctl` (API v3) against the given endpoints; panics with its stderr on failure.
+pub fn etcdctl(endpoints: &[String], args: &[&str]) -> String {
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", endpoints.join(",")))
+        .args(["--dial-timeout=2s", "--command-timeout=5s"])
+        .args(args)
+        .output()
+        .expect("run etcdctl");
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// The value at `key` as JSON, or `None` when absent.
+pub fn get_json(endpoints: &[String], key: &str) -> Option<serde_json::Value> {
+    let out = etcdctl(endpoints, &["get", key, "--print-value-only"]);
+    let value = out.trim_end();
+    (!value.is_empty()).then(|| serde_json::from_str(value).expect("JSON value"))
+}
+
+/// Every key under `prefix`.
+pub fn keys(endpoints: &[String], prefix: &str) -> BTreeSet<String> {
+    etcdctl(endpoints, &["get", prefix, "--prefix", "--keys-only"]).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+}
+
+/// The store's revision: it moves with every write and never with a keep-alive.
+pub fn revision(endpoints: &[String]) -> i64 {
+    let out = etcdctl(endpoints, &["get", "/", "--prefix", "--keys-only", "--limit=1", "-w", "json"]);
+    let json: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    json["header"]["revision"].as_i64().expect("header.revision")
+}
+
+/// A loopback TCP proxy to one etcd member. `cut()` drops every connection and refuses new
+/// ones until `heal()`: the store is gone for whoever talks through the proxy, and only them.
+pub struct CutProxy {
+    pub endpoint: String,
+    state: Arc<Mutex<ProxyState>>,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: bool,
+    connections: Vec<JoinHandle<()>>,
+}
+
+impl CutProxy {
+    pub async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let state = Arc::new(Mutex::new(ProxyState::default()));
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut state = shared.lock().unwrap();
+                if state.cut {
+                    continue; // dropped: connection reset
+                }
+                let upstream = upstream.clone();
+                state.connections.push(tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                }));
+            }
+        });
+        CutProxy { endpoint, state, accept }
+    }
+
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.cut = true;
+        state.connections.drain(..).for_each(|c| c.abort());
+    }
+
+    pub fn heal(&self) {
+        self.state.lock().unwrap().cut = false;
+    }
+}
+
+impl Drop for CutProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+use plasmavmc_agent::chainfire::{HandleRecord, LocalVm, SpecSummary, VmKey, VmRecord};
+use std::collections::BTreeMap;
+
+pub fn vm_key(name: &str) -> VmKey {
+    VmKey::new("acme", "web", name)
+}
+
+/// A local VM as the daemon would report it; `pid` adds a handle (it runs here).
+pub fn local_vm(name: &str, state: &str, ha: bool, pid: Option<u32>) -> (VmKey, LocalVm) {
+    let record = VmRecord {
+        name: name.into(),
+        org_id: "acme".into(),
+        project_id: "web".into(),
+        host: String::new(), // the session fills in its host id
+        state: state.into(),
+        spec: SpecSummary { vcpus: 2, memory_mib: 512, disks: vec!["root".into()], nics: vec!["lan".into()], ha },
+        pending: vec![],
+        last_error: None,
+        updated_at: plasmavmc_agent::chainfire::records::now(),
+    };
+    let handle = pid.map(|pid| HandleRecord {
+        host: "set-by-test".into(),
+        pid,
+        qmp_socket: format!("/run/plasmavmc/vms/{name}/qmp.sock"),
+        started_at: "2024-01-01T00:00:00Z".into(),
+    });
+    (vm_key(name), LocalVm { record, handle })
+}
+
+pub fn picture(vms: impl IntoIterator<Item = (VmKey, LocalVm)>) -> BTreeMap<VmKey, LocalVm> {
+    vms.into_iter().collect()
+}
+
+/// Polls `check` every 50 ms until it holds; panics naming `what` after `limit`.
+pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
