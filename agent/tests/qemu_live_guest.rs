@@ -1,11 +1,17 @@
 //! Live actions against a real booted guest: each keeps the same QEMU PID and the guest itself
-//! sees the change (its `STATE` console lines list online CPUs, memory, block devices, NICs).
+//! sees the change (the shared test guest's state lines list online CPUs, memory, block devices,
+//! NICs).
 
+#[path = "support/guest.rs"]
+mod guest;
 #[path = "support/qemu_harness.rs"]
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use guest::{
+    guest_artifacts, guest_cmdline, qemu_test_lock, Console, GuestState, BOOT_TIMEOUT, READY,
+};
 use harness::*;
 use plasmavmc_agent::action::Action;
 use plasmavmc_agent::qemu::live::{apply_live, LiveOutcome};
@@ -15,14 +21,13 @@ use plasmavmc_agent::qemu::{launch, lifecycle, Qmp};
 use plasmavmc_agent::spec::VmSpec;
 use serde_json::json;
 
-const BOOT: Duration = Duration::from_secs(120);
 const GUEST: Duration = Duration::from_secs(60);
 
 struct Guest {
     pid: u32,
     qmp: Qmp,
     spec: VmSpec,
-    console: std::path::PathBuf,
+    console: Console,
     _guard: KillOnDrop,
 }
 
@@ -33,15 +38,17 @@ impl Guest {
         let pid = launch("web", &spec, &vm, &qemu()).expect("launch");
         let guard = KillOnDrop(pid);
         let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP");
-        let guest = Guest {
+        let console = Console::new(vm.console_log());
+        console
+            .wait_for(READY, BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
+        Guest {
             pid,
             qmp,
             spec,
-            console: vm.console_log(),
+            console,
             _guard: guard,
-        };
-        guest.wait_for("GUEST-BOOTED", BOOT).await;
-        guest
+        }
     }
 
     async fn apply(&self, action: Action) -> LiveOutcome {
@@ -52,78 +59,32 @@ impl Guest {
         outcome
     }
 
-    /// Waits for a console `STATE` line, written after now, that satisfies `check`.
-    async fn wait_for_state(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
-        let seen = std::fs::read_to_string(&self.console)
-            .unwrap_or_default()
-            .len();
-        let deadline = Instant::now() + GUEST;
-        while Instant::now() < deadline {
-            let text = std::fs::read_to_string(&self.console).unwrap_or_default();
-            if let Some(line) = text[seen..]
-                .lines()
-                .filter(|l| l.starts_with("STATE"))
-                .find(|l| check(l))
-            {
-                return line.to_owned();
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!(
-            "guest never reported {what}; console:\n{}",
-            tail(&self.console)
-        );
-    }
-
-    async fn wait_for(&self, marker: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if std::fs::read_to_string(&self.console)
-                .unwrap_or_default()
-                .contains(marker)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        panic!("no {marker} on the console:\n{}", tail(&self.console));
+    /// Waits until the guest's latest state satisfies `check`. (Blocks the runtime's thread;
+    /// QMP traffic waits in the socket meanwhile.)
+    fn wait_for_state(&self, check: impl Fn(&GuestState) -> bool) -> GuestState {
+        self.console
+            .wait_for_state(check, GUEST)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
-fn tail(path: &std::path::Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text[text.len().saturating_sub(2000)..].to_owned()
-}
-
-/// Hotplugged memory is onlined movable, so virtio-mem can unplug it again.
-fn guest_spec(run: &TempRun) -> VmSpec {
+/// Hotplugged memory is onlined movable by the guest's init, so virtio-mem can unplug it again.
+fn guest_spec() -> VmSpec {
+    let guest = guest_artifacts();
     spec(json!({
         "vcpus": 1, "maxVcpus": 3, "memoryMiB": 256, "maxMemoryMiB": 512, "accel": "tcg",
-        "kernel": kernel(), "initrd": guest_initrd(run.dir.path()),
-        "cmdline": "console=ttyS0 quiet memhp_default_state=online_movable",
+        "kernel": guest.kernel, "initrd": guest.initrd, "cmdline": guest_cmdline(false),
     }))
-}
-
-fn mem_kib(line: &str) -> u64 {
-    line.split("MemTotal: ")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 #[test]
 fn live_changes_reach_the_guest_without_a_restart() {
+    let _lock = qemu_test_lock();
     in_netns(|| async {
         let run = TempRun::new();
-        let spec = guest_spec(&run);
+        let spec = guest_spec();
         let guest = Guest::boot(&run, spec.clone()).await;
-        let before = guest
-            .wait_for_state("the boot state", |l| l.contains("cpus=0 "))
-            .await;
+        let before = guest.wait_for_state(|s| s.online_cpus == 1);
 
         // Disk add / remove.
         let img = image(run.dir.path(), "data.qcow2", "qcow2", 8);
@@ -139,16 +100,12 @@ fn live_changes_reach_the_guest_without_a_restart() {
                 .await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("the new disk", |l| l.contains("vda"))
-            .await;
+        guest.wait_for_state(|s| s.blocks.get("vda").is_some_and(|serial| serial == "DATA1"));
         assert_eq!(
             guest.apply(Action::RemoveDisk { id: "data".into() }).await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("the disk gone", |l| !l.contains("vda"))
-            .await;
+        guest.wait_for_state(|s| s.blocks.is_empty());
 
         // NIC add / remove on a bridge.
         let nic =
@@ -162,35 +119,27 @@ fn live_changes_reach_the_guest_without_a_restart() {
                 .await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("the new NIC", |l| l.contains("eth0"))
-            .await;
+        guest.wait_for_state(|s| s.nics.values().any(|mac| mac == "52:54:00:aa:bb:01"));
         assert_eq!(
             guest.apply(Action::RemoveNic { id: "eth0".into() }).await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("the NIC gone", |l| !l.contains("eth0"))
-            .await;
+        guest.wait_for_state(|s| s.nics.is_empty());
 
         // vCPUs up and down.
         assert_eq!(
             guest.apply(Action::SetVcpus { from: 1, to: 3 }).await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("3 CPUs", |l| l.contains("cpus=0-2 "))
-            .await;
+        guest.wait_for_state(|s| s.online_cpus == 3);
         assert_eq!(
             guest.apply(Action::SetVcpus { from: 3, to: 1 }).await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("1 CPU", |l| l.contains("cpus=0 "))
-            .await;
+        guest.wait_for_state(|s| s.online_cpus == 1);
 
         // Memory up and down.
-        let boot_kib = mem_kib(&before);
+        let boot_kib = before.mem_kib;
         assert_eq!(
             guest
                 .apply(Action::SetMemory {
@@ -200,9 +149,7 @@ fn live_changes_reach_the_guest_without_a_restart() {
                 .await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("256 MiB more", |l| mem_kib(l) >= boot_kib + 256 * 1024)
-            .await;
+        guest.wait_for_state(|s| s.mem_kib >= boot_kib + 256 * 1024);
         assert_eq!(
             guest
                 .apply(Action::SetMemory {
@@ -212,9 +159,7 @@ fn live_changes_reach_the_guest_without_a_restart() {
                 .await,
             LiveOutcome::Done
         );
-        guest
-            .wait_for_state("the memory back", |l| mem_kib(l) == boot_kib)
-            .await;
+        guest.wait_for_state(|s| s.mem_kib == boot_kib);
         let observed = observe(&guest.qmp, guest.pid, spec.clone())
             .await
             .expect("observe");
