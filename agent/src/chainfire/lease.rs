@@ -17,6 +17,11 @@ pub async fn keep_alive(config: ChainFireConfig, status: watch::Sender<Option<Le
     let mut backoff = Backoff::new(Duration::from_secs(1));
     loop {
         if let Err(e) = keep_alive_connected(&config, &status, &mut backoff).await {
+            if lease_gone(&e) {
+                tracing::warn!("chainfire lease: expired in the store; granting a new one");
+                status.send_replace(None);
+                continue;
+            }
             tracing::warn!(error = %format!("{e:#}"), "chainfire lease: keep-alive interrupted; retrying");
         }
         tokio::time::sleep(backoff.next_delay()).await;
@@ -76,4 +81,14 @@ async fn grant(
     tracing::info!(lease = granted.id(), ttl = granted.ttl(), "chainfire lease: granted");
     status.send_replace(Some(LeaseStatus { id: granted.id(), last_acked_sent: sent.into_std() }));
     Ok(granted.id())
+}
+
+/// The server no longer knows the lease (it expired while the store was out of reach). The
+/// keep-alive stream reports it as an error rather than a zero TTL.
+fn lease_gone(error: &anyhow::Error) -> bool {
+    error.chain().filter_map(|cause| cause.downcast_ref::<etcd_client::Error>()).any(|e| match e {
+        etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+        _ => false,
+    })
 }
