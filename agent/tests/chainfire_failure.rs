@@ -19,24 +19,47 @@ async fn killed_agents_host_is_marked_lost_within_ttl() {
     let victim = Session::start(config(eps.clone(), "h1", ttl)).unwrap();
     victim.sync(picture([local_vm("db", "running", false, Some(99))]));
     let cluster = survivor.cluster();
-    eventually("survivor sees db on h1", WAIT, || cluster.borrow().vms.get(&vm_key("db")).is_some_and(|r| r.value.state == "running")).await;
+    eventually("survivor sees db on h1", WAIT, || {
+        cluster
+            .borrow()
+            .vms
+            .get(&vm_key("db"))
+            .is_some_and(|r| r.value.state == "running")
+    })
+    .await;
 
     let killed = Instant::now();
     drop(victim); // like kill -9: no revoke, the lease just stops being kept alive
-    eventually("db marked unknown", WAIT, || cluster.borrow().vms.get(&vm_key("db")).is_some_and(|r| r.value.state == "unknown")).await;
+    eventually("db marked unknown", WAIT, || {
+        cluster
+            .borrow()
+            .vms
+            .get(&vm_key("db"))
+            .is_some_and(|r| r.value.state == "unknown")
+    })
+    .await;
     let detected = killed.elapsed();
-    assert!(detected <= Duration::from_secs(ttl + 1), "detected after {detected:?}, TTL {ttl} s");
+    assert!(
+        detected <= Duration::from_secs(ttl + 1),
+        "detected after {detected:?}, TTL {ttl} s"
+    );
 
     let db = get_json(&eps, "/plasmavmc/vms/acme/web/db").unwrap();
     assert_eq!(db["host"], "h1");
     let reason = db["lastError"].as_str().unwrap();
-    assert!(reason.contains("host h1 lost its lease") && reason.contains("seen by h2"), "{reason}");
+    assert!(
+        reason.contains("host h1 lost its lease") && reason.contains("seen by h2"),
+        "{reason}"
+    );
     assert!(get_json(&eps, "/plasmavmc/hosts/h1").is_none());
 
     // h1 comes back: it corrects its record.
     let back = Session::start(config(eps.clone(), "h1", ttl)).unwrap();
     back.sync(picture([local_vm("db", "running", false, Some(99))]));
-    eventually("h1 republished db", WAIT, || get_json(&eps, "/plasmavmc/vms/acme/web/db").unwrap()["state"] == "running").await;
+    eventually("h1 republished db", WAIT, || {
+        get_json(&eps, "/plasmavmc/vms/acme/web/db").unwrap()["state"] == "running"
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,23 +68,44 @@ async fn thirty_second_outage_loses_and_duplicates_nothing() {
     let eps = etcd.endpoints();
     let session = Session::start(config(eps.clone(), "h1", 3)).unwrap();
     let mut notices = session.notices();
-    session.sync(picture([local_vm("a", "running", false, Some(1)), local_vm("b", "running", false, Some(2))]));
-    eventually("a and b published", WAIT, || keys(&eps, "/plasmavmc/handles/").len() == 2).await;
+    session.sync(picture([
+        local_vm("a", "running", false, Some(1)),
+        local_vm("b", "running", false, Some(2)),
+    ]));
+    eventually("a and b published", WAIT, || {
+        keys(&eps, "/plasmavmc/handles/").len() == 2
+    })
+    .await;
 
     etcd.kill(0);
     let outage = Instant::now();
     // The daemon goes on locally: b stops, c appears; none of this may block it.
-    let picture_during = || picture([local_vm("a", "running", false, Some(1)), local_vm("b", "stopped", false, None), local_vm("c", "running", false, Some(3))]);
+    let picture_during = || {
+        picture([
+            local_vm("a", "running", false, Some(1)),
+            local_vm("b", "stopped", false, None),
+            local_vm("c", "running", false, Some(3)),
+        ])
+    };
     let started = Instant::now();
     session.sync(picture_during());
-    assert!(started.elapsed() < Duration::from_millis(50), "sync must not wait for the store");
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "sync must not wait for the store"
+    );
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
     etcd.restart(0).unwrap();
     etcd.wait_ready(0).unwrap();
 
-    eventually("c published after the outage", Duration::from_secs(30), || get_json(&eps, "/plasmavmc/vms/acme/web/c").is_some()).await;
+    eventually(
+        "c published after the outage",
+        Duration::from_secs(30),
+        || get_json(&eps, "/plasmavmc/vms/acme/web/c").is_some(),
+    )
+    .await;
     eventually("b stopped, its handle gone", WAIT, || {
-        get_json(&eps, "/plasmavmc/vms/acme/web/b").unwrap()["state"] == "stopped" && get_json(&eps, "/plasmavmc/handles/acme/web/b").is_none()
+        get_json(&eps, "/plasmavmc/vms/acme/web/b").unwrap()["state"] == "stopped"
+            && get_json(&eps, "/plasmavmc/handles/acme/web/b").is_none()
     })
     .await;
     let expected: std::collections::BTreeSet<String> = [
@@ -92,18 +136,30 @@ async fn publishing_goes_on_after_the_leader_is_killed() {
     let eps = etcd.endpoints();
     let session = Session::start(config(eps.clone(), "h1", 3)).unwrap();
     session.sync(picture([local_vm("a", "running", false, Some(1))]));
-    eventually("a published", WAIT, || get_json(&eps, "/plasmavmc/vms/acme/web/a").is_some()).await;
+    eventually("a published", WAIT, || {
+        get_json(&eps, "/plasmavmc/vms/acme/web/a").is_some()
+    })
+    .await;
 
     let leader = leader_index(&eps);
     etcd.kill(leader);
-    let survivors: Vec<String> = (0..3).filter(|i| *i != leader).map(|i| etcd.endpoint(i)).collect();
-    session.sync(picture([local_vm("a", "stopped", false, None), local_vm("b", "running", false, Some(2))]));
+    let survivors: Vec<String> = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| etcd.endpoint(i))
+        .collect();
+    session.sync(picture([
+        local_vm("a", "stopped", false, None),
+        local_vm("b", "running", false, Some(2)),
+    ]));
     eventually("changes published through the new leader", WAIT, || {
         get_json(&survivors, "/plasmavmc/vms/acme/web/b").is_some()
             && get_json(&survivors, "/plasmavmc/vms/acme/web/a").unwrap()["state"] == "stopped"
     })
     .await;
-    assert!(get_json(&survivors, "/plasmavmc/hosts/h1").is_some(), "the host's lease survived the election");
+    assert!(
+        get_json(&survivors, "/plasmavmc/hosts/h1").is_some(),
+        "the host's lease survived the election"
+    );
 }
 
 /// Which member leads, from `etcdctl endpoint status`.

@@ -34,12 +34,25 @@ impl Timeline {
     }
 
     fn holds(&self, host: &str) -> bool {
-        self.0.lock().unwrap().iter().rev().find(|(_, h, _)| *h == host).is_some_and(|(_, _, holds)| *holds)
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(_, h, _)| *h == host)
+            .is_some_and(|(_, _, holds)| *holds)
     }
 
     /// When `host` last changed to `holds`.
     fn last(&self, host: &str, holds: bool) -> Instant {
-        self.0.lock().unwrap().iter().rev().find(|(_, h, x)| *h == host && *x == holds).expect("transition").0
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|(_, h, x)| *h == host && *x == holds)
+            .expect("transition")
+            .0
     }
 
     /// Replays the log: never two holders at once.
@@ -48,14 +61,20 @@ impl Timeline {
         let mut holding = std::collections::BTreeMap::new();
         for (t, host, holds) in log.iter() {
             holding.insert(*host, *holds);
-            assert!(holding.values().filter(|h| **h).count() <= 1, "two holders at {t:?}: {log:?}");
+            assert!(
+                holding.values().filter(|h| **h).count() <= 1,
+                "two holders at {t:?}: {log:?}"
+            );
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_holder_fences_before_the_other_takes_over() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let etcd = single();
     let eps = etcd.endpoints();
     let proxy = CutProxy::start(etcd.endpoint(0)).await;
@@ -70,30 +89,54 @@ async fn partitioned_holder_fences_before_the_other_takes_over() {
     b.sync(picture([local_vm("ha", "stopped", true, None)]));
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(!timeline.holds("h2"), "the standby waits");
-    assert_eq!(get_json(&eps, "/plasmavmc/locks/acme/web/ha").unwrap()["host"], "h1");
-    assert_eq!(get_json(&eps, "/plasmavmc/vms/acme/web/ha").unwrap()["host"], "h1");
+    assert_eq!(
+        get_json(&eps, "/plasmavmc/locks/acme/web/ha").unwrap()["host"],
+        "h1"
+    );
+    assert_eq!(
+        get_json(&eps, "/plasmavmc/vms/acme/web/ha").unwrap()["host"],
+        "h1"
+    );
 
     let cut = Instant::now();
     proxy.cut();
     eventually("h2 takes over", WAIT, || timeline.holds("h2")).await;
     let fenced = timeline.last("h1", false);
     let acquired = timeline.last("h2", true);
-    assert!(fenced < acquired, "h1 fenced at +{:?}, h2 acquired at +{:?}", fenced - cut, acquired - cut);
-    eprintln!("partition: h1 fenced {:?} after the cut, h2 runs the VM {:?} after the cut", fenced - cut, acquired - cut);
+    assert!(
+        fenced < acquired,
+        "h1 fenced at +{:?}, h2 acquired at +{:?}",
+        fenced - cut,
+        acquired - cut
+    );
+    eprintln!(
+        "partition: h1 fenced {:?} after the cut, h2 runs the VM {:?} after the cut",
+        fenced - cut,
+        acquired - cut
+    );
 
     // The new holder publishes the VM; the healed old holder stays out.
     b.sync(picture([local_vm("ha", "running", true, Some(22))]));
-    eventually("record names h2", WAIT, || get_json(&eps, "/plasmavmc/vms/acme/web/ha").unwrap()["host"] == "h2").await;
+    eventually("record names h2", WAIT, || {
+        get_json(&eps, "/plasmavmc/vms/acme/web/ha").unwrap()["host"] == "h2"
+    })
+    .await;
     proxy.heal();
     tokio::time::sleep(Duration::from_secs(TTL + 1)).await;
     assert!(!timeline.holds("h1"));
-    assert_eq!(get_json(&eps, "/plasmavmc/locks/acme/web/ha").unwrap()["host"], "h2");
+    assert_eq!(
+        get_json(&eps, "/plasmavmc/locks/acme/web/ha").unwrap()["host"],
+        "h2"
+    );
 
     // The holder is killed (no revoke): the lock expires with its lease, h1 takes over.
     let killed = Instant::now();
     drop(b);
     eventually("h1 takes over again", WAIT, || timeline.holds("h1")).await;
-    eprintln!("holder kill: h1 runs the VM {:?} after the kill", timeline.last("h1", true) - killed);
+    eprintln!(
+        "holder kill: h1 runs the VM {:?} after the kill",
+        timeline.last("h1", true) - killed
+    );
     timeline.assert_never_two_holders();
 }
 
@@ -114,6 +157,9 @@ async fn clean_shutdown_hands_over_at_once() {
     let stopped = Instant::now();
     a.shutdown().await; // revokes the lease: lock and host key go now
     eventually("h2 holds", WAIT, || timeline.holds("h2")).await;
-    assert!(stopped.elapsed() < Duration::from_secs(TTL), "no need to wait for the TTL after a revoke");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(TTL),
+        "no need to wait for the TTL after a revoke"
+    );
     timeline.assert_never_two_holders();
 }

@@ -28,7 +28,13 @@ pub struct TlsFiles {
 
 impl ChainFireConfig {
     pub fn new(endpoints: Vec<String>, host_id: impl Into<String>, lease_ttl: Duration) -> Self {
-        ChainFireConfig { endpoints, host_id: host_id.into(), lease_ttl, tls: None, user: None }
+        ChainFireConfig {
+            endpoints,
+            host_id: host_id.into(),
+            lease_ttl,
+            tls: None,
+            user: None,
+        }
     }
 
     pub fn check(&self) -> anyhow::Result<()> {
@@ -36,10 +42,16 @@ impl ChainFireConfig {
             bail!("chainfire: no endpoints");
         }
         if self.host_id.is_empty() || self.host_id.contains('/') {
-            bail!("chainfire: host id {:?} must be non-empty and without '/'", self.host_id);
+            bail!(
+                "chainfire: host id {:?} must be non-empty and without '/'",
+                self.host_id
+            );
         }
         if self.lease_ttl.subsec_nanos() != 0 || self.lease_ttl < Duration::from_secs(2) {
-            bail!("chainfire: lease TTL {:?} must be whole seconds, at least 2", self.lease_ttl);
+            bail!(
+                "chainfire: lease TTL {:?} must be whole seconds, at least 2",
+                self.lease_ttl
+            );
         }
         if let Some(tls) = &self.tls {
             if tls.cert.is_some() != tls.key.is_some() {
@@ -77,8 +89,12 @@ impl ChainFireConfig {
             options = options.with_user(user, password);
         }
         if let Some(tls) = &self.tls {
-            let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("chainfire TLS: reading {}", path.display()));
-            let mut tls_options = TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
+            let read = |path: &PathBuf| {
+                std::fs::read(path)
+                    .with_context(|| format!("chainfire TLS: reading {}", path.display()))
+            };
+            let mut tls_options =
+                TlsOptions::new().ca_certificate(Certificate::from_pem(read(&tls.ca)?));
             if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
                 tls_options = tls_options.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
@@ -88,7 +104,8 @@ impl ChainFireConfig {
     }
 
     pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
-        let connecting = etcd_client::Client::connect(&self.endpoints, Some(self.connect_options()?));
+        let connecting =
+            etcd_client::Client::connect(&self.endpoints, Some(self.connect_options()?));
         tokio::time::timeout(self.op_timeout(), connecting)
             .await
             .context("chainfire: connect timed out")?
@@ -103,7 +120,11 @@ mod tests {
     #[test]
     fn timings_leave_the_holder_time_to_fence() {
         for secs in [2, 3, 10, 30] {
-            let config = ChainFireConfig::new(vec!["http://127.0.0.1:1".into()], "h", Duration::from_secs(secs));
+            let config = ChainFireConfig::new(
+                vec!["http://127.0.0.1:1".into()],
+                "h",
+                Duration::from_secs(secs),
+            );
             config.check().unwrap();
             assert!(config.fence_margin() >= Duration::from_secs(1));
             assert!(config.keepalive_interval() * 3 < config.lease_ttl - config.fence_margin());
@@ -112,9 +133,28 @@ mod tests {
 
     #[test]
     fn bad_configs_are_refused() {
-        let ok = ChainFireConfig::new(vec!["http://127.0.0.1:1".into()], "h", Duration::from_secs(3));
-        assert!(ChainFireConfig { lease_ttl: Duration::from_millis(2500), ..ok.clone() }.check().is_err());
-        assert!(ChainFireConfig { host_id: "a/b".into(), ..ok.clone() }.check().is_err());
-        assert!(ChainFireConfig { endpoints: vec![], ..ok }.check().is_err());
+        let ok = ChainFireConfig::new(
+            vec!["http://127.0.0.1:1".into()],
+            "h",
+            Duration::from_secs(3),
+        );
+        assert!(ChainFireConfig {
+            lease_ttl: Duration::from_millis(2500),
+            ..ok.clone()
+        }
+        .check()
+        .is_err());
+        assert!(ChainFireConfig {
+            host_id: "a/b".into(),
+            ..ok.clone()
+        }
+        .check()
+        .is_err());
+        assert!(ChainFireConfig {
+            endpoints: vec![],
+            ..ok
+        }
+        .check()
+        .is_err());
     }
 }

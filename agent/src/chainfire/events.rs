@@ -7,17 +7,44 @@ use super::records::{HandleRecord, HostRecord, LockRecord, VmRecord};
 /// One change under `/plasmavmc/`. `revision` is the store revision of the change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateEvent {
-    VmUpdated { key: VmKey, record: VmRecord, revision: i64 },
-    VmDeleted { key: VmKey, revision: i64 },
-    HandleUpdated { key: VmKey, record: HandleRecord, revision: i64 },
-    HandleDeleted { key: VmKey, revision: i64 },
-    HostUp { host_id: String, record: HostRecord },
+    VmUpdated {
+        key: VmKey,
+        record: VmRecord,
+        revision: i64,
+    },
+    VmDeleted {
+        key: VmKey,
+        revision: i64,
+    },
+    HandleUpdated {
+        key: VmKey,
+        record: HandleRecord,
+        revision: i64,
+    },
+    HandleDeleted {
+        key: VmKey,
+        revision: i64,
+    },
+    HostUp {
+        host_id: String,
+        record: HostRecord,
+    },
     /// The host's key is gone: its lease expired or was revoked.
-    HostDown { host_id: String },
-    LockTaken { key: VmKey, holder: LockRecord },
-    LockReleased { key: VmKey },
+    HostDown {
+        host_id: String,
+    },
+    LockTaken {
+        key: VmKey,
+        holder: LockRecord,
+    },
+    LockReleased {
+        key: VmKey,
+    },
     /// A key or value this agent cannot read; reported, never fatal.
-    Malformed { key: String, reason: String },
+    Malformed {
+        key: String,
+        reason: String,
+    },
 }
 
 /// Whether the change wrote or removed the key.
@@ -49,14 +76,23 @@ pub fn decode(change: Change, key: &[u8], value: &[u8], revision: i64) -> StateE
         (Change::Delete, Key::Lock(key)) => Ok(StateEvent::LockReleased { key }),
         (Change::Put, Key::Vm(key)) => json(value).and_then(|record: VmRecord| {
             if record.key() == key {
-                Ok(StateEvent::VmUpdated { key, record, revision })
+                Ok(StateEvent::VmUpdated {
+                    key,
+                    record,
+                    revision,
+                })
             } else {
-                Err(format!("record names {} but sits under {key}", record.key()))
+                Err(format!(
+                    "record names {} but sits under {key}",
+                    record.key()
+                ))
             }
         }),
-        (Change::Put, Key::Handle(key)) => {
-            json(value).map(|record| StateEvent::HandleUpdated { key, record, revision })
-        }
+        (Change::Put, Key::Handle(key)) => json(value).map(|record| StateEvent::HandleUpdated {
+            key,
+            record,
+            revision,
+        }),
         (Change::Put, Key::Host(host_id)) => json(value).and_then(|record: HostRecord| {
             if record.host_id == host_id {
                 Ok(StateEvent::HostUp { host_id, record })
@@ -64,14 +100,17 @@ pub fn decode(change: Change, key: &[u8], value: &[u8], revision: i64) -> StateE
                 Err(format!("record names host {:?}", record.host_id))
             }
         }),
-        (Change::Put, Key::Lock(key)) => json(value).map(|holder| StateEvent::LockTaken { key, holder }),
+        (Change::Put, Key::Lock(key)) => {
+            json(value).map(|holder| StateEvent::LockTaken { key, holder })
+        }
     };
     event.unwrap_or_else(malformed)
 }
 
 fn json<T: serde::de::DeserializeOwned>(value: &[u8]) -> Result<T, String> {
     let de = &mut serde_json::Deserializer::from_slice(value);
-    serde_path_to_error::deserialize(de).map_err(|e| format!("value at {}: {}", e.path(), e.inner()))
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| format!("value at {}: {}", e.path(), e.inner()))
 }
 
 #[cfg(test)]
@@ -87,7 +126,13 @@ mod tests {
             project_id: "web".into(),
             host: "h1".into(),
             state: "running".into(),
-            spec: super::super::records::SpecSummary { vcpus: 1, memory_mib: 64, disks: vec![], nics: vec![], ha: false },
+            spec: super::super::records::SpecSummary {
+                vcpus: 1,
+                memory_mib: 64,
+                disks: vec![],
+                nics: vec![],
+                ha: false,
+            },
             pending: vec![],
             last_error: None,
             updated_at: String::new(),
@@ -95,7 +140,11 @@ mod tests {
         let raw = serde_json::to_vec(&record).unwrap();
         assert_eq!(
             decode(Change::Put, keys::vm(&key).as_bytes(), &raw, 7),
-            StateEvent::VmUpdated { key: key.clone(), record, revision: 7 }
+            StateEvent::VmUpdated {
+                key: key.clone(),
+                record,
+                revision: 7
+            }
         );
         assert_eq!(
             decode(Change::Delete, keys::vm(&key).as_bytes(), b"", 8),
@@ -106,11 +155,23 @@ mod tests {
     #[test]
     fn unreadable_changes_are_reported_not_fatal() {
         let bad_key = decode(Change::Put, b"/plasmavmc/vms/a", b"{}", 1);
-        assert!(matches!(bad_key, StateEvent::Malformed { ref reason, .. } if reason.contains("segments")));
-        let bad_json = decode(Change::Put, b"/plasmavmc/handles/a/b/c", b"{\"host\": 1}", 1);
-        assert!(matches!(bad_json, StateEvent::Malformed { ref reason, .. } if reason.contains("host")), "{bad_json:?}");
+        assert!(
+            matches!(bad_key, StateEvent::Malformed { ref reason, .. } if reason.contains("segments"))
+        );
+        let bad_json = decode(
+            Change::Put,
+            b"/plasmavmc/handles/a/b/c",
+            b"{\"host\": 1}",
+            1,
+        );
+        assert!(
+            matches!(bad_json, StateEvent::Malformed { ref reason, .. } if reason.contains("host")),
+            "{bad_json:?}"
+        );
         let misplaced = br#"{"name":"x","orgId":"a","projectId":"b","host":"h","state":"s","spec":{"vcpus":1,"memoryMiB":1,"disks":[],"nics":[]}}"#;
         let wrong_key = decode(Change::Put, b"/plasmavmc/vms/a/b/c", misplaced, 1);
-        assert!(matches!(wrong_key, StateEvent::Malformed { ref reason, .. } if reason.contains("sits under")));
+        assert!(
+            matches!(wrong_key, StateEvent::Malformed { ref reason, .. } if reason.contains("sits under"))
+        );
     }
 }

@@ -50,22 +50,45 @@ mod tests {
     const MARGIN: Duration = Duration::from_secs(1);
 
     fn held() -> BTreeMap<VmKey, i64> {
-        [(VmKey::new("a", "b", "old"), 1), (VmKey::new("a", "b", "vm"), 2)].into()
+        [
+            (VmKey::new("a", "b", "old"), 1),
+            (VmKey::new("a", "b", "vm"), 2),
+        ]
+        .into()
     }
 
     #[test]
     fn fresh_lease_runs_only_its_own_locks() {
         let t0 = Instant::now();
-        let lease = LeaseStatus { id: 2, last_acked_sent: t0 };
-        let set = may_run(&held(), Some(&lease), TTL, MARGIN, t0 + Duration::from_millis(1999));
+        let lease = LeaseStatus {
+            id: 2,
+            last_acked_sent: t0,
+        };
+        let set = may_run(
+            &held(),
+            Some(&lease),
+            TTL,
+            MARGIN,
+            t0 + Duration::from_millis(1999),
+        );
         assert_eq!(set, [VmKey::new("a", "b", "vm")].into());
     }
 
     #[test]
     fn stale_or_missing_lease_runs_nothing() {
         let t0 = Instant::now();
-        let lease = LeaseStatus { id: 2, last_acked_sent: t0 };
-        assert!(may_run(&held(), Some(&lease), TTL, MARGIN, t0 + Duration::from_secs(2)).is_empty());
+        let lease = LeaseStatus {
+            id: 2,
+            last_acked_sent: t0,
+        };
+        assert!(may_run(
+            &held(),
+            Some(&lease),
+            TTL,
+            MARGIN,
+            t0 + Duration::from_secs(2)
+        )
+        .is_empty());
         assert!(may_run(&held(), None, TTL, MARGIN, t0).is_empty());
     }
 }

@@ -29,14 +29,26 @@ pub struct VmKey {
 }
 
 impl VmKey {
-    pub fn new(org_id: impl Into<String>, project_id: impl Into<String>, vm: impl Into<String>) -> Self {
-        VmKey { org_id: org_id.into(), project_id: project_id.into(), vm: vm.into() }
+    pub fn new(
+        org_id: impl Into<String>,
+        project_id: impl Into<String>,
+        vm: impl Into<String>,
+    ) -> Self {
+        VmKey {
+            org_id: org_id.into(),
+            project_id: project_id.into(),
+            vm: vm.into(),
+        }
     }
 
     /// Why this key cannot be written, if it cannot: a segment that is empty or holds a `/`
     /// would read back as a different key.
     pub fn check(&self) -> Result<(), KeyError> {
-        for (what, segment) in [("orgId", &self.org_id), ("projectId", &self.project_id), ("vm", &self.vm)] {
+        for (what, segment) in [
+            ("orgId", &self.org_id),
+            ("projectId", &self.project_id),
+            ("vm", &self.vm),
+        ] {
             check_segment(what, segment)?;
         }
         Ok(())
@@ -114,7 +126,10 @@ pub fn parse(raw: &[u8]) -> Result<Key, KeyError> {
 fn parse_vm_key(tail: &str) -> Result<VmKey, KeyError> {
     let segments: Vec<&str> = tail.split('/').collect();
     let [org_id, project_id, vm] = segments[..] else {
-        return Err(KeyError::SegmentCount { expected: 3, found: segments.len() });
+        return Err(KeyError::SegmentCount {
+            expected: 3,
+            found: segments.len(),
+        });
     };
     let key = VmKey::new(org_id, project_id, vm);
     key.check()?;
@@ -154,23 +169,58 @@ mod tests {
             (b"\xff\xfe", KeyError::NotUtf8),
             (b"/other/vms/a/b/c", KeyError::OutsideRoot),
             (b"/plasmavmc/", KeyError::UnknownKind(String::new())),
-            (b"/plasmavmc/disks/a/b/c", KeyError::UnknownKind("disks".into())),
-            (b"/plasmavmc/vms/a/b", KeyError::SegmentCount { expected: 3, found: 2 }),
-            (b"/plasmavmc/vms/a/b/c/d", KeyError::SegmentCount { expected: 3, found: 4 }),
-            (b"/plasmavmc/vms", KeyError::SegmentCount { expected: 3, found: 1 }),
-            (b"/plasmavmc/handles/a//c", KeyError::EmptySegment("projectId")),
+            (
+                b"/plasmavmc/disks/a/b/c",
+                KeyError::UnknownKind("disks".into()),
+            ),
+            (
+                b"/plasmavmc/vms/a/b",
+                KeyError::SegmentCount {
+                    expected: 3,
+                    found: 2,
+                },
+            ),
+            (
+                b"/plasmavmc/vms/a/b/c/d",
+                KeyError::SegmentCount {
+                    expected: 3,
+                    found: 4,
+                },
+            ),
+            (
+                b"/plasmavmc/vms",
+                KeyError::SegmentCount {
+                    expected: 3,
+                    found: 1,
+                },
+            ),
+            (
+                b"/plasmavmc/handles/a//c",
+                KeyError::EmptySegment("projectId"),
+            ),
             (b"/plasmavmc/locks//b/c", KeyError::EmptySegment("orgId")),
             (b"/plasmavmc/hosts/", KeyError::EmptySegment("hostId")),
             (b"/plasmavmc/hosts/a/b", KeyError::SlashInSegment("hostId")),
         ];
         for (raw, expected) in cases {
-            assert_eq!(parse(raw).as_ref(), Err(expected), "{}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                parse(raw).as_ref(),
+                Err(expected),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
     #[test]
     fn unwritable_vm_keys_are_refused() {
-        assert_eq!(VmKey::new("a", "b/c", "d").check(), Err(KeyError::SlashInSegment("projectId")));
-        assert_eq!(VmKey::new("a", "b", "").check(), Err(KeyError::EmptySegment("vm")));
+        assert_eq!(
+            VmKey::new("a", "b/c", "d").check(),
+            Err(KeyError::SlashInSegment("projectId"))
+        );
+        assert_eq!(
+            VmKey::new("a", "b", "").check(),
+            Err(KeyError::EmptySegment("vm"))
+        );
     }
 }

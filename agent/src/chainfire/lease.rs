@@ -41,8 +41,9 @@ async fn keep_alive_connected(
         None => grant(&mut client, config, status).await?,
     };
     loop {
-        let (mut keeper, mut replies) =
-            timeout(limit, client.lease_keep_alive(id)).await.context("opening keep-alive stream timed out")??;
+        let (mut keeper, mut replies) = timeout(limit, client.lease_keep_alive(id))
+            .await
+            .context("opening keep-alive stream timed out")??;
         loop {
             let sent = Instant::now();
             keeper.keep_alive().await?;
@@ -51,7 +52,10 @@ async fn keep_alive_connected(
                 .context("keep-alive reply timed out")??
                 .context("keep-alive stream ended")?;
             if reply.ttl() <= 0 {
-                tracing::warn!(lease = id, "chainfire lease: expired in the store; granting a new one");
+                tracing::warn!(
+                    lease = id,
+                    "chainfire lease: expired in the store; granting a new one"
+                );
                 id = grant(&mut client, config, status).await?;
                 break;
             }
@@ -72,23 +76,40 @@ async fn grant(
     status: &watch::Sender<Option<LeaseStatus>>,
 ) -> anyhow::Result<i64> {
     let sent = Instant::now();
-    let granted = timeout(config.op_timeout(), client.lease_grant(config.ttl_secs(), None))
-        .await
-        .context("lease grant timed out")??;
+    let granted = timeout(
+        config.op_timeout(),
+        client.lease_grant(config.ttl_secs(), None),
+    )
+    .await
+    .context("lease grant timed out")??;
     if granted.ttl() <= 0 {
-        bail!("lease grant returned TTL {}: {}", granted.ttl(), granted.error());
+        bail!(
+            "lease grant returned TTL {}: {}",
+            granted.ttl(),
+            granted.error()
+        );
     }
-    tracing::info!(lease = granted.id(), ttl = granted.ttl(), "chainfire lease: granted");
-    status.send_replace(Some(LeaseStatus { id: granted.id(), last_acked_sent: sent.into_std() }));
+    tracing::info!(
+        lease = granted.id(),
+        ttl = granted.ttl(),
+        "chainfire lease: granted"
+    );
+    status.send_replace(Some(LeaseStatus {
+        id: granted.id(),
+        last_acked_sent: sent.into_std(),
+    }));
     Ok(granted.id())
 }
 
 /// The server no longer knows the lease (it expired while the store was out of reach). The
 /// keep-alive stream reports it as an error rather than a zero TTL.
 fn lease_gone(error: &anyhow::Error) -> bool {
-    error.chain().filter_map(|cause| cause.downcast_ref::<etcd_client::Error>()).any(|e| match e {
-        etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
-        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
-        _ => false,
-    })
+    error
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<etcd_client::Error>())
+        .any(|e| match e {
+            etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+            etcd_client::Error::LeaseKeepAliveError(message) => message.contains("not found"),
+            _ => false,
+        })
 }

@@ -28,11 +28,25 @@ impl LocalEtcd {
     /// Starts `size` members (`binary`: `etcd` from PATH when `None`) and waits until every one
     /// answers.
     pub fn start(binary: Option<&Path>, size: usize) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("pv-etcd-").tempdir().context("etcd temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("pv-etcd-")
+            .tempdir()
+            .context("etcd temp dir")?;
         let members = (0..size)
-            .map(|i| Ok(Member { name: format!("m{i}"), client_port: free_port()?, peer_port: free_port()?, child: None }))
+            .map(|i| {
+                Ok(Member {
+                    name: format!("m{i}"),
+                    client_port: free_port()?,
+                    peer_port: free_port()?,
+                    child: None,
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let mut etcd = LocalEtcd { binary: binary.map_or_else(|| PathBuf::from("etcd"), Path::to_path_buf), dir, members };
+        let mut etcd = LocalEtcd {
+            binary: binary.map_or_else(|| PathBuf::from("etcd"), Path::to_path_buf),
+            dir,
+            members,
+        };
         for i in 0..size {
             etcd.spawn(i)?;
         }
@@ -81,31 +95,64 @@ impl LocalEtcd {
         let deadline = Instant::now() + STARTUP;
         let health = format!("{}/health", self.endpoint(member));
         while Instant::now() < deadline {
-            if http_get(self.members[member].client_port, "/health").is_some_and(|body| body.contains("\"health\":\"true\"")) {
+            if http_get(self.members[member].client_port, "/health")
+                .is_some_and(|body| body.contains("\"health\":\"true\""))
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("etcd member {} not healthy within {STARTUP:?} ({health}); log: {}", self.members[member].name, self.log(member).display())
+        bail!(
+            "etcd member {} not healthy within {STARTUP:?} ({health}); log: {}",
+            self.members[member].name,
+            self.log(member).display()
+        )
     }
 
     pub fn log(&self, member: usize) -> PathBuf {
-        self.dir.path().join(format!("{}.log", self.members[member].name))
+        self.dir
+            .path()
+            .join(format!("{}.log", self.members[member].name))
     }
 
     fn spawn(&mut self, member: usize) -> anyhow::Result<()> {
-        let peers: Vec<String> = self.members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port)).collect();
+        let peers: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
         let m = &self.members[member];
         let client = format!("http://127.0.0.1:{}", m.client_port);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log(member))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(member))?;
         let child = Command::new(&self.binary)
             .args(["--name", &m.name, "--data-dir"])
             .arg(self.data_dir(member))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &peers.join(","), "--initial-cluster-state", "new"])
-            .args(["--initial-cluster-token", &format!("pv-{}", std::process::id())])
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args([
+                "--initial-cluster",
+                &peers.join(","),
+                "--initial-cluster-state",
+                "new",
+            ])
+            .args([
+                "--initial-cluster-token",
+                &format!("pv-{}", std::process::id()),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -129,7 +176,11 @@ fn free_port() -> anyhow::Result<u16> {
 /// A plain HTTP/1.0 GET on loopback (etcd's `/health`), without an HTTP client dependency.
 fn http_get(port: u16, path: &str) -> Option<String> {
     use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(
+        &([127, 0, 0, 1], port).into(),
+        Duration::from_secs(1),
+    )
+    .ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
     let mut body = String::new();

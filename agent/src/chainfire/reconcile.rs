@@ -14,19 +14,41 @@ use super::view::ClusterView;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
     /// Put `record` if the key is still at `expected` (0: absent).
-    PutVm { record: VmRecord, expected: i64 },
-    DeleteVm { key: VmKey, expected: i64 },
-    PutHandle { key: VmKey, record: HandleRecord, expected: i64 },
-    DeleteHandle { key: VmKey, expected: i64 },
+    PutVm {
+        record: VmRecord,
+        expected: i64,
+    },
+    DeleteVm {
+        key: VmKey,
+        expected: i64,
+    },
+    PutHandle {
+        key: VmKey,
+        record: HandleRecord,
+        expected: i64,
+    },
+    DeleteHandle {
+        key: VmKey,
+        expected: i64,
+    },
     /// Create the HA lock bound to this host's lease, if nobody holds it.
-    AcquireLock { key: VmKey },
+    AcquireLock {
+        key: VmKey,
+    },
     /// Delete this host's HA lock (the VM is no longer declared here as HA).
-    ReleaseLock { key: VmKey },
+    ReleaseLock {
+        key: VmKey,
+    },
 }
 
 /// What this host's entries need. `lease` is the current lease id; locks of another lease are
 /// not this session's to release (they expire with their lease).
-pub fn own_writes(host: &str, lease: i64, local: &BTreeMap<VmKey, LocalVm>, view: &ClusterView) -> Vec<Write> {
+pub fn own_writes(
+    host: &str,
+    lease: i64,
+    local: &BTreeMap<VmKey, LocalVm>,
+    view: &ClusterView,
+) -> Vec<Write> {
     let mut writes = Vec::new();
     for (key, vm) in local {
         if vm.record.spec.ha && !view.locks.contains_key(key) {
@@ -37,28 +59,40 @@ pub fn own_writes(host: &str, lease: i64, local: &BTreeMap<VmKey, LocalVm>, view
         }
         let stored = view.vms.get(key);
         if stored.is_none_or(|s| !s.value.same_content(&vm.record)) {
-            writes.push(Write::PutVm { record: vm.record.clone(), expected: revision(stored) });
+            writes.push(Write::PutVm {
+                record: vm.record.clone(),
+                expected: revision(stored),
+            });
         }
         let stored = view.handles.get(key);
         match (&vm.handle, stored) {
             (Some(handle), Some(s)) if *handle == s.value => {}
-            (Some(handle), _) => {
-                writes.push(Write::PutHandle { key: key.clone(), record: handle.clone(), expected: revision(stored) })
-            }
-            (None, Some(s)) if s.value.host == host => {
-                writes.push(Write::DeleteHandle { key: key.clone(), expected: s.revision })
-            }
+            (Some(handle), _) => writes.push(Write::PutHandle {
+                key: key.clone(),
+                record: handle.clone(),
+                expected: revision(stored),
+            }),
+            (None, Some(s)) if s.value.host == host => writes.push(Write::DeleteHandle {
+                key: key.clone(),
+                expected: s.revision,
+            }),
             (None, _) => {}
         }
     }
     for (key, stored) in view.vms_on(host) {
         if !local.contains_key(key) {
-            writes.push(Write::DeleteVm { key: key.clone(), expected: stored.revision });
+            writes.push(Write::DeleteVm {
+                key: key.clone(),
+                expected: stored.revision,
+            });
         }
     }
     for (key, stored) in &view.handles {
         if stored.value.host == host && !local.contains_key(key) {
-            writes.push(Write::DeleteHandle { key: key.clone(), expected: stored.revision });
+            writes.push(Write::DeleteHandle {
+                key: key.clone(),
+                expected: stored.revision,
+            });
         }
     }
     for (key, lock) in &view.locks {
@@ -73,14 +107,21 @@ pub fn own_writes(host: &str, lease: i64, local: &BTreeMap<VmKey, LocalVm>, view
 /// Entries that claim this host but have no VM here: `own_writes` removes them; the daemon
 /// reports them.
 pub fn orphans(host: &str, local: &BTreeMap<VmKey, LocalVm>, view: &ClusterView) -> Vec<VmKey> {
-    view.vms_on(host).map(|(key, _)| key).filter(|key| !local.contains_key(*key)).cloned().collect()
+    view.vms_on(host)
+        .map(|(key, _)| key)
+        .filter(|key| !local.contains_key(*key))
+        .cloned()
+        .collect()
 }
 
 /// An HA VM's record is written by the lock holder, or by the host the record already names
 /// (to show it stopped after fencing); a standby host stays silent.
 fn publishable(host: &str, lease: i64, key: &VmKey, vm: &LocalVm, view: &ClusterView) -> bool {
     !vm.record.spec.ha
-        || view.locks.get(key).is_some_and(|l| l.host == host && l.lease == lease)
+        || view
+            .locks
+            .get(key)
+            .is_some_and(|l| l.host == host && l.lease == lease)
         || view.vms.get(key).is_some_and(|s| s.value.host == host)
 }
 
@@ -89,7 +130,11 @@ fn publishable(host: &str, lease: i64, key: &VmKey, vm: &LocalVm, view: &Cluster
 pub fn lost_host_writes(me: &str, view: &ClusterView, seen_at: &str) -> Vec<Write> {
     view.vms
         .values()
-        .filter(|s| s.value.host != me && s.value.state != STATE_UNKNOWN && !view.hosts.contains_key(&s.value.host))
+        .filter(|s| {
+            s.value.host != me
+                && s.value.state != STATE_UNKNOWN
+                && !view.hosts.contains_key(&s.value.host)
+        })
         .map(|s| Write::PutVm {
             record: VmRecord {
                 state: STATE_UNKNOWN.to_owned(),
@@ -121,7 +166,13 @@ mod tests {
             project_id: "p".into(),
             host: host.into(),
             state: state.into(),
-            spec: SpecSummary { vcpus: 1, memory_mib: 64, disks: vec![], nics: vec![], ha },
+            spec: SpecSummary {
+                vcpus: 1,
+                memory_mib: 64,
+                disks: vec![],
+                nics: vec![],
+                ha,
+            },
             pending: vec![],
             last_error: None,
             updated_at: "t0".into(),
@@ -129,27 +180,57 @@ mod tests {
     }
 
     fn handle(host: &str) -> HandleRecord {
-        HandleRecord { host: host.into(), pid: 42, qmp_socket: "/run/q.sock".into(), started_at: "t0".into() }
+        HandleRecord {
+            host: host.into(),
+            pid: 42,
+            qmp_socket: "/run/q.sock".into(),
+            started_at: "t0".into(),
+        }
     }
 
     fn local(vms: &[(VmRecord, Option<HandleRecord>)]) -> BTreeMap<VmKey, LocalVm> {
-        vms.iter().map(|(r, h)| (r.key(), LocalVm { record: r.clone(), handle: h.clone() })).collect()
+        vms.iter()
+            .map(|(r, h)| {
+                (
+                    r.key(),
+                    LocalVm {
+                        record: r.clone(),
+                        handle: h.clone(),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn view_of(vms: &[(VmRecord, Option<HandleRecord>)], rev: i64) -> ClusterView {
         let mut view = ClusterView::default();
         for (r, h) in vms {
-            view.apply(&StateEvent::VmUpdated { key: r.key(), record: r.clone(), revision: rev });
+            view.apply(&StateEvent::VmUpdated {
+                key: r.key(),
+                record: r.clone(),
+                revision: rev,
+            });
             if let Some(h) = h {
-                view.apply(&StateEvent::HandleUpdated { key: r.key(), record: h.clone(), revision: rev });
+                view.apply(&StateEvent::HandleUpdated {
+                    key: r.key(),
+                    record: h.clone(),
+                    revision: rev,
+                });
             }
         }
         view
     }
 
     fn lock(view: &mut ClusterView, name: &str, host: &str, lease: i64) {
-        let holder = LockRecord { host: host.into(), lease, acquired_at: "t".into() };
-        view.apply(&StateEvent::LockTaken { key: VmKey::new("o", "p", name), holder });
+        let holder = LockRecord {
+            host: host.into(),
+            lease,
+            acquired_at: "t".into(),
+        };
+        view.apply(&StateEvent::LockTaken {
+            key: VmKey::new("o", "p", name),
+            holder,
+        });
     }
 
     #[test]
@@ -157,20 +238,37 @@ mod tests {
         let vms = [(record("a", "h1", "running", false), Some(handle("h1")))];
         let view = view_of(&vms, 5);
         let mut fresh = local(&vms);
-        fresh.values_mut().for_each(|vm| vm.record.updated_at = "t1".into());
+        fresh
+            .values_mut()
+            .for_each(|vm| vm.record.updated_at = "t1".into());
         assert_eq!(own_writes("h1", 1, &fresh, &view), vec![]);
     }
 
     #[test]
     fn one_write_per_real_change_conditional_on_the_seen_revision() {
-        let view = view_of(&[(record("a", "h1", "running", false), Some(handle("h1")))], 5);
-        let now = local(&[(record("a", "h1", "stopped", false), None), (record("b", "h1", "running", false), None)]);
+        let view = view_of(
+            &[(record("a", "h1", "running", false), Some(handle("h1")))],
+            5,
+        );
+        let now = local(&[
+            (record("a", "h1", "stopped", false), None),
+            (record("b", "h1", "running", false), None),
+        ]);
         assert_eq!(
             own_writes("h1", 1, &now, &view),
             vec![
-                Write::PutVm { record: record("a", "h1", "stopped", false), expected: 5 },
-                Write::DeleteHandle { key: VmKey::new("o", "p", "a"), expected: 5 },
-                Write::PutVm { record: record("b", "h1", "running", false), expected: 0 },
+                Write::PutVm {
+                    record: record("a", "h1", "stopped", false),
+                    expected: 5
+                },
+                Write::DeleteHandle {
+                    key: VmKey::new("o", "p", "a"),
+                    expected: 5
+                },
+                Write::PutVm {
+                    record: record("b", "h1", "running", false),
+                    expected: 0
+                },
             ]
         );
     }
@@ -178,7 +276,10 @@ mod tests {
     #[test]
     fn entries_claiming_this_host_without_a_vm_are_removed_and_reported() {
         let view = view_of(
-            &[(record("gone", "h1", "running", false), Some(handle("h1"))), (record("other", "h2", "running", false), None)],
+            &[
+                (record("gone", "h1", "running", false), Some(handle("h1"))),
+                (record("other", "h2", "running", false), None),
+            ],
             3,
         );
         let none = BTreeMap::new();
@@ -186,7 +287,13 @@ mod tests {
         assert_eq!(orphans("h1", &none, &view), vec![key.clone()]);
         assert_eq!(
             own_writes("h1", 1, &none, &view),
-            vec![Write::DeleteVm { key: key.clone(), expected: 3 }, Write::DeleteHandle { key, expected: 3 }]
+            vec![
+                Write::DeleteVm {
+                    key: key.clone(),
+                    expected: 3
+                },
+                Write::DeleteHandle { key, expected: 3 }
+            ]
         );
     }
 
@@ -197,31 +304,73 @@ mod tests {
         lock(&mut view, "ha", "h1", 7);
         // Standby h2: the record names h1, the lock is h1's: nothing to write.
         assert_eq!(own_writes("h2", 9, &local(&ha), &view), vec![]);
-        view.apply(&StateEvent::LockReleased { key: VmKey::new("o", "p", "ha") });
-        assert_eq!(own_writes("h2", 9, &local(&ha), &view), vec![Write::AcquireLock { key: VmKey::new("o", "p", "ha") }]);
+        view.apply(&StateEvent::LockReleased {
+            key: VmKey::new("o", "p", "ha"),
+        });
+        assert_eq!(
+            own_writes("h2", 9, &local(&ha), &view),
+            vec![Write::AcquireLock {
+                key: VmKey::new("o", "p", "ha")
+            }]
+        );
         lock(&mut view, "ha", "h2", 9);
         assert_eq!(
             own_writes("h2", 9, &local(&ha), &view),
-            vec![Write::PutVm { record: record("ha", "h2", "stopped", true), expected: 4 }]
+            vec![Write::PutVm {
+                record: record("ha", "h2", "stopped", true),
+                expected: 4
+            }]
         );
         // No longer declared HA here: release.
-        assert_eq!(own_writes("h2", 9, &BTreeMap::new(), &view), vec![Write::ReleaseLock { key: VmKey::new("o", "p", "ha") }]);
+        assert_eq!(
+            own_writes("h2", 9, &BTreeMap::new(), &view),
+            vec![Write::ReleaseLock {
+                key: VmKey::new("o", "p", "ha")
+            }]
+        );
         // A lock of an older lease is not ours to release.
         assert_eq!(own_writes("h2", 10, &BTreeMap::new(), &view), vec![]);
     }
 
     #[test]
     fn vms_of_hosts_without_a_host_key_become_unknown_once() {
-        let mut view = view_of(&[(record("a", "h2", "running", false), None), (record("b", "h1", "running", false), None)], 6);
+        let mut view = view_of(
+            &[
+                (record("a", "h2", "running", false), None),
+                (record("b", "h1", "running", false), None),
+            ],
+            6,
+        );
         view.apply(&StateEvent::HostUp {
             host_id: "h3".into(),
-            record: HostRecord { host_id: "h3".into(), agent_version: "0".into(), started_at: "t".into() },
+            record: HostRecord {
+                host_id: "h3".into(),
+                agent_version: "0".into(),
+                started_at: "t".into(),
+            },
         });
         let writes = lost_host_writes("h1", &view, "T");
-        let [Write::PutVm { record, expected: 6 }] = &writes[..] else { panic!("{writes:?}") };
-        assert_eq!((record.name.as_str(), record.state.as_str()), ("a", STATE_UNKNOWN));
-        assert!(record.last_error.as_deref().unwrap().contains("host h2 lost its lease"));
-        view.apply(&StateEvent::VmUpdated { key: record.key(), record: record.clone(), revision: 7 });
+        let [Write::PutVm {
+            record,
+            expected: 6,
+        }] = &writes[..]
+        else {
+            panic!("{writes:?}")
+        };
+        assert_eq!(
+            (record.name.as_str(), record.state.as_str()),
+            ("a", STATE_UNKNOWN)
+        );
+        assert!(record
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("host h2 lost its lease"));
+        view.apply(&StateEvent::VmUpdated {
+            key: record.key(),
+            record: record.clone(),
+            revision: 7,
+        });
         assert_eq!(lost_host_writes("h1", &view, "T"), vec![]);
     }
 }

@@ -105,8 +105,13 @@ impl VmRecord {
 
     /// Equal in everything but the time stamp: a re-sync with a fresh `updatedAt` is no change.
     pub fn same_content(&self, other: &VmRecord) -> bool {
-        VmRecord { updated_at: String::new(), ..self.clone() }
-            == VmRecord { updated_at: String::new(), ..other.clone() }
+        VmRecord {
+            updated_at: String::new(),
+            ..self.clone()
+        } == VmRecord {
+            updated_at: String::new(),
+            ..other.clone()
+        }
     }
 }
 
@@ -138,7 +143,13 @@ mod tests {
             project_id: "web".into(),
             host: host.into(),
             state: state.into(),
-            spec: SpecSummary { vcpus: 2, memory_mib: 512, disks: vec!["root".into()], nics: vec![], ha: false },
+            spec: SpecSummary {
+                vcpus: 2,
+                memory_mib: 512,
+                disks: vec!["root".into()],
+                nics: vec![],
+                ha: false,
+            },
             pending: vec![],
             last_error: None,
             updated_at: "2024-01-01T00:00:00.000Z".into(),
@@ -148,7 +159,10 @@ mod tests {
     #[test]
     fn updated_at_alone_is_no_change() {
         let a = record("h1", "running");
-        let b = VmRecord { updated_at: now(), ..a.clone() };
+        let b = VmRecord {
+            updated_at: now(),
+            ..a.clone()
+        };
         assert!(a.same_content(&b));
         assert!(!a.same_content(&record("h1", "stopped")));
     }

@@ -29,10 +29,16 @@ use super::{lease, store};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     /// Watching from this revision on.
-    Connected { revision: i64 },
-    Disconnected { error: String },
+    Connected {
+        revision: i64,
+    },
+    Disconnected {
+        error: String,
+    },
     /// The watch start had been compacted: the view was re-read from scratch.
-    Resynced { revision: i64 },
+    Resynced {
+        revision: i64,
+    },
     /// A change in the store, as the watch delivered it.
     Store(StateEvent),
     /// A write this session made (one per real change). A `DeleteVm` found by reconciliation
@@ -140,11 +146,16 @@ impl SessionHandle {
         let Some(lease) = self.lease_id() else { return };
         let revoked = async {
             let mut client = self.config.connect().await?;
-            client.lease_revoke(lease).await.context("revoking the lease")
+            client
+                .lease_revoke(lease)
+                .await
+                .context("revoking the lease")
         };
         match tokio::time::timeout(self.config.op_timeout(), revoked).await {
             Ok(Ok(_)) => tracing::info!(lease, "chainfire: lease revoked"),
-            Ok(Err(e)) => tracing::warn!(lease, error = %format!("{e:#}"), "chainfire: lease not revoked"),
+            Ok(Err(e)) => {
+                tracing::warn!(lease, error = %format!("{e:#}"), "chainfire: lease not revoked")
+            }
             Err(_) => tracing::warn!(lease, "chainfire: lease revoke timed out"),
         }
     }
@@ -180,7 +191,9 @@ async fn gate(
             }
             changed
         });
-        let deadline = status.map(|l| fence::trusted_until(&l, ttl, margin)).filter(|d| *d > now);
+        let deadline = status
+            .map(|l| fence::trusted_until(&l, ttl, margin))
+            .filter(|d| *d > now);
         tokio::select! {
             changed = lease.changed() => if changed.is_err() { break },
             changed = held.changed() => if changed.is_err() { break },
@@ -219,17 +232,24 @@ impl Worker {
     }
 
     /// One connection's life: catch up, watch, publish. Returns only on trouble.
-    async fn connected(&mut self, backoff: &mut Backoff) -> anyhow::Result<std::convert::Infallible> {
+    async fn connected(
+        &mut self,
+        backoff: &mut Backoff,
+    ) -> anyhow::Result<std::convert::Infallible> {
         let limit = self.config.op_timeout();
         let mut client = self.config.connect().await?;
         if self.revision == 0 {
             self.reload(&mut client).await?;
         }
-        let options = WatchOptions::new().with_prefix().with_start_revision(self.revision + 1);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.revision + 1);
         let mut watch = tokio::time::timeout(limit, client.watch(keys::ROOT, Some(options)))
             .await
             .context("opening the watch timed out")??;
-        self.notify(Notice::Connected { revision: self.revision });
+        self.notify(Notice::Connected {
+            revision: self.revision,
+        });
         self.flush(&mut client).await?;
         backoff.reset();
         loop {
@@ -279,8 +299,15 @@ impl Worker {
         };
         if self.registered_lease != Some(lease) || !self.view.hosts.contains_key(&host) {
             store::put_host(client, &host, lease, &self.started_at, limit).await?;
-            let record = HostRecord { host_id: host.clone(), agent_version: env!("CARGO_PKG_VERSION").into(), started_at: self.started_at.clone() };
-            self.view.apply(&StateEvent::HostUp { host_id: host.clone(), record });
+            let record = HostRecord {
+                host_id: host.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+                started_at: self.started_at.clone(),
+            };
+            self.view.apply(&StateEvent::HostUp {
+                host_id: host.clone(),
+                record,
+            });
             self.registered_lease = Some(lease);
         }
         let local = self.local.borrow_and_update().clone();
@@ -309,7 +336,8 @@ impl Worker {
             .filter(|(_, lock)| lock.host == host)
             .map(|(key, lock)| (key.clone(), lock.lease))
             .collect();
-        self.held.send_if_modified(|current| std::mem::replace(current, held) != *current);
+        self.held
+            .send_if_modified(|current| std::mem::replace(current, held) != *current);
         self.cluster.send_replace(Arc::new(self.view.clone()));
         Ok(())
     }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use etcd_client::{Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
 
 use super::events::{decode, Change, StateEvent};
 use super::keys;
@@ -11,11 +13,20 @@ use super::reconcile::Write;
 use super::records::{self, HostRecord, LockRecord};
 
 /// Everything under `/plasmavmc/`, as events, and the revision it was read at.
-pub async fn load(client: &mut Client, timeout: Duration) -> anyhow::Result<(Vec<StateEvent>, i64)> {
+pub async fn load(
+    client: &mut Client,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<StateEvent>, i64)> {
     let read = client.get(keys::ROOT, Some(GetOptions::new().with_prefix()));
-    let resp = tokio::time::timeout(timeout, read).await.context("reading the store timed out")??;
+    let resp = tokio::time::timeout(timeout, read)
+        .await
+        .context("reading the store timed out")??;
     let revision = resp.header().map_or(0, |h| h.revision());
-    let events = resp.kvs().iter().map(|kv| decode(Change::Put, kv.key(), kv.value(), kv.mod_revision())).collect();
+    let events = resp
+        .kvs()
+        .iter()
+        .map(|kv| decode(Change::Put, kv.key(), kv.value(), kv.mod_revision()))
+        .collect();
     Ok((events, revision))
 }
 
@@ -36,38 +47,79 @@ pub struct Outcome {
 }
 
 /// One conditional write, one transaction.
-pub async fn execute(client: &mut Client, write: &Write, host: &str, lease: i64, timeout: Duration) -> anyhow::Result<Outcome> {
-    let Operation { key, compare, value } = operation(write, host, lease)?;
+pub async fn execute(
+    client: &mut Client,
+    write: &Write,
+    host: &str,
+    lease: i64,
+    timeout: Duration,
+) -> anyhow::Result<Outcome> {
+    let Operation {
+        key,
+        compare,
+        value,
+    } = operation(write, host, lease)?;
     let op = match &value {
         Some(value) => {
-            let options = matches!(write, Write::AcquireLock { .. }).then(|| PutOptions::new().with_lease(lease));
+            let options = matches!(write, Write::AcquireLock { .. })
+                .then(|| PutOptions::new().with_lease(lease));
             TxnOp::put(key.clone(), value.clone(), options)
         }
         None => TxnOp::delete(key.clone(), None),
     };
-    let txn = Txn::new().when([compare]).and_then([op]).or_else([TxnOp::get(key.clone(), None)]);
-    let resp = tokio::time::timeout(timeout, client.txn(txn)).await.with_context(|| format!("writing {key} timed out"))??;
+    let txn = Txn::new()
+        .when([compare])
+        .and_then([op])
+        .or_else([TxnOp::get(key.clone(), None)]);
+    let resp = tokio::time::timeout(timeout, client.txn(txn))
+        .await
+        .with_context(|| format!("writing {key} timed out"))??;
     let revision = resp.header().map_or(0, |h| h.revision());
     if resp.succeeded() {
         let event = match &value {
             Some(value) => decode(Change::Put, key.as_bytes(), value, revision),
             None => decode(Change::Delete, key.as_bytes(), b"", revision),
         };
-        return Ok(Outcome { applied: true, event });
+        return Ok(Outcome {
+            applied: true,
+            event,
+        });
     }
     let current = resp.op_responses().into_iter().find_map(|r| match r {
-        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| decode(Change::Put, kv.key(), kv.value(), kv.mod_revision())),
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .map(|kv| decode(Change::Put, kv.key(), kv.value(), kv.mod_revision())),
         _ => None,
     });
     let event = current.unwrap_or_else(|| decode(Change::Delete, key.as_bytes(), b"", revision));
-    Ok(Outcome { applied: false, event })
+    Ok(Outcome {
+        applied: false,
+        event,
+    })
 }
 
 /// Registers this host under its lease. Unconditional: the key is this host's alone.
-pub async fn put_host(client: &mut Client, host: &str, lease: i64, started_at: &str, timeout: Duration) -> anyhow::Result<i64> {
-    let record = HostRecord { host_id: host.to_owned(), agent_version: env!("CARGO_PKG_VERSION").to_owned(), started_at: started_at.to_owned() };
-    let put = client.put(keys::host(host), serde_json::to_vec(&record)?, Some(PutOptions::new().with_lease(lease)));
-    let resp = tokio::time::timeout(timeout, put).await.context("registering the host timed out")??;
+pub async fn put_host(
+    client: &mut Client,
+    host: &str,
+    lease: i64,
+    started_at: &str,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    let record = HostRecord {
+        host_id: host.to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at: started_at.to_owned(),
+    };
+    let put = client.put(
+        keys::host(host),
+        serde_json::to_vec(&record)?,
+        Some(PutOptions::new().with_lease(lease)),
+    );
+    let resp = tokio::time::timeout(timeout, put)
+        .await
+        .context("registering the host timed out")??;
     Ok(resp.header().map_or(0, |h| h.revision()))
 }
 
@@ -86,20 +138,47 @@ fn operation(write: &Write, host: &str, lease: i64) -> anyhow::Result<Operation>
     };
     Ok(match write {
         Write::PutVm { record, expected } => {
-            let stamped = records::VmRecord { updated_at: records::now(), ..record.clone() };
-            at_revision(keys::vm(&record.key()), *expected, Some(serde_json::to_vec(&stamped)?))
+            let stamped = records::VmRecord {
+                updated_at: records::now(),
+                ..record.clone()
+            };
+            at_revision(
+                keys::vm(&record.key()),
+                *expected,
+                Some(serde_json::to_vec(&stamped)?),
+            )
         }
         Write::DeleteVm { key, expected } => at_revision(keys::vm(key), *expected, None),
-        Write::PutHandle { key, record, expected } => at_revision(keys::handle(key), *expected, Some(serde_json::to_vec(record)?)),
+        Write::PutHandle {
+            key,
+            record,
+            expected,
+        } => at_revision(
+            keys::handle(key),
+            *expected,
+            Some(serde_json::to_vec(record)?),
+        ),
         Write::DeleteHandle { key, expected } => at_revision(keys::handle(key), *expected, None),
         Write::AcquireLock { key } => {
-            let holder = LockRecord { host: host.to_owned(), lease, acquired_at: records::now() };
+            let holder = LockRecord {
+                host: host.to_owned(),
+                lease,
+                acquired_at: records::now(),
+            };
             let key = keys::lock(key);
-            Operation { compare: Compare::create_revision(key.clone(), CompareOp::Equal, 0), key, value: Some(serde_json::to_vec(&holder)?) }
+            Operation {
+                compare: Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                key,
+                value: Some(serde_json::to_vec(&holder)?),
+            }
         }
         Write::ReleaseLock { key } => {
             let key = keys::lock(key);
-            Operation { compare: Compare::lease(key.clone(), CompareOp::Equal, lease), key, value: None }
+            Operation {
+                compare: Compare::lease(key.clone(), CompareOp::Equal, lease),
+                key,
+                value: None,
+            }
         }
     })
 }

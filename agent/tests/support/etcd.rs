@@ -34,7 +34,11 @@ pub fn etcdctl(endpoints: &[String], args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("run etcdctl");
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "etcdctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
@@ -47,14 +51,31 @@ pub fn get_json(endpoints: &[String], key: &str) -> Option<serde_json::Value> {
 
 /// Every key under `prefix`.
 pub fn keys(endpoints: &[String], prefix: &str) -> BTreeSet<String> {
-    etcdctl(endpoints, &["get", prefix, "--prefix", "--keys-only"]).lines().filter(|l| !l.is_empty()).map(str::to_owned).collect()
+    etcdctl(endpoints, &["get", prefix, "--prefix", "--keys-only"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The store's revision: it moves with every write and never with a keep-alive.
 pub fn revision(endpoints: &[String]) -> i64 {
-    let out = etcdctl(endpoints, &["get", "/", "--prefix", "--keys-only", "--limit=1", "-w", "json"]);
+    let out = etcdctl(
+        endpoints,
+        &[
+            "get",
+            "/",
+            "--prefix",
+            "--keys-only",
+            "--limit=1",
+            "-w",
+            "json",
+        ],
+    );
     let json: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
-    json["header"]["revision"].as_i64().expect("header.revision")
+    json["header"]["revision"]
+        .as_i64()
+        .expect("header.revision")
 }
 
 /// A loopback TCP proxy to one etcd member. `cut()` drops every connection and refuses new
@@ -92,7 +113,11 @@ impl CutProxy {
                 }));
             }
         });
-        CutProxy { endpoint, state, accept }
+        CutProxy {
+            endpoint,
+            state,
+            accept,
+        }
     }
 
     pub fn cut(&self) {
@@ -128,7 +153,13 @@ pub fn local_vm(name: &str, state: &str, ha: bool, pid: Option<u32>) -> (VmKey, 
         project_id: "web".into(),
         host: String::new(), // the session fills in its host id
         state: state.into(),
-        spec: SpecSummary { vcpus: 2, memory_mib: 512, disks: vec!["root".into()], nics: vec!["lan".into()], ha },
+        spec: SpecSummary {
+            vcpus: 2,
+            memory_mib: 512,
+            disks: vec!["root".into()],
+            nics: vec!["lan".into()],
+            ha,
+        },
         pending: vec![],
         last_error: None,
         updated_at: plasmavmc_agent::chainfire::records::now(),
@@ -150,7 +181,10 @@ pub fn picture(vms: impl IntoIterator<Item = (VmKey, LocalVm)>) -> BTreeMap<VmKe
 pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + limit;
     while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

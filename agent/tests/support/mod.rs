@@ -1,2 +1,3 @@
 //! Helpers shared by the integration tests (`mod support;` in a test file).
+pub mod etcd;
 pub mod guest;
