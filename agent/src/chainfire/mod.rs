@@ -5,6 +5,7 @@
 //! tokio task the daemon talks to through channels), `lease` (keep-alives), `store` (the writes).
 
 mod backoff;
+pub mod bench;
 pub mod config;
 pub mod events;
 pub mod fence;
