@@ -15,7 +15,10 @@ const WAIT: Duration = Duration::from_secs(20);
 
 /// Every change of "may run the HA VM", per host, on this process's monotonic clock.
 #[derive(Clone, Default)]
-struct Timeline(Arc<Mutex<Vec<(Instant, &'static str, bool)>>>);
+struct Timeline(Arc<Mutex<Vec<Transition>>>);
+
+/// When, which host, and whether it may now run the VM.
+type Transition = (Instant, &'static str, bool);
 
 impl Timeline {
     fn follow(&self, host: &'static str, session: &SessionHandle) {

@@ -58,7 +58,7 @@ pub fn own_writes(
             continue;
         }
         let stored = view.vms.get(key);
-        if stored.is_none_or(|s| !s.value.same_content(&vm.record)) {
+        if !stored.is_some_and(|s| s.value.same_content(&vm.record)) {
             writes.push(Write::PutVm {
                 record: vm.record.clone(),
                 expected: revision(stored),

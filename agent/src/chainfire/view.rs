@@ -69,7 +69,7 @@ fn put_newer<T: Clone>(
     value: &T,
     revision: i64,
 ) {
-    if map.get(key).is_none_or(|old| old.revision <= revision) {
+    if !map.get(key).is_some_and(|old| old.revision > revision) {
         map.insert(
             key.clone(),
             Stamped {
