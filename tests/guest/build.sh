@@ -7,14 +7,22 @@
 #
 # Kernel command line (agent/tests/support/guest.rs `guest_cmdline`):
 #   console=ttyS0 quiet panic=-1
+# Memory: the init sets auto_online_blocks=online_movable before virtio_mem loads, so virtio-mem
+# memory is online (and unpluggable again) as soon as it is plugged; no cmdline flag needed.
 # For a guest that IGNORES PCI unplug requests, add:
-#   acpiphp.disable=1
-# Why: QEMU 7.2 q35 hotplugs devices on pcie-root-ports through ACPI by default (since 6.1,
-# acpi-pci-hotplug-with-bridge-support=on), and its _OSC keeps native PCIe hotplug from the OS, so
-# pciehp never binds; acpiphp (built into Debian's kernel) is what answers the eject request.
-# With it disabled, device_del gets no DEVICE_DELETED and the device stays usable. Side effect:
-# that guest does not notice hot-ADDED PCI devices either (vCPU and memory hotplug still work).
-# Verified by agent/tests/guest_smoke.rs.
+#   acpiphp.disable=1 pcie_ports=compat
+# Why (QEMU 7.2, q35, devices on pcie-root-ports, Debian 6.1 kernel):
+# - By default q35 hotplugs through ACPI (acpi-pci-hotplug-with-bridge-support=on since 6.1) and
+#   its _OSC keeps native hotplug from the OS, so pciehp never binds; acpiphp (built in) answers
+#   the eject request. acpiphp.disable=1: device_del never gets DEVICE_DELETED, the device stays
+#   usable; a system_reset completes the pending unplug.
+# - With -global ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off (native PCIe hotplug) pciehp
+#   answers instead (DEVICE_DELETED ~6 s after device_del: the attention-button delay);
+#   pcie_ports=compat keeps pciehp off, so that unplug is ignored too.
+# - Without a hotplug driver nothing reports hot-ADDED devices either, so the init rescans the PCI
+#   bus on every poll when acpiphp.disable=1 is on its cmdline. That finds hot-added devices under
+#   ACPI hotplug; under native hotplug they stay invisible (their slot stays powered off).
+# Verified by agent/tests/guest_smoke.rs (ACPI mode) and by hand (native mode).
 set -eu
 
 die() { echo "tests/guest/build.sh: $*" >&2; exit 1; }
