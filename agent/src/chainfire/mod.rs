@@ -5,13 +5,11 @@
 //! tokio task the daemon talks to through channels), `lease` (keep-alives), `store` (the writes).
 
 mod backoff;
-pub mod bench;
 pub mod config;
 pub mod events;
 pub mod fence;
 pub mod keys;
 mod lease;
-pub mod local_etcd;
 pub mod reconcile;
 pub mod records;
 pub mod session;

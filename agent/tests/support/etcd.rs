@@ -1,4 +1,4 @@
-//! Real etcd for the `chainfire_*` tests: members on loopback (the library's `LocalEtcd`),
+//! Real etcd for the `chainfire_*` tests: members on loopback (`LocalEtcd`, shared with the bench),
 //! `etcdctl` to read back what the agent wrote, and a TCP proxy that can cut one session off
 //! the store (a partition that only that session sees).
 #![allow(dead_code)] // each test file uses a different part
@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use plasmavmc_agent::chainfire::local_etcd::LocalEtcd;
+pub use super::local_etcd::LocalEtcd;
 use plasmavmc_agent::chainfire::ChainFireConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;

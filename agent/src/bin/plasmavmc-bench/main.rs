@@ -5,7 +5,10 @@
 
 mod adopt;
 mod agent;
+mod chainfire;
 mod hotplug;
+#[path = "../../../tests/support/local_etcd.rs"]
+mod local_etcd;
 mod plan;
 mod stats;
 
@@ -54,6 +57,24 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// ChainFire against loopback etcd: host-failure detection and HA failover after a kill -9
+    /// per TTL, store writes per minute in steady state, publish latency of a state change.
+    Chainfire {
+        /// Lease TTLs, in seconds, for detection and failover.
+        #[arg(long, value_delimiter = ',', default_value = "3,10")]
+        ttls: Vec<u64>,
+        /// VMs published in the steady-state measurement.
+        #[arg(long, default_value_t = 50)]
+        vms: u32,
+        /// How long the steady state is watched, in seconds.
+        #[arg(long, default_value_t = 60)]
+        window: u64,
+        #[arg(long, default_value_t = 20)]
+        samples: u32,
+        /// `etcd` binary (default: from PATH).
+        #[arg(long)]
+        etcd: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -63,6 +84,23 @@ fn main() -> anyhow::Result<()> {
             println!("no-op plan, {vms} VMs: {summary}");
         }
         Bench::Adopt { vms, work_dir } => adopt::report(&vms, &work_dir)?,
+        Bench::Chainfire {
+            ttls,
+            vms,
+            window,
+            samples,
+            etcd,
+        } => {
+            let options = chainfire::BenchOptions {
+                etcd_bin: etcd,
+                ttls,
+                steady_vms: vms,
+                steady_window: std::time::Duration::from_secs(window),
+                latency_samples: samples,
+            };
+            let figures = tokio::runtime::Runtime::new()?.block_on(chainfire::run(&options))?;
+            chainfire::report(&options, &figures);
+        }
         Bench::Hotplug {
             guest_dir,
             work_dir,

@@ -1,6 +1,7 @@
-//! etcd members on loopback (free ports, a temp data dir each), for the ChainFire bench and
-//! the integration tests: start a single node or a cluster, kill, stop and restart members.
+//! etcd members on loopback (free ports, a temp data dir each), for the ChainFire integration
+//! tests and `plasmavmc-bench chainfire`: start a single node or a cluster, kill, stop and restart members.
 //! Every member is killed on drop.
+#![allow(dead_code)] // the bench and the tests each use a different part
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Measurements for `plasmavmc bench chainfire`, each against its own loopback etcd: host-failure
+//! ChainFire measurements, each against its own loopback etcd: host-failure
 //! detection and HA failover after a holder's kill -9 (at a given TTL), store writes per minute
 //! in steady state, and how long a state change takes to reach another agent's view.
 
@@ -8,10 +8,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::local_etcd::LocalEtcd;
-use super::records::{self, HandleRecord, LocalVm, SpecSummary, VmRecord, STATE_UNKNOWN};
-use super::session::Session;
-use super::{ChainFireConfig, VmKey};
+use plasmavmc_agent::chainfire::records::{
+    self, HandleRecord, LocalVm, SpecSummary, VmRecord, STATE_UNKNOWN,
+};
+use plasmavmc_agent::chainfire::session::Session;
+use plasmavmc_agent::chainfire::{ChainFireConfig, VmKey};
+
+use crate::local_etcd::LocalEtcd;
+use crate::stats::{ms, Summary};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -238,4 +242,26 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) -> anyhow::Resu
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
+}
+
+pub fn report(options: &BenchOptions, figures: &ChainFireFigures) {
+    for (ttl, took) in &figures.detection {
+        println!("host failure detected, TTL {ttl:?}: {}", ms(*took));
+    }
+    for (ttl, took) in &figures.failover {
+        println!(
+            "HA failover after holder kill -9, TTL {ttl:?}: {}",
+            ms(*took)
+        );
+    }
+    println!(
+        "store writes per minute, {} VMs in steady state: {:.2}",
+        options.steady_vms, figures.steady_writes_per_min
+    );
+    if !figures.publish_latency.is_empty() {
+        println!(
+            "publish latency of a state change: {}",
+            Summary::of(figures.publish_latency.clone())
+        );
+    }
 }
