@@ -4,6 +4,9 @@
 pub mod action;
 pub mod argv;
 pub mod chainfire;
+pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod devices;
 pub mod ids;
 pub mod observed;
@@ -11,4 +14,5 @@ pub mod paths;
 pub mod plan;
 pub mod qemu;
 pub mod spec;
+pub mod status;
 pub mod validate;

@@ -1,0 +1,267 @@
+//! Each CLI command: build the request, talk to the agent, print the answer, pick the exit code.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use super::{EXIT_FAILED, EXIT_INVALID, EXIT_UNREACHABLE};
+use crate::action::{Action, PendingChange, Plan};
+use crate::control::client::{self, ClientError};
+use crate::control::protocol::{ApplyReport, ErrorKind, Request, Response, StepOutcome};
+use crate::daemon::AgentOptions;
+use crate::observed::ObservedHost;
+use crate::paths::{RunDir, DEFAULT_CONFIG};
+use crate::plan::RunIntents;
+use crate::status;
+use crate::validate::{load_desired_state, LoadError};
+
+pub fn agent(options: AgentOptions) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(format!("starting the async runtime: {e}")),
+    };
+    match runtime.block_on(crate::daemon::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+pub fn validate(file: &Path) -> ExitCode {
+    match load_desired_state(file) {
+        Ok(desired) => {
+            println!("{}: valid ({} VMs)", file.display(), desired.vms.len());
+            ExitCode::SUCCESS
+        }
+        Err(e) => load_failed(e),
+    }
+}
+
+pub fn plan(config: Option<&Path>, run_dir: &Path, json: bool) -> ExitCode {
+    let desired = match config.map(load_desired_state).transpose() {
+        Ok(desired) => desired,
+        Err(e) => return load_failed(e),
+    };
+    let plan = match ask(
+        run_dir,
+        Request::Plan {
+            desired: desired.clone(),
+        },
+    ) {
+        Ok(Response::Planned { plan }) => plan,
+        Ok(other) => return unexpected(other),
+        Err(ClientError::Unreachable { path, .. }) => {
+            // E.g. the first activation, before the agent ever ran: nothing is running yet.
+            let file = config.unwrap_or(Path::new(DEFAULT_CONFIG));
+            let desired = match desired.map_or_else(|| load_desired_state(file), Ok) {
+                Ok(desired) => desired,
+                Err(e) => return load_failed(e),
+            };
+            eprintln!(
+                "note: no agent at {}; planning against no running VMs",
+                path.display()
+            );
+            crate::plan::plan(&desired, &ObservedHost::default(), &RunIntents::new())
+        }
+        Err(e) => return client_failed(e),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).expect("plans serialize")
+        );
+    } else {
+        print!("{}", render_plan(&plan));
+    }
+    ExitCode::SUCCESS
+}
+
+pub fn reload(run_dir: &Path, json: bool) -> ExitCode {
+    match ask(run_dir, Request::Reload) {
+        Ok(Response::Applied { report }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializes")
+                );
+            } else {
+                print!("{}", render_report(&report));
+            }
+            if report.any_failed() {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
+pub fn status(run_dir: &Path, json: bool, cluster: bool) -> ExitCode {
+    if cluster {
+        eprintln!("status --cluster needs ChainFire, which this agent does not talk to yet");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    match ask(run_dir, Request::Status) {
+        Ok(Response::Status { status }) => {
+            if json {
+                println!("{}", serde_json::to_string(&status).expect("serializes"));
+            } else {
+                print!("{}", status::render(&status));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
+pub fn start(run_dir: &Path, vm: String) -> ExitCode {
+    applied(ask(run_dir, Request::Start { vm }))
+}
+
+pub fn stop(run_dir: &Path, vm: String) -> ExitCode {
+    applied(ask(run_dir, Request::Stop { vm }))
+}
+
+pub fn reset(run_dir: &Path, vm: String, soft: bool) -> ExitCode {
+    match ask(run_dir, Request::Reset { vm, soft }) {
+        Ok(Response::Done { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
+/// Sends `request`; an error answer from the agent becomes `Ok(Response::Error)` for the caller's
+/// match to handle via `unexpected`.
+fn ask(run_dir: &Path, request: Request) -> Result<Response, ClientError> {
+    client::request(&RunDir::new(run_dir).control_socket(), &request)
+}
+
+fn applied(answer: Result<Response, ClientError>) -> ExitCode {
+    match answer {
+        Ok(Response::Applied { report }) => {
+            print!("{}", render_report(&report));
+            if report.any_failed() {
+                ExitCode::from(EXIT_FAILED)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
+fn unexpected(response: Response) -> ExitCode {
+    match response {
+        Response::Error { kind, message } => {
+            eprintln!("{message}");
+            ExitCode::from(match kind {
+                ErrorKind::InvalidConfig | ErrorKind::BadRequest => EXIT_INVALID,
+                ErrorKind::Failed => EXIT_FAILED,
+            })
+        }
+        other => fail(format!("unexpected answer from the agent: {other:?}")),
+    }
+}
+
+fn client_failed(e: ClientError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(match e {
+        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+        _ => EXIT_FAILED,
+    })
+}
+
+fn load_failed(e: LoadError) -> ExitCode {
+    eprintln!("{e}");
+    ExitCode::from(EXIT_INVALID)
+}
+
+fn fail(message: String) -> ExitCode {
+    eprintln!("{message}");
+    ExitCode::from(EXIT_FAILED)
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn render_plan(plan: &Plan) -> String {
+    let mut out = String::new();
+    if plan.steps.is_empty() {
+        out.push_str("nothing to change live\n");
+    }
+    for step in &plan.steps {
+        out.push_str(&format!("{}: {}\n", step.vm, describe(&step.action)));
+    }
+    out.push_str(&render_pending(&plan.pending));
+    out
+}
+
+fn render_report(report: &ApplyReport) -> String {
+    let mut out = String::new();
+    if report.steps.is_empty() {
+        out.push_str("nothing to change live\n");
+    }
+    for step in &report.steps {
+        let outcome = match &step.outcome {
+            StepOutcome::Done => "done".to_owned(),
+            StepOutcome::Unplugging { device } => {
+                format!("waiting for the guest to release {device} (retried)")
+            }
+            StepOutcome::Failed { error } => format!("FAILED: {error}"),
+            StepOutcome::Skipped { reason } => format!("skipped: {reason}"),
+        };
+        out.push_str(&format!(
+            "{}: {}: {}\n",
+            step.vm,
+            describe(&step.action),
+            outcome
+        ));
+    }
+    out.push_str(&render_pending(&report.pending));
+    out
+}
+
+fn render_pending(pending: &[PendingChange]) -> String {
+    pending
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: pending until next start: {}: {} -> {} ({})\n",
+                c.vm, c.field, c.from, c.to, c.reason
+            )
+        })
+        .collect()
+}
+
+/// One line a human reads: what the step does.
+pub fn describe(action: &Action) -> String {
+    match action {
+        Action::StartVm { .. } => "start".into(),
+        Action::StopVm { reason } => format!("stop ({reason})"),
+        Action::RestartVm { reason, .. } => format!("restart ({reason})"),
+        Action::AddDisk { id, disk } => format!("add disk {id} ({})", disk.path.display()),
+        Action::RemoveDisk { id } => format!("remove disk {id}"),
+        Action::AddNic { id, nic } => format!("add NIC {id} ({})", nic.mac),
+        Action::RemoveNic { id } => format!("remove NIC {id}"),
+        Action::RemoveOrphanBlockNode { node } => format!("remove leftover block node {node}"),
+        Action::RemoveOrphanNetdev { netdev } => format!("remove leftover netdev {netdev}"),
+        Action::SetVcpus { from, to } => format!("vCPUs {from} -> {to}"),
+        Action::SetMemory { from_mib, to_mib } => format!("memory {from_mib} MiB -> {to_mib} MiB"),
+    }
+}

@@ -1,0 +1,266 @@
+//! The `plasmavmc` command line: the daemon (`agent`) and the client commands that talk to it over
+//! `<run-dir>/control.sock`.
+//!
+//! Exit codes, for every command: 0 ok, 1 the operation failed, 2 usage error or invalid config
+//! (nothing touched), 3 the agent is not reachable.
+
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::daemon::{AgentOptions, ChainfireOptions};
+use crate::paths::{DEFAULT_CONFIG, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_INVALID: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "plasmavmc",
+    version,
+    about = "Declarative QEMU VMs: the host matches desired.json, changes are applied live",
+    long_about = "Declarative QEMU VMs for NixOS hosts.\n\n\
+        `plasmavmc agent` makes the host match the desired-state file: it starts, adopts and \
+        stops QEMU processes, applies disk/NIC/vCPU/memory changes live over QMP, and reports \
+        what must wait for a restart. The other commands talk to the running agent over \
+        <run-dir>/control.sock.\n\n\
+        Exit codes: 0 ok, 1 operation failed, 2 usage error or invalid config (nothing \
+        touched), 3 agent not reachable."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where client commands find the agent.
+#[derive(Debug, clap::Args)]
+struct RunDirArg {
+    /// The agent's run directory; its control socket is <run-dir>/control.sock.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (daemon): adopt running VMs, reconcile on every config change, serve the
+    /// control socket.
+    ///
+    /// On start it adopts the QEMUs of declared VMs without restarting them, stops VMs that are
+    /// no longer declared, and reports (never touches) QEMUs it cannot identify. It reconciles
+    /// again when the config file changes, on SIGHUP, on `plasmavmc reload`, and when a QEMU
+    /// exits. SIGTERM stops the agent and leaves every VM running.
+    Agent(AgentArgs),
+    /// Check a desired-state file and list every problem with its JSON path. Needs no agent.
+    Validate {
+        /// The desired-state JSON file.
+        file: PathBuf,
+    },
+    /// Show what the agent would change (read-only): steps applied live and changes pending
+    /// until a restart.
+    ///
+    /// Plans against the VMs the agent runs now. Without a reachable agent, plans against no
+    /// running VMs (everything would be started) and says so.
+    Plan {
+        /// Desired-state file to plan for; default: the file the agent watches.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the agent re-read its config file and apply it; prints the steps applied and the
+    /// pending changes.
+    ///
+    /// Exits 1 if any step failed, 2 if the config is invalid (then nothing is touched).
+    Reload {
+        /// Wait until the changes are applied (always the case; kept for ExecReload scripts).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every VM: state, PID, uptime, devices as QEMU reports them now, pending changes,
+    /// last error; and any stranger QEMU.
+    Status {
+        /// Machine-readable: {"vms": {NAME: {"state", "pid", "uptimeSeconds", "devices",
+        /// "pending", "lastError", ...}}, "strangers": [...], "config": {...}}.
+        #[arg(long)]
+        json: bool,
+        /// Cluster-wide view from ChainFire (not wired yet).
+        #[arg(long)]
+        cluster: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+    /// Start a declared VM, cancelling an earlier `stop` or a restart backoff.
+    Start {
+        vm: String,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+    /// Stop a VM (ACPI powerdown, then quit) and keep it down, across agent restarts, until
+    /// `plasmavmc start`.
+    Stop {
+        vm: String,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+    /// Reset a running VM: hard (system_reset) by default.
+    Reset {
+        vm: String,
+        /// ACPI powerdown, wait for the guest to shut down, start it again in the same QEMU;
+        /// falls back to a hard reset (and says so) if the guest does not shut down in time.
+        #[arg(long)]
+        soft: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// Desired-state file; re-read fresh (through symlinks) on every change and reload.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Persistent state (operator stops survive agent restarts and reboots).
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Runtime directory (tmpfs): control socket, per-VM QMP sockets, pidfiles, console logs.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// QEMU binary [default: $PLASMAVMC_QEMU, else qemu-system-x86_64 from PATH].
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
+    /// How long a guest gets to shut down after an ACPI powerdown before QEMU is told to quit.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    stop_timeout: u64,
+    /// How long a guest gets to release a device after device_del before it is shown
+    /// `unplugging` (the removal is retried on the next reconcile).
+    #[arg(long, value_name = "SECS", default_value_t = 5)]
+    unplug_timeout: u64,
+    #[command(flatten)]
+    chainfire: ChainfireArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct ChainfireArgs {
+    /// ChainFire (etcd v3 API) endpoints, comma separated; without it the agent is standalone.
+    #[arg(long, value_name = "URL,..", value_delimiter = ',')]
+    chainfire: Vec<String>,
+    /// This host's id in the cluster.
+    #[arg(long, value_name = "ID")]
+    host_id: Option<String>,
+    /// Lease TTL for this host's heartbeat and VM locks.
+    #[arg(long, value_name = "SECS")]
+    lease_ttl: Option<u64>,
+    /// CA bundle to verify ChainFire's TLS certificate.
+    #[arg(long, value_name = "FILE")]
+    chainfire_ca: Option<PathBuf>,
+    /// Client certificate for ChainFire mTLS.
+    #[arg(long, value_name = "FILE")]
+    chainfire_cert: Option<PathBuf>,
+    /// Client key for ChainFire mTLS.
+    #[arg(long, value_name = "FILE")]
+    chainfire_key: Option<PathBuf>,
+    /// ChainFire user name.
+    #[arg(long, value_name = "USER")]
+    chainfire_user: Option<String>,
+    /// File holding the ChainFire password.
+    #[arg(long, value_name = "FILE")]
+    chainfire_password_file: Option<PathBuf>,
+}
+
+/// Parses the command line and runs the command; the process's exit code.
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Agent(args) => commands::agent(args.into_options()),
+        Command::Validate { file } => commands::validate(&file),
+        Command::Plan {
+            config,
+            run_dir,
+            json,
+        } => commands::plan(config.as_deref(), &run_dir.run_dir, json),
+        Command::Reload { run_dir, json, .. } => commands::reload(&run_dir.run_dir, json),
+        Command::Status {
+            json,
+            cluster,
+            run_dir,
+        } => commands::status(&run_dir.run_dir, json, cluster),
+        Command::Start { vm, run_dir } => commands::start(&run_dir.run_dir, vm),
+        Command::Stop { vm, run_dir } => commands::stop(&run_dir.run_dir, vm),
+        Command::Reset { vm, soft, run_dir } => commands::reset(&run_dir.run_dir, vm, soft),
+    }
+}
+
+impl AgentArgs {
+    fn into_options(self) -> AgentOptions {
+        let c = self.chainfire;
+        AgentOptions {
+            config: self.config,
+            state_dir: self.state_dir,
+            run_dir: self.run_dir,
+            qemu: self.qemu,
+            stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
+            unplug_timeout: std::time::Duration::from_secs(self.unplug_timeout),
+            chainfire: (!c.chainfire.is_empty()).then_some(ChainfireOptions {
+                endpoints: c.chainfire,
+                host_id: c.host_id,
+                lease_ttl: c.lease_ttl,
+                ca: c.chainfire_ca,
+                cert: c.chainfire_cert,
+                key: c.chainfire_key,
+                user: c.chainfire_user,
+                password_file: c.chainfire_password_file,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn nixos_module_agent_invocation_parses() {
+        let cli = Cli::try_parse_from([
+            "plasmavmc",
+            "agent",
+            "--config",
+            "/etc/plasmavmc/desired.json",
+            "--state-dir",
+            "/var/lib/plasmavmc",
+            "--run-dir",
+            "/run/plasmavmc",
+            "--chainfire",
+            "https://a:2379,https://b:2379",
+            "--host-id",
+            "h1",
+            "--lease-ttl",
+            "10",
+            "--chainfire-password-file",
+            "/run/secrets/pw",
+        ])
+        .unwrap();
+        let Command::Agent(args) = cli.command else {
+            panic!("not agent")
+        };
+        let options = args.into_options();
+        assert_eq!(options.chainfire.unwrap().endpoints.len(), 2);
+    }
+}

@@ -1,0 +1,89 @@
+//! Startup: find the QEMUs a previous agent left running and take them over without a restart.
+//!
+//! Identifiable ones (pidfile + `/proc` cmdline + readable boot spec) are adopted whether declared
+//! or not: the first reconcile stops the undeclared ones properly (powerdown first). Anything
+//! else that looks like a live QEMU in a VM directory is a stranger: reported, never touched.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use futures::future::join_all;
+
+use super::supervisor::Daemon;
+use super::vm::VmSlot;
+use crate::paths::VmDir;
+use crate::qemu::{find_running, list_vm_dirs, process};
+use crate::status::Stranger;
+
+pub async fn adopt_running(daemon: &Daemon) -> Result<()> {
+    let names = list_vm_dirs(&daemon.shell.run_dir)?;
+    let found = join_all(names.into_iter().map(|name| adopt_one(daemon, name))).await;
+    let adopted = found.iter().filter(|adopted| **adopted).count();
+    tracing::info!(adopted, "adoption done");
+    Ok(())
+}
+
+/// True if a QEMU was adopted.
+async fn adopt_one(daemon: &Daemon, name: String) -> bool {
+    let vm_dir = daemon.shell.run_dir.vm(&name);
+    let running = match find_running(&name, &vm_dir) {
+        Ok(Some(running)) => running,
+        Ok(None) => {
+            if let Some(pid) = foreign_qemu(&vm_dir) {
+                daemon.add_stranger(Stranger {
+                    name,
+                    pid: Some(pid),
+                    reason:
+                        "the pidfile names a live QEMU that is not this VM's (other name or socket)"
+                            .into(),
+                });
+            }
+            return false;
+        }
+        Err(e) => {
+            daemon.add_stranger(Stranger {
+                name,
+                pid: pidfile_pid(&vm_dir),
+                reason: format!("{e:#}"),
+            });
+            return false;
+        }
+    };
+    let pid = running.pid;
+    let slot = VmSlot::new(&name, false);
+    match slot.adopt(&daemon.shell, running).await {
+        Ok(()) => {
+            tracing::info!(vm = %name, pid, "adopted running QEMU");
+            daemon.insert_adopted(Arc::clone(&slot));
+            true
+        }
+        Err(e) => {
+            daemon.add_stranger(Stranger {
+                name,
+                pid: Some(pid),
+                reason: format!("{e:#}"),
+            });
+            false
+        }
+    }
+}
+
+fn pidfile_pid(vm_dir: &VmDir) -> Option<u32> {
+    std::fs::read_to_string(vm_dir.pidfile())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// A live QEMU named by the pidfile that failed the identity check.
+fn foreign_qemu(vm_dir: &VmDir) -> Option<u32> {
+    let pid = pidfile_pid(vm_dir)?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let binary = cmdline.split(|&b| b == 0).next()?;
+    let is_qemu = std::path::Path::new(std::str::from_utf8(binary).ok()?)
+        .file_name()?
+        .to_str()?
+        .starts_with("qemu-system-");
+    (is_qemu && process::is_alive(pid)).then_some(pid)
+}

@@ -1,0 +1,166 @@
+//! The agent daemon (`plasmavmc agent`): adopts running VMs, then reconciles whenever something
+//! happens — config change, SIGHUP, control request, QEMU event or exit. No polling loop.
+//!
+//! - `supervisor`: desired state, VMs, reconcile, restart policy, control requests.
+//! - `vm`: one VM's QEMU connection and status snapshot.
+//! - `adopt`: taking over QEMUs a previous agent left running.
+//! - `restart`, `operator`: restart backoff; persisted operator start/stop.
+//! - `watch`: config directory watch and SIGHUP.
+
+mod adopt;
+mod operator;
+mod restart;
+mod supervisor;
+mod vm;
+mod watch;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+
+use crate::control::server;
+use crate::paths::RunDir;
+use operator::OperatorIntents;
+use supervisor::{Daemon, Trigger};
+use vm::Shell;
+
+/// Quiet time after a config directory event before the file is compared and reloaded.
+const CONFIG_DEBOUNCE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub qemu: Option<PathBuf>,
+    pub stop_timeout: Duration,
+    pub unplug_timeout: Duration,
+    pub chainfire: Option<ChainfireOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChainfireOptions {
+    pub endpoints: Vec<String>,
+    pub host_id: Option<String>,
+    pub lease_ttl: Option<u64>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+/// Runs the agent until SIGTERM/SIGINT. VMs keep running when it returns.
+pub async fn run(options: AgentOptions) -> Result<()> {
+    let run_dir = RunDir::new(&options.run_dir);
+    create_dir(run_dir.root(), 0o755)?;
+    create_dir(&run_dir.vms_dir(), 0o700)?;
+    create_dir(&options.state_dir, 0o700)?;
+    if let Some(chainfire) = &options.chainfire {
+        tracing::info!(endpoints = ?chainfire.endpoints, "ChainFire configured; it will be wired in, running standalone for now");
+    }
+
+    let (vm_events, mut vm_event_rx) = mpsc::unbounded_channel();
+    let (triggers, mut trigger_rx) = mpsc::unbounded_channel();
+    let shell = Shell {
+        run_dir: run_dir.clone(),
+        qemu: crate::qemu::process::qemu_binary(options.qemu.as_deref()),
+        stop_timeout: options.stop_timeout,
+        unplug_timeout: options.unplug_timeout,
+        events: vm_events,
+    };
+    let operator = OperatorIntents::load(&options.state_dir)?;
+    let daemon = Arc::new(Daemon::new(
+        options.config.clone(),
+        shell,
+        operator,
+        triggers.clone(),
+    ));
+
+    // An invalid config at startup: adopt (watch) what runs, touch nothing until a valid one.
+    let _ = daemon.load_config();
+    adopt::adopt_running(&daemon).await?;
+
+    let listener = server::bind(&run_dir.control_socket())?;
+    let handler = {
+        let daemon = daemon.clone();
+        Arc::new(move |request| {
+            let daemon = daemon.clone();
+            async move { daemon.handle(request).await }
+        })
+    };
+    tokio::spawn(server::serve(listener, handler));
+    let _watcher = match watch::watch_config_dir(&options.config, triggers.clone()) {
+        Ok(watcher) => Some(watcher),
+        Err(e) => {
+            tracing::warn!("{e:#}; config changes need `plasmavmc reload` or SIGHUP");
+            None
+        }
+    };
+    watch::forward_sighup(triggers.clone())?;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(control = %run_dir.control_socket().display(), "agent ready");
+    daemon.trigger(Trigger::Reconcile);
+
+    let events = async {
+        loop {
+            tokio::select! {
+                Some(event) = vm_event_rx.recv() => daemon.on_vm_event(event).await,
+                Some(trigger) = trigger_rx.recv() => handle_trigger(&daemon, trigger, &mut trigger_rx).await,
+            }
+        }
+    };
+    tokio::select! {
+        () = events => {}
+        () = shutdown_signal()? => tracing::info!("stopping the agent; VMs keep running"),
+    }
+    let _ = std::fs::remove_file(run_dir.control_socket());
+    Ok(())
+}
+
+async fn handle_trigger(
+    daemon: &Daemon,
+    trigger: Trigger,
+    pending: &mut mpsc::UnboundedReceiver<Trigger>,
+) {
+    match trigger {
+        Trigger::ConfigTouched => {
+            // Editors and switches touch the directory several times in a row.
+            tokio::time::sleep(CONFIG_DEBOUNCE).await;
+            let mut reload = false;
+            while let Ok(next) = pending.try_recv() {
+                reload |= matches!(next, Trigger::Reload);
+            }
+            if reload || daemon.config_changed_on_disk() {
+                tracing::info!("config file changed: reloading");
+                daemon.reconcile_logged(true).await;
+            }
+        }
+        Trigger::Reload => daemon.reconcile_logged(true).await,
+        Trigger::Reconcile => daemon.reconcile_logged(false).await,
+    }
+}
+
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .with_context(|| format!("creating {}", path.display()))
+}

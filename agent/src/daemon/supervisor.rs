@@ -1,0 +1,492 @@
+//! The daemon's brain: holds the desired state and the VMs, reconciles (observe → plan →
+//! execute), applies the restart policy, answers control requests.
+//!
+//! Reconciles are serialized (one at a time, host-wide); inside one, VMs are executed
+//! concurrently, each VM's steps in order.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use tokio::sync::mpsc;
+
+use super::operator::{OperatorIntent, OperatorIntents};
+use super::restart::RestartTracker;
+use super::vm::{Exit, Shell, VmEvent, VmSlot};
+use crate::action::{Action, Plan};
+use crate::control::protocol::{
+    ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport,
+};
+use crate::observed::ObservedHost;
+use crate::plan::{plan, RunIntent, RunIntents};
+use crate::spec::{DesiredState, RestartPolicy};
+use crate::status::{ConfigStatus, HostStatus, Stranger};
+use crate::validate::load_desired_state;
+
+/// How long `status` waits for a VM busy with something else before showing its last snapshot.
+const STATUS_WAIT: Duration = Duration::from_millis(500);
+/// How long a reconcile waits for a VM busy with something else (a soft reset, say).
+const RECONCILE_WAIT: Duration = Duration::from_secs(120);
+
+/// Work for the daemon's event loop that does not come from a VM.
+#[derive(Debug)]
+pub enum Trigger {
+    /// Something changed in the config file's directory: reload if the file's content changed.
+    ConfigTouched,
+    /// SIGHUP: reload unconditionally.
+    Reload,
+    /// A restart backoff expired.
+    Reconcile,
+}
+
+pub struct Daemon {
+    pub config_path: PathBuf,
+    pub shell: Shell,
+    triggers: mpsc::UnboundedSender<Trigger>,
+    /// The last valid desired state; None while there never was one (then no VM is touched).
+    desired: Mutex<Option<DesiredState>>,
+    config_text: Mutex<Option<String>>,
+    config_error: Mutex<Option<String>>,
+    vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
+    strangers: Mutex<Vec<Stranger>>,
+    operator: Mutex<OperatorIntents>,
+    restarts: Mutex<BTreeMap<String, RestartTracker>>,
+    reconcile_lock: tokio::sync::Mutex<()>,
+}
+
+type Refusal = (ErrorKind, String);
+
+impl Daemon {
+    pub fn new(
+        config_path: PathBuf,
+        shell: Shell,
+        operator: OperatorIntents,
+        triggers: mpsc::UnboundedSender<Trigger>,
+    ) -> Self {
+        Self {
+            config_path,
+            shell,
+            triggers,
+            desired: Mutex::new(None),
+            config_text: Mutex::new(None),
+            config_error: Mutex::new(None),
+            vms: Mutex::new(BTreeMap::new()),
+            strangers: Mutex::new(Vec::new()),
+            operator: Mutex::new(operator),
+            restarts: Mutex::new(BTreeMap::new()),
+            reconcile_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn trigger(&self, trigger: Trigger) {
+        let _ = self.triggers.send(trigger);
+    }
+
+    /// Re-reads the config file (fresh, through any symlinks). Invalid: remembered as the
+    /// config's error, and the previous desired state stays in force.
+    pub fn load_config(&self) -> Result<(), String> {
+        *self.config_text.lock().unwrap() = std::fs::read_to_string(&self.config_path).ok();
+        let desired = match load_desired_state(&self.config_path) {
+            Ok(desired) => desired,
+            Err(e) => {
+                let message = format!("{e}\nnothing was changed");
+                tracing::error!("config refused: {message}");
+                *self.config_error.lock().unwrap() = Some(message.clone());
+                return Err(message);
+            }
+        };
+        *self.config_error.lock().unwrap() = None;
+        let mut current = self.desired.lock().unwrap();
+        let mut restarts = self.restarts.lock().unwrap();
+        for (name, spec) in &desired.vms {
+            // A new spec deserves a fresh try, whatever happened to the old one.
+            if current.as_ref().and_then(|d| d.vms.get(name)) != Some(spec) {
+                restarts.entry(name.clone()).or_default().forgive();
+            }
+        }
+        let mut vms = self.vms.lock().unwrap();
+        for name in desired.vms.keys() {
+            vms.entry(name.clone())
+                .or_insert_with(|| VmSlot::new(name, true));
+        }
+        for (name, slot) in vms.iter() {
+            let declared = desired.vms.contains_key(name);
+            slot.update_status(|s| s.declared = declared);
+        }
+        tracing::info!(path = %self.config_path.display(), vms = desired.vms.len(), "config loaded");
+        *current = Some(desired);
+        Ok(())
+    }
+
+    /// Whether the config file's content differs from what was last loaded.
+    pub fn config_changed_on_disk(&self) -> bool {
+        std::fs::read_to_string(&self.config_path).ok() != *self.config_text.lock().unwrap()
+    }
+
+    pub fn insert_adopted(&self, slot: Arc<VmSlot>) {
+        let declared = self
+            .desired
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|d| d.vms.contains_key(&slot.name));
+        slot.update_status(|s| s.declared = declared);
+        self.vms.lock().unwrap().insert(slot.name.clone(), slot);
+    }
+
+    pub fn add_stranger(&self, stranger: Stranger) {
+        tracing::warn!(vm = %stranger.name, pid = ?stranger.pid, "stranger, left untouched: {}", stranger.reason);
+        self.strangers.lock().unwrap().push(stranger);
+    }
+
+    /// Observe → plan → execute. With `reload`, the config file is re-read first; an invalid one
+    /// is refused and nothing is touched. Without a valid config ever, nothing is touched.
+    pub async fn reconcile(&self, reload: bool) -> Result<ApplyReport, Refusal> {
+        let _one_at_a_time = self.reconcile_lock.lock().await;
+        if reload {
+            self.load_config()
+                .map_err(|e| (ErrorKind::InvalidConfig, e))?;
+        }
+        let Some(desired) = self.desired.lock().unwrap().clone() else {
+            let error = self
+                .config_error
+                .lock()
+                .unwrap()
+                .clone()
+                .unwrap_or_default();
+            return Err((
+                ErrorKind::InvalidConfig,
+                format!("no valid config yet; VMs are left as they are\n{error}"),
+            ));
+        };
+        let slots = self.slots();
+        let (observed, unobservable) = observe_all(&slots, RECONCILE_WAIT).await;
+        let plan = plan(&desired, &observed, &self.intents(&desired));
+        for slot in &slots {
+            let pending = plan
+                .pending
+                .iter()
+                .filter(|c| c.vm == slot.name)
+                .cloned()
+                .collect();
+            slot.update_status(|s| s.pending = pending);
+        }
+
+        let mut report = ApplyReport {
+            steps: Vec::new(),
+            pending: plan.pending.clone(),
+        };
+        let mut per_vm: BTreeMap<&str, Vec<Action>> = BTreeMap::new();
+        for step in &plan.steps {
+            if let Some(error) = unobservable.get(&step.vm) {
+                report.steps.push(StepReport {
+                    vm: step.vm.clone(),
+                    action: step.action.clone(),
+                    outcome: StepOutcome::Skipped {
+                        reason: format!("could not read the VM from QEMU: {error}"),
+                    },
+                });
+            } else {
+                per_vm
+                    .entry(step.vm.as_str())
+                    .or_default()
+                    .push(step.action.clone());
+            }
+        }
+        let runs = per_vm.into_iter().map(|(vm, actions)| {
+            let slot = self.slot(vm).expect("planned VMs have slots");
+            async move {
+                let outcomes = slot.execute(&self.shell, &actions).await;
+                (vm, actions, outcomes)
+            }
+        });
+        for (vm, actions, outcomes) in join_all(runs).await {
+            for (action, outcome) in actions.into_iter().zip(outcomes) {
+                self.after_step(vm, &desired, &action, &outcome);
+                report.steps.push(StepReport {
+                    vm: vm.to_owned(),
+                    action,
+                    outcome,
+                });
+            }
+        }
+        self.forget_undeclared_stopped(&desired);
+        self.publish_supervision(&desired);
+        Ok(report)
+    }
+
+    /// What the daemon executes for a control request.
+    pub async fn handle(&self, request: Request) -> Response {
+        let result = match request {
+            Request::Status => {
+                return Response::Status {
+                    status: self.status().await,
+                }
+            }
+            Request::Reload => self
+                .reconcile(true)
+                .await
+                .map(|report| Response::Applied { report }),
+            Request::Plan { desired } => self
+                .plan_only(desired)
+                .await
+                .map(|plan| Response::Planned { plan }),
+            Request::Start { vm } => self.operator(&vm, OperatorIntent::Started).await,
+            Request::Stop { vm } => self.operator(&vm, OperatorIntent::Stopped).await,
+            Request::Reset { vm, soft } => match self.slot(&vm) {
+                Some(slot) => slot
+                    .reset(&self.shell, soft)
+                    .await
+                    .map(|message| Response::Done { message })
+                    .map_err(|e| (ErrorKind::Failed, format!("reset {vm}: {e:#}"))),
+                None => Err((ErrorKind::BadRequest, format!("no VM named {vm}"))),
+            },
+        };
+        result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
+    }
+
+    /// A VM's event, from its QMP connection.
+    pub async fn on_vm_event(&self, event: VmEvent) {
+        match event {
+            VmEvent::Exited {
+                vm,
+                generation,
+                clean,
+            } => {
+                let Some(slot) = self.slot(&vm) else { return };
+                if let Some(exit) = slot.on_exit(&self.shell, generation, clean).await {
+                    tracing::warn!(vm = %vm, "{}", exit.reason);
+                    self.apply_restart_policy(&vm, exit);
+                    self.reconcile_logged(false).await;
+                }
+            }
+            VmEvent::DeviceDeleted { .. } => self.reconcile_logged(false).await,
+            VmEvent::UnplugRefused { vm, device } => {
+                let error = format!("the guest refused to release {device}");
+                tracing::warn!(vm = %vm, "{error}");
+                if let Some(slot) = self.slot(&vm) {
+                    slot.update_status(|s| s.last_error = Some(error));
+                }
+            }
+            VmEvent::GuestPanicked { vm } => {
+                tracing::warn!(vm = %vm, "guest panicked");
+                if let Some(slot) = self.slot(&vm) {
+                    slot.update_status(|s| s.last_error = Some("guest panicked".into()));
+                }
+            }
+        }
+    }
+
+    pub async fn reconcile_logged(&self, reload: bool) {
+        match self.reconcile(reload).await {
+            Ok(report) => {
+                for step in report
+                    .steps
+                    .iter()
+                    .filter(|s| s.outcome != StepOutcome::Done)
+                {
+                    tracing::warn!(vm = %step.vm, action = ?step.action, outcome = ?step.outcome, "step not done");
+                }
+            }
+            Err((_, message)) => tracing::error!("reconcile refused: {message}"),
+        }
+    }
+
+    async fn status(&self) -> HostStatus {
+        let slots = self.slots();
+        join_all(slots.iter().map(|slot| slot.observe(STATUS_WAIT))).await;
+        HostStatus {
+            vms: slots
+                .iter()
+                .map(|slot| (slot.name.clone(), slot.status()))
+                .collect(),
+            strangers: self.strangers.lock().unwrap().clone(),
+            config: ConfigStatus {
+                path: self.config_path.display().to_string(),
+                error: self.config_error.lock().unwrap().clone(),
+            },
+        }
+    }
+
+    async fn plan_only(&self, desired: Option<DesiredState>) -> Result<Plan, Refusal> {
+        let desired = match desired {
+            Some(desired) => desired,
+            None => load_desired_state(&self.config_path)
+                .map_err(|e| (ErrorKind::InvalidConfig, e.to_string()))?,
+        };
+        let (observed, unobservable) = observe_all(&self.slots(), RECONCILE_WAIT).await;
+        if let Some((vm, error)) = unobservable.iter().next() {
+            return Err((
+                ErrorKind::Failed,
+                format!("cannot read VM {vm} from QEMU: {error}"),
+            ));
+        }
+        Ok(plan(&desired, &observed, &self.intents(&desired)))
+    }
+
+    async fn operator(&self, vm: &str, intent: OperatorIntent) -> Result<Response, Refusal> {
+        let declared = self
+            .desired
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|d| d.vms.contains_key(vm));
+        if !declared {
+            return Err((
+                ErrorKind::BadRequest,
+                format!("VM {vm} is not declared in {}", self.config_path.display()),
+            ));
+        }
+        self.operator
+            .lock()
+            .unwrap()
+            .set(vm, intent)
+            .map_err(|e| (ErrorKind::Failed, format!("{e:#}")))?;
+        if intent == OperatorIntent::Started {
+            self.restarts
+                .lock()
+                .unwrap()
+                .entry(vm.to_owned())
+                .or_default()
+                .forgive();
+        }
+        let report = self.reconcile(false).await?;
+        Ok(Response::Applied { report })
+    }
+
+    /// Run intents: operator stop, then restart-policy hold, then operator start; else autostart.
+    fn intents(&self, desired: &DesiredState) -> RunIntents {
+        let operator = self.operator.lock().unwrap();
+        let restarts = self.restarts.lock().unwrap();
+        let now = Instant::now();
+        let mut intents = RunIntents::new();
+        for name in desired.vms.keys() {
+            let held = restarts.get(name).and_then(|t| t.held_down(now));
+            let intent = match (operator.get(name), held) {
+                (Some(OperatorIntent::Stopped), _) => RunIntent::StayDown {
+                    reason: format!("stopped by operator (plasmavmc start {name} to run it)"),
+                },
+                (_, Some(reason)) => RunIntent::StayDown {
+                    reason: reason.to_owned(),
+                },
+                (Some(OperatorIntent::Started), None) => RunIntent::Run,
+                (None, None) => continue,
+            };
+            intents.insert(name.clone(), intent);
+        }
+        intents
+    }
+
+    fn after_step(&self, vm: &str, desired: &DesiredState, action: &Action, outcome: &StepOutcome) {
+        if !matches!(action, Action::StartVm { .. } | Action::RestartVm { .. }) {
+            return;
+        }
+        let mut restarts = self.restarts.lock().unwrap();
+        let tracker = restarts.entry(vm.to_owned()).or_default();
+        match outcome {
+            StepOutcome::Done => tracker.on_started(),
+            StepOutcome::Failed { error } => {
+                let policy = desired
+                    .vms
+                    .get(vm)
+                    .map_or(RestartPolicy::Never, |s| s.restart_policy);
+                if let Some(delay) = tracker.on_start_failed(policy, error, Instant::now()) {
+                    self.reconcile_after(delay);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn apply_restart_policy(&self, vm: &str, exit: Exit) {
+        let policy = self
+            .desired
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|d| d.vms.get(vm))
+            .map_or(RestartPolicy::Never, |s| s.restart_policy);
+        let delay = self
+            .restarts
+            .lock()
+            .unwrap()
+            .entry(vm.to_owned())
+            .or_default()
+            .on_exit(
+                policy,
+                exit.clean,
+                exit.ran_for,
+                exit.reason,
+                Instant::now(),
+            );
+        if let Some(delay) = delay {
+            self.reconcile_after(delay);
+        }
+    }
+
+    fn reconcile_after(&self, delay: Duration) {
+        let triggers = self.triggers.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = triggers.send(Trigger::Reconcile);
+        });
+    }
+
+    /// Status fields owned by the supervisor: why a VM is held down, how often it restarted.
+    fn publish_supervision(&self, desired: &DesiredState) {
+        let intents = self.intents(desired);
+        let restarts = self.restarts.lock().unwrap();
+        for slot in self.slots() {
+            let held = match intents.get(&slot.name) {
+                Some(RunIntent::StayDown { reason }) => Some(reason.clone()),
+                _ => None,
+            };
+            let count = restarts.get(&slot.name).map_or(0, |t| t.restarts);
+            slot.update_status(|s| {
+                s.held_down = held;
+                s.restarts = count;
+            });
+        }
+    }
+
+    /// VMs no longer declared, once stopped, leave the status.
+    fn forget_undeclared_stopped(&self, desired: &DesiredState) {
+        self.vms
+            .lock()
+            .unwrap()
+            .retain(|name, slot| desired.vms.contains_key(name) || slot.status().pid.is_some());
+    }
+
+    fn slots(&self) -> Vec<Arc<VmSlot>> {
+        self.vms.lock().unwrap().values().cloned().collect()
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<VmSlot>> {
+        self.vms.lock().unwrap().get(name).cloned()
+    }
+}
+
+/// Every VM as QEMU reports it; VMs that could not be read are listed with the error (the
+/// planner must not see them as absent, or it would start a second QEMU beside a live one).
+async fn observe_all(
+    slots: &[Arc<VmSlot>],
+    wait: Duration,
+) -> (ObservedHost, BTreeMap<String, String>) {
+    let results = join_all(slots.iter().map(|slot| slot.observe(wait))).await;
+    let mut observed = ObservedHost::default();
+    let mut unobservable = BTreeMap::new();
+    for (slot, result) in slots.iter().zip(results) {
+        match result {
+            Ok(Some(vm)) => {
+                observed.vms.insert(slot.name.clone(), vm);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                unobservable.insert(slot.name.clone(), format!("{e:#}"));
+            }
+        }
+    }
+    (observed, unobservable)
+}

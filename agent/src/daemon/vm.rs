@@ -1,0 +1,529 @@
+//! One VM as the daemon holds it: its QEMU connection (if any) and a status snapshot.
+//!
+//! Everything that talks to a VM's QEMU goes through its runtime lock, so operations on one VM
+//! are serialized while VMs stay independent. The status snapshot is separate and never held
+//! across an await: `status` answers even while a VM is busy shutting down.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::action::Action;
+use crate::control::protocol::StepOutcome;
+use crate::ids;
+use crate::observed::ObservedVm;
+use crate::paths::RunDir;
+use crate::qemu::lifecycle::{self, ResetOutcome};
+use crate::qemu::live::{apply_live, LiveOutcome};
+use crate::qemu::{observe, process, QemuEvent, Qmp, RunningQemu};
+use crate::spec::VmSpec;
+use crate::status::{Device, VmState, VmStatus};
+
+/// How long a freshly launched QEMU may take to answer on QMP (TCG on a loaded host is slow).
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every VM needs from the daemon: where things are, how long to wait, whom to tell.
+pub struct Shell {
+    pub run_dir: RunDir,
+    pub qemu: PathBuf,
+    pub stop_timeout: Duration,
+    pub unplug_timeout: Duration,
+    pub events: mpsc::UnboundedSender<VmEvent>,
+}
+
+/// What a VM's QEMU tells the daemon without being asked.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// The QMP connection `generation` closed; `clean` if QEMU announced a shutdown first.
+    Exited {
+        vm: String,
+        generation: u64,
+        clean: bool,
+    },
+    /// A device went away (an unplug the guest finished late): time to clean up after it.
+    DeviceDeleted {
+        vm: String,
+    },
+    UnplugRefused {
+        vm: String,
+        device: String,
+    },
+    GuestPanicked {
+        vm: String,
+    },
+}
+
+pub struct VmSlot {
+    pub name: String,
+    runtime: tokio::sync::Mutex<Runtime>,
+    status: Mutex<VmStatus>,
+}
+
+#[derive(Default)]
+struct Runtime {
+    conn: Option<Conn>,
+    generation: u64,
+    /// Devices the guest was asked to release that it still holds (by QEMU device id).
+    unplugging: BTreeSet<String>,
+}
+
+struct Conn {
+    qmp: Arc<Qmp>,
+    pid: u32,
+    boot_spec: VmSpec,
+    started: Instant,
+    watcher: JoinHandle<()>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// A QEMU that went away, as `VmSlot::on_exit` found it.
+pub struct Exit {
+    pub ran_for: Duration,
+    pub clean: bool,
+    pub reason: String,
+}
+
+impl VmSlot {
+    pub fn new(name: &str, declared: bool) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_owned(),
+            runtime: Default::default(),
+            status: Mutex::new(VmStatus::stopped(declared)),
+        })
+    }
+
+    /// The snapshot, with the uptime as of now.
+    pub fn status(&self) -> VmStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    pub fn update_status(&self, f: impl FnOnce(&mut VmStatus)) {
+        f(&mut self.status.lock().expect("status lock"));
+    }
+
+    /// Takes over a QEMU found running (identity already checked): reconnects QMP, nothing else.
+    pub async fn adopt(&self, shell: &Shell, running: RunningQemu) -> Result<()> {
+        let socket = shell.run_dir.vm(&self.name).qmp_socket();
+        let qmp = Qmp::connect(&socket, ADOPT_TIMEOUT)
+            .await
+            .with_context(|| {
+                format!(
+                    "QEMU of VM {} (pid {}) does not answer on QMP",
+                    self.name, running.pid
+                )
+            })?;
+        let started = Instant::now() - process_uptime(running.pid).unwrap_or_default();
+        let mut rt = self.runtime.lock().await;
+        self.connect(&mut rt, shell, qmp, running.pid, running.boot_spec, started);
+        Ok(())
+    }
+
+    /// Reads the VM back from QEMU (None: no QEMU) and refreshes the status snapshot with the
+    /// devices QEMU reports. Waits at most `wait` for a busy VM (then: `Err`).
+    pub async fn observe(&self, wait: Duration) -> Result<Option<ObservedVm>> {
+        let mut rt = tokio::time::timeout(wait, self.runtime.lock())
+            .await
+            .context("busy with another operation")?;
+        let Some(conn) = &rt.conn else {
+            return Ok(None);
+        };
+        let mut observed = observe::observe(&conn.qmp, conn.pid, conn.boot_spec.clone()).await?;
+        let peripherals = observe::peripherals(&conn.qmp).await?;
+        let (pid, started) = (conn.pid, conn.started);
+        rt.unplugging
+            .retain(|device| peripherals.contains_key(device));
+        observed.unplugging = rt.unplugging.clone();
+        self.update_status(|s| {
+            s.state = if observed.paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
+            s.pid = Some(pid);
+            s.uptime_seconds = Some(started.elapsed().as_secs());
+            s.devices = peripherals
+                .iter()
+                .filter(|(_, kind)| Device::is_listed(kind))
+                .map(|(id, kind)| Device::from_qom(id, kind))
+                .collect();
+            s.unplugging = observed.unplugging.iter().cloned().collect();
+        });
+        Ok(Some(observed))
+    }
+
+    /// Executes this VM's steps in order. A removal that fails or waits for the guest blocks the
+    /// add of the same id after it (a replacement); a failed start/stop ends the sequence.
+    pub async fn execute(&self, shell: &Shell, actions: &[Action]) -> Vec<StepOutcome> {
+        let mut rt = self.runtime.lock().await;
+        let mut blocked: BTreeSet<String> = BTreeSet::new();
+        let mut halted: Option<String> = None;
+        let mut outcomes = Vec::with_capacity(actions.len());
+        for action in actions {
+            let device = device_of(action);
+            if let Some(reason) = &halted {
+                outcomes.push(StepOutcome::Skipped {
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+            if let Some(device) = device.as_ref().filter(|d| blocked.contains(*d)) {
+                outcomes.push(StepOutcome::Skipped {
+                    reason: format!("the removal of {device} has not completed"),
+                });
+                continue;
+            }
+            let outcome = match self.execute_one(&mut rt, shell, action).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    let error = format!("{e:#}");
+                    tracing::warn!(vm = %self.name, ?action, "step failed: {error}");
+                    self.update_status(|s| s.last_error = Some(error.clone()));
+                    StepOutcome::Failed { error }
+                }
+            };
+            match (&outcome, action) {
+                (StepOutcome::Done, _) => {}
+                (_, Action::StartVm { .. } | Action::StopVm { .. } | Action::RestartVm { .. }) => {
+                    halted = Some("an earlier lifecycle step failed".into())
+                }
+                _ => blocked.extend(device),
+            }
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    async fn execute_one(
+        &self,
+        rt: &mut Runtime,
+        shell: &Shell,
+        action: &Action,
+    ) -> Result<StepOutcome> {
+        match action {
+            Action::StartVm { spec } => self.start(rt, shell, spec).await?,
+            Action::StopVm { reason } => self.stop(rt, shell, reason).await?,
+            Action::RestartVm { spec, reason } => {
+                self.stop(rt, shell, reason).await?;
+                self.start(rt, shell, spec).await?;
+            }
+            live => {
+                let conn = rt.conn.as_ref().context("VM is not running")?;
+                match apply_live(
+                    &conn.qmp,
+                    &self.name,
+                    &conn.boot_spec,
+                    live,
+                    shell.unplug_timeout,
+                )
+                .await?
+                {
+                    LiveOutcome::Done => {
+                        if let Some(device) = device_of(live) {
+                            rt.unplugging.remove(&device);
+                        }
+                    }
+                    LiveOutcome::Unplugging { device } => {
+                        rt.unplugging.insert(device.clone());
+                        return Ok(StepOutcome::Unplugging { device });
+                    }
+                }
+            }
+        }
+        Ok(StepOutcome::Done)
+    }
+
+    async fn start(&self, rt: &mut Runtime, shell: &Shell, spec: &VmSpec) -> Result<()> {
+        if let Some(conn) = &rt.conn {
+            bail!("already running as pid {}", conn.pid);
+        }
+        self.update_status(|s| s.state = VmState::Starting);
+        let vm_dir = shell.run_dir.vm(&self.name);
+        let launched = async {
+            lifecycle::prepare_host_devices(&self.name, spec)?;
+            let pid = crate::qemu::launch(&self.name, spec, &vm_dir, &shell.qemu)?;
+            match process::qmp_after_launch(pid, &vm_dir, LAUNCH_TIMEOUT).await {
+                Ok(qmp) => Ok((pid, qmp)),
+                Err(e) => {
+                    let _ = lifecycle::stop(None, pid, Duration::ZERO).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        match launched {
+            Ok((pid, qmp)) => {
+                self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
+                self.update_status(|s| s.last_error = None);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = lifecycle::release_host_devices(&self.name, spec);
+                let _ = process::clear_runtime_files(&vm_dir);
+                self.update_status(|s| {
+                    *s = VmStatus {
+                        state: VmState::Failed,
+                        ..VmStatus::stopped(s.declared)
+                    }
+                });
+                Err(e.context(format!("starting VM {}", self.name)))
+            }
+        }
+    }
+
+    async fn stop(&self, rt: &mut Runtime, shell: &Shell, reason: &str) -> Result<()> {
+        let Some(conn) = rt.conn.take() else {
+            return Ok(());
+        };
+        tracing::info!(vm = %self.name, pid = conn.pid, "stopping: {reason}");
+        self.update_status(|s| s.state = VmState::Stopping);
+        match lifecycle::stop(Some(&conn.qmp), conn.pid, shell.stop_timeout).await {
+            Ok(outcome) => tracing::info!(vm = %self.name, ?outcome, "stopped"),
+            Err(e) => {
+                rt.conn = Some(conn);
+                self.update_status(|s| s.state = VmState::Running);
+                return Err(e);
+            }
+        }
+        self.forget_process(rt, shell, &conn.boot_spec);
+        self.update_status(|s| {
+            let declared = s.declared;
+            *s = VmStatus {
+                last_error: s.last_error.take(),
+                restarts: s.restarts,
+                ..VmStatus::stopped(declared)
+            };
+        });
+        Ok(())
+    }
+
+    /// A QMP connection closed. If it is the current one, QEMU is gone (or is made gone):
+    /// clean up after it and say how it ended. None: a stale event (the VM was stopped or
+    /// restarted on purpose meanwhile).
+    pub async fn on_exit(&self, shell: &Shell, generation: u64, clean: bool) -> Option<Exit> {
+        let mut rt = self.runtime.lock().await;
+        if rt.generation != generation || rt.conn.is_none() {
+            return None;
+        }
+        let conn = rt.conn.take().expect("checked above");
+        if !process::wait_for_exit(conn.pid, Duration::from_secs(2)).await {
+            // The QMP stream broke but QEMU lives: without a monitor it cannot be managed, and a
+            // second QEMU must never run beside it. Take it down; the restart policy decides.
+            tracing::warn!(vm = %self.name, pid = conn.pid, "QMP closed but QEMU lives; killing it");
+            let _ = lifecycle::stop(None, conn.pid, Duration::ZERO).await;
+        }
+        let reason = if clean {
+            format!("guest shut down (QEMU pid {} exited)", conn.pid)
+        } else {
+            let tail = process::qemu_log_tail(&shell.run_dir.vm(&self.name));
+            let mut reason = format!("QEMU (pid {}) exited unexpectedly", conn.pid);
+            if !tail.is_empty() {
+                reason.push_str(&format!(": {tail}"));
+            }
+            reason
+        };
+        self.forget_process(&mut rt, shell, &conn.boot_spec);
+        self.update_status(|s| {
+            let declared = s.declared;
+            *s = VmStatus {
+                state: if clean {
+                    VmState::Stopped
+                } else {
+                    VmState::Failed
+                },
+                last_error: if clean {
+                    s.last_error.take()
+                } else {
+                    Some(reason.clone())
+                },
+                restarts: s.restarts,
+                ..VmStatus::stopped(declared)
+            };
+        });
+        Some(Exit {
+            ran_for: conn.started.elapsed(),
+            clean,
+            reason,
+        })
+    }
+
+    pub async fn reset(&self, shell: &Shell, soft: bool) -> Result<String> {
+        let rt = self.runtime.lock().await;
+        let conn = rt
+            .conn
+            .as_ref()
+            .with_context(|| format!("VM {} is not running", self.name))?;
+        if !soft {
+            lifecycle::reset_hard(&conn.qmp).await?;
+            return Ok(format!("{}: hard reset (system_reset)", self.name));
+        }
+        Ok(
+            match lifecycle::reset_soft(&conn.qmp, shell.stop_timeout).await? {
+                ResetOutcome::Soft => format!(
+                    "{}: soft reset: the guest shut down and started again",
+                    self.name
+                ),
+                ResetOutcome::HardAfterTimeout => format!(
+                    "{}: the guest did not shut down within {:?}; it was hard-reset instead",
+                    self.name, shell.stop_timeout
+                ),
+            },
+        )
+    }
+
+    fn connect(
+        &self,
+        rt: &mut Runtime,
+        shell: &Shell,
+        qmp: Qmp,
+        pid: u32,
+        boot_spec: VmSpec,
+        started: Instant,
+    ) {
+        rt.generation += 1;
+        let qmp = Arc::new(qmp);
+        let watcher = tokio::spawn(watch_events(
+            self.name.clone(),
+            rt.generation,
+            qmp.clone(),
+            qmp.subscribe(),
+            shell.events.clone(),
+        ));
+        rt.conn = Some(Conn {
+            qmp,
+            pid,
+            boot_spec,
+            started,
+            watcher,
+        });
+        self.update_status(|s| {
+            s.state = VmState::Running;
+            s.pid = Some(pid);
+            s.uptime_seconds = Some(started.elapsed().as_secs());
+        });
+    }
+
+    /// After QEMU is gone: delete the taps the agent made for it and its pidfile and socket.
+    fn forget_process(&self, rt: &mut Runtime, shell: &Shell, boot_spec: &VmSpec) {
+        rt.unplugging.clear();
+        if let Err(e) = lifecycle::release_host_devices(&self.name, boot_spec) {
+            tracing::warn!(vm = %self.name, "releasing host devices: {e:#}");
+        }
+        if let Err(e) = process::clear_runtime_files(&shell.run_dir.vm(&self.name)) {
+            tracing::warn!(vm = %self.name, "{e:#}");
+        }
+    }
+}
+
+/// Forwards what the daemon acts on from one QMP connection, until it closes.
+async fn watch_events(
+    vm: String,
+    generation: u64,
+    qmp: Arc<Qmp>,
+    mut events: broadcast::Receiver<QemuEvent>,
+    tx: mpsc::UnboundedSender<VmEvent>,
+) {
+    let mut clean = false;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = qmp.disconnected() => Err(broadcast::error::RecvError::Closed),
+        };
+        let vm = vm.clone();
+        let _ = match event {
+            Ok(QemuEvent::Shutdown { .. }) => {
+                clean = true;
+                continue;
+            }
+            Ok(QemuEvent::DeviceDeleted {
+                device: Some(_), ..
+            }) => tx.send(VmEvent::DeviceDeleted { vm }),
+            Ok(QemuEvent::DeviceUnplugGuestError { device, path }) => {
+                tx.send(VmEvent::UnplugRefused {
+                    vm,
+                    device: device.unwrap_or(path),
+                })
+            }
+            Ok(QemuEvent::GuestPanicked) => tx.send(VmEvent::GuestPanicked { vm }),
+            Ok(QemuEvent::Disconnected { after_shutdown }) => {
+                let _ = tx.send(VmEvent::Exited {
+                    vm,
+                    generation,
+                    clean: clean || after_shutdown,
+                });
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                let _ = tx.send(VmEvent::Exited {
+                    vm,
+                    generation,
+                    clean,
+                });
+                return;
+            }
+            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+        };
+    }
+}
+
+/// The QEMU device a disk/NIC action is about (to block the add of a failed replacement).
+fn device_of(action: &Action) -> Option<String> {
+    match action {
+        Action::AddDisk { id, .. } | Action::RemoveDisk { id } => Some(ids::disk_device(id)),
+        Action::AddNic { id, .. } | Action::RemoveNic { id } => Some(ids::nic_device(id)),
+        _ => None,
+    }
+}
+
+/// How long process `pid` has been running (from `/proc/<pid>/stat` and `/proc/uptime`).
+fn process_uptime(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
+    let start_ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    let started_after_boot = start_ticks as f64 / ticks_per_sec as f64;
+    Some(Duration::from_secs_f64(
+        (uptime - started_after_boot).max(0.0),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_uptime_is_small_and_known() {
+        let uptime = process_uptime(std::process::id()).expect("uptime of this test");
+        assert!(uptime < Duration::from_secs(3600), "{uptime:?}");
+        assert_eq!(process_uptime(u32::MAX), None);
+    }
+
+    #[test]
+    fn replacement_steps_share_a_device() {
+        let remove = Action::RemoveDisk { id: "data".into() };
+        assert_eq!(device_of(&remove), Some("disk-data".into()));
+        assert_eq!(device_of(&Action::SetVcpus { from: 1, to: 2 }), None);
+    }
+}

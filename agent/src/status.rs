@@ -1,0 +1,416 @@
+//! What `plasmavmc status` shows: per VM its state, process, devices as QEMU reports them, pending
+//! changes and last error; plus strangers (QEMUs the agent will not touch) and the config's health.
+//!
+//! Plain data (the `status --json` format) and its human rendering. Pure: the daemon fills it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::action::PendingChange;
+use crate::ids;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    pub vms: BTreeMap<String, VmStatus>,
+    /// Live QEMUs in the run dir the agent cannot prove are its own; never touched.
+    #[serde(default)]
+    pub strangers: Vec<Stranger>,
+    pub config: ConfigStatus,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigStatus {
+    pub path: String,
+    /// Why the file as it is now was refused; the agent keeps acting on the last valid one (or,
+    /// if none was ever valid, leaves every VM exactly as it is).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Stopped,
+    Starting,
+    Running,
+    Paused,
+    Stopping,
+    Failed,
+}
+
+impl VmState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopping => "stopping",
+            VmState::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VmStatus {
+    pub state: VmState,
+    /// QEMU's PID while it runs.
+    pub pid: Option<u32>,
+    /// Since the agent launched (or, for an adopted VM, first saw) this QEMU.
+    pub uptime_seconds: Option<u64>,
+    /// False for a VM that runs but is no longer declared (it is being stopped).
+    pub declared: bool,
+    /// Devices QEMU has right now (read when status was asked).
+    pub devices: Vec<Device>,
+    /// Device ids the guest was asked to release and has not yet.
+    pub unplugging: Vec<String>,
+    /// Declared changes waiting for the VM's next start.
+    pub pending: Vec<PendingChange>,
+    pub last_error: Option<String>,
+    /// Set while the VM is kept down: by the operator, by its restart policy, or backing off.
+    pub held_down: Option<String>,
+    /// How often the agent restarted it after QEMU went away (restart policy).
+    pub restarts: u32,
+}
+
+impl VmStatus {
+    /// A VM with no QEMU process.
+    pub fn stopped(declared: bool) -> VmStatus {
+        VmStatus {
+            state: VmState::Stopped,
+            pid: None,
+            uptime_seconds: None,
+            declared,
+            devices: Vec::new(),
+            unplugging: Vec::new(),
+            pending: Vec::new(),
+            last_error: None,
+            held_down: None,
+            restarts: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Device {
+    /// QEMU's device id (`disk-data`, `nic-eth0`, `vcpu-1-0-0`, `mem0`, `port3`).
+    pub id: String,
+    /// `disk`, `nic`, `vcpu`, `memory`, `slot` (a PCIe root port) or `other`.
+    pub kind: String,
+    /// QEMU's device type (`virtio-blk-pci`, ...).
+    pub qom_type: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Stranger {
+    pub name: String,
+    /// The PID its pidfile names, if any.
+    pub pid: Option<u32>,
+    pub reason: String,
+}
+
+impl Device {
+    /// Whether a device of this QOM type is worth listing (PCIe root ports are plumbing).
+    pub fn is_listed(qom_type: &str) -> bool {
+        qom_type != "pcie-root-port"
+    }
+
+    pub fn from_qom(id: &str, qom_type: &str) -> Device {
+        let kind = if ids::parse_disk_device(id).is_some() {
+            "disk"
+        } else if ids::parse_nic_device(id).is_some() {
+            "nic"
+        } else if id.starts_with("vcpu-") {
+            "vcpu"
+        } else if id == ids::VIRTIO_MEM_DEVICE {
+            "memory"
+        } else if qom_type == "pcie-root-port" {
+            "slot"
+        } else {
+            "other"
+        };
+        Device {
+            id: id.to_owned(),
+            kind: kind.to_owned(),
+            qom_type: qom_type.to_owned(),
+        }
+    }
+}
+
+/// The human view: one table row per VM, then what needs explaining under it.
+pub fn render(status: &HostStatus) -> String {
+    let mut out = String::new();
+    if let Some(error) = &status.config.error {
+        let _ = writeln!(
+            out,
+            "config {} refused (the agent keeps acting on the last valid one, if any; \
+             running VMs are left as they are):\n{}\n",
+            status.config.path,
+            indent(error, "  ")
+        );
+    }
+    if status.vms.is_empty() {
+        out.push_str("no VMs\n");
+    } else {
+        out.push_str(&table(status));
+    }
+    for stranger in &status.strangers {
+        let pid = stranger
+            .pid
+            .map_or(String::new(), |pid| format!(" (pid {pid})"));
+        let _ = writeln!(
+            out,
+            "stranger {}{pid}: {} (not touched)",
+            stranger.name, stranger.reason
+        );
+    }
+    out
+}
+
+fn table(status: &HostStatus) -> String {
+    let header = [
+        "NAME", "STATE", "PID", "UPTIME", "DISKS", "NICS", "VCPUS+", "PENDING",
+    ];
+    let rows: Vec<[String; 8]> = status
+        .vms
+        .iter()
+        .map(|(name, vm)| {
+            let of_kind = |kind: &str, parse: fn(&str) -> Option<&str>| {
+                let names: Vec<&str> = vm
+                    .devices
+                    .iter()
+                    .filter(|d| d.kind == kind)
+                    .map(|d| parse(&d.id).unwrap_or(&d.id))
+                    .collect();
+                if names.is_empty() {
+                    "-".to_owned()
+                } else {
+                    names.join(",")
+                }
+            };
+            let hot_vcpus = vm.devices.iter().filter(|d| d.kind == "vcpu").count();
+            [
+                name.clone(),
+                vm.state.as_str().to_owned(),
+                vm.pid.map_or("-".into(), |pid| pid.to_string()),
+                vm.uptime_seconds.map_or("-".into(), duration),
+                of_kind("disk", ids::parse_disk_device),
+                of_kind("nic", ids::parse_nic_device),
+                hot_vcpus.to_string(),
+                vm.pending.len().to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[&str]| {
+        let mut text = String::new();
+        for (cell, width) in cells.iter().zip(widths) {
+            let _ = write!(text, "{cell:<width$}  ");
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut out, &header);
+    for (row, (_, vm)) in rows.iter().zip(&status.vms) {
+        line(&mut out, &row.each_ref().map(String::as_str));
+        out.push_str(&details(vm));
+    }
+    out
+}
+
+/// The lines under a VM's row: what an operator needs to know beyond the columns.
+fn details(vm: &VmStatus) -> String {
+    let mut out = String::new();
+    if !vm.declared {
+        out.push_str("  no longer declared: being stopped\n");
+    }
+    if let Some(reason) = &vm.held_down {
+        let _ = writeln!(out, "  kept down: {reason}");
+    }
+    if vm.restarts > 0 {
+        let _ = writeln!(
+            out,
+            "  restarted {} times by its restart policy",
+            vm.restarts
+        );
+    }
+    for device in &vm.unplugging {
+        let _ = writeln!(
+            out,
+            "  unplugging {device}: waiting for the guest to release it (retried)"
+        );
+    }
+    for change in &vm.pending {
+        let _ = writeln!(
+            out,
+            "  pending {}: {} -> {} ({}; applied at the next start)",
+            change.field, change.from, change.to, change.reason
+        );
+    }
+    if let Some(error) = &vm.last_error {
+        let _ = writeln!(out, "  last error: {error}");
+    }
+    out
+}
+
+/// `93784` → `1d2h03m`; `185` → `3m05s`.
+pub fn duration(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m{s:02}s"),
+        (0, _, _) => format!("{h}h{m:02}m"),
+        _ => format!("{d}d{h}h{m:02}m"),
+    }
+}
+
+fn indent(text: &str, prefix: &str) -> String {
+    text.lines()
+        .map(|line| format!("{prefix}{line}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(devices: &[(&str, &str)]) -> VmStatus {
+        VmStatus {
+            state: VmState::Running,
+            pid: Some(4242),
+            uptime_seconds: Some(185),
+            devices: devices
+                .iter()
+                .map(|(id, t)| Device::from_qom(id, t))
+                .collect(),
+            ..VmStatus::stopped(true)
+        }
+    }
+
+    #[test]
+    fn device_kinds_follow_the_agent_ids() {
+        let kinds: Vec<String> = [
+            ("disk-data", "virtio-blk-pci"),
+            ("nic-eth0", "virtio-net-pci"),
+            ("vcpu-1-0-0", "qemu64-x86_64-cpu"),
+            ("mem0", "virtio-mem-pci"),
+            ("port2", "pcie-root-port"),
+            ("serial0", "isa-serial"),
+        ]
+        .iter()
+        .map(|(id, t)| Device::from_qom(id, t).kind)
+        .collect();
+        assert_eq!(kinds, ["disk", "nic", "vcpu", "memory", "slot", "other"]);
+    }
+
+    #[test]
+    fn json_has_the_documented_keys() {
+        let mut status = HostStatus::default();
+        status
+            .vms
+            .insert("web".into(), running(&[("disk-root", "virtio-blk-pci")]));
+        let json = serde_json::to_value(&status).unwrap();
+        let vm = &json["vms"]["web"];
+        assert_eq!(vm["state"], "running");
+        assert_eq!(vm["pid"], 4242);
+        assert_eq!(vm["uptimeSeconds"], 185);
+        assert_eq!(vm["devices"][0]["id"], "disk-root");
+        assert_eq!(vm["devices"][0]["kind"], "disk");
+        assert!(vm["pending"].as_array().unwrap().is_empty());
+        assert!(vm["lastError"].is_null());
+        let back: HostStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+    }
+
+    #[test]
+    fn table_lists_devices_and_explains_pending_errors_and_holds() {
+        let mut web = running(&[
+            ("disk-root", "virtio-blk-pci"),
+            ("disk-data", "virtio-blk-pci"),
+            ("nic-eth0", "virtio-net-pci"),
+            ("vcpu-1-0-0", "x"),
+            ("port0", "pcie-root-port"),
+        ]);
+        web.unplugging = vec!["disk-data".into()];
+        web.pending = vec![PendingChange {
+            vm: "web".into(),
+            field: "machine".into(),
+            from: "q35".into(),
+            to: "pc".into(),
+            reason: "boot-time setting".into(),
+        }];
+        let mut db = running(&[]);
+        db.state = VmState::Failed;
+        db.pid = None;
+        db.uptime_seconds = None;
+        db.last_error = Some("QEMU exited unexpectedly".into());
+        db.held_down = Some("restarting in 4s".into());
+        let mut status = HostStatus::default();
+        status.vms.insert("web".into(), web);
+        status.vms.insert("db".into(), db);
+        let text = render(&status);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "NAME  STATE    PID   UPTIME  DISKS      NICS  VCPUS+  PENDING"
+        );
+        assert_eq!(
+            lines[1],
+            "db    failed   -     -       -          -     0       0"
+        );
+        assert_eq!(lines[2], "  kept down: restarting in 4s");
+        assert_eq!(lines[3], "  last error: QEMU exited unexpectedly");
+        assert_eq!(
+            lines[4],
+            "web   running  4242  3m05s   root,data  eth0  1       1"
+        );
+        assert!(text.contains("  unplugging disk-data: waiting for the guest"));
+        assert!(text.contains(
+            "  pending machine: q35 -> pc (boot-time setting; applied at the next start)"
+        ));
+    }
+
+    #[test]
+    fn a_refused_config_and_strangers_are_said_first_and_last() {
+        let mut status = HostStatus::default();
+        status.config = ConfigStatus {
+            path: "/etc/plasmavmc/desired.json".into(),
+            error: Some("vms.web.vcpus: must be at least 1".into()),
+        };
+        status.strangers.push(Stranger {
+            name: "old".into(),
+            pid: Some(77),
+            reason: "spec.json unreadable".into(),
+        });
+        let text = render(&status);
+        assert!(text.starts_with("config /etc/plasmavmc/desired.json refused"));
+        assert!(text.contains("  vms.web.vcpus: must be at least 1"));
+        assert!(text.ends_with("stranger old (pid 77): spec.json unreadable (not touched)\n"));
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(5), "5s");
+        assert_eq!(duration(185), "3m05s");
+        assert_eq!(duration(3720), "1h02m");
+        assert_eq!(duration(93784), "1d2h03m");
+    }
+}
