@@ -221,7 +221,7 @@ fn render_report(report: &ApplyReport) -> String {
         let outcome = match &step.outcome {
             StepOutcome::Done => "done".to_owned(),
             StepOutcome::Unplugging { device } => {
-                format!("waiting for the guest to release {device} (retried)")
+                format!("unplugging: the guest has not released {device} yet (retried)")
             }
             StepOutcome::Failed { error } => format!("FAILED: {error}"),
             StepOutcome::Skipped { reason } => format!("skipped: {reason}"),

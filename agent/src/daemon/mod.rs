@@ -129,15 +129,19 @@ async fn handle_trigger(
 ) {
     match trigger {
         Trigger::ConfigTouched => {
-            // Editors and switches touch the directory several times in a row.
+            // Editors and switches touch the file several times in a row. Triggers that queued
+            // up meanwhile are folded in, never dropped.
             tokio::time::sleep(CONFIG_DEBOUNCE).await;
-            let mut reload = false;
+            let (mut reload, mut reconcile) = (false, false);
             while let Ok(next) = pending.try_recv() {
                 reload |= matches!(next, Trigger::Reload);
+                reconcile |= matches!(next, Trigger::Reconcile);
             }
             if reload || daemon.config_changed_on_disk() {
                 tracing::info!("config file changed: reloading");
                 daemon.reconcile_logged(true).await;
+            } else if reconcile {
+                daemon.reconcile_logged(false).await;
             }
         }
         Trigger::Reload => daemon.reconcile_logged(true).await,

@@ -262,7 +262,10 @@ impl Daemon {
                     self.reconcile_logged(false).await;
                 }
             }
-            VmEvent::DeviceDeleted { .. } => self.reconcile_logged(false).await,
+            VmEvent::DeviceDeleted { vm } => {
+                tracing::debug!(vm = %vm, "the guest released a device; finishing its removal");
+                self.reconcile_logged(false).await
+            }
             VmEvent::UnplugRefused { vm, device } => {
                 let error = format!("the guest refused to release {device}");
                 tracing::warn!(vm = %vm, "{error}");

@@ -24,8 +24,17 @@ pub fn watch_config_dir(
         .parent()
         .context("the config file has no parent directory")?
         .to_owned();
+    let name = absolute
+        .file_name()
+        .context("the config path has no file name")?
+        .to_owned();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| !e.kind.is_access()) {
+        // Only events naming the config file: other files in its directory (logs, editors'
+        // swap files) must not wake the agent.
+        let about_config = |e: &notify::Event| {
+            !e.kind.is_access() && e.paths.iter().any(|p| p.file_name() == Some(&name))
+        };
+        if event.is_ok_and(|e| about_config(&e)) {
             let _ = triggers.send(Trigger::ConfigTouched);
         }
     })
