@@ -45,6 +45,7 @@ struct RunDirArg {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     /// Run the agent (daemon): adopt running VMs, reconcile on every config change, serve the
     /// control socket.

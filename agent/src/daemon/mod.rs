@@ -109,8 +109,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let events = async {
         loop {
             tokio::select! {
-                Some(event) = vm_event_rx.recv() => daemon.on_vm_event(event).await,
-                Some(trigger) = trigger_rx.recv() => handle_trigger(&daemon, trigger, &mut trigger_rx).await,
+                // Reconciles run in tasks of their own: the loop only dispatches, so a VM busy
+                // for a while (a guest slow to power down) never delays another VM's event.
+                Some(event) = vm_event_rx.recv() => {
+                    let daemon = Arc::clone(&daemon);
+                    tokio::spawn(async move { daemon.on_vm_event(event).await });
+                }
+                Some(trigger) = trigger_rx.recv() => {
+                    if let Some(reload) = debounce(&daemon, trigger, &mut trigger_rx).await {
+                        let daemon = Arc::clone(&daemon);
+                        tokio::spawn(async move { daemon.reconcile_logged(reload).await });
+                    }
+                }
             }
         }
     };
@@ -122,11 +132,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     Ok(())
 }
 
-async fn handle_trigger(
+/// What a trigger asks for: `Some(reload)` to reconcile (re-reading the config first if
+/// `reload`), `None` for nothing.
+async fn debounce(
     daemon: &Daemon,
     trigger: Trigger,
     pending: &mut mpsc::UnboundedReceiver<Trigger>,
-) {
+) -> Option<bool> {
     match trigger {
         Trigger::ConfigTouched => {
             // Editors and switches touch the file several times in a row. Triggers that queued
@@ -139,13 +151,13 @@ async fn handle_trigger(
             }
             if reload || daemon.config_changed_on_disk() {
                 tracing::info!("config file changed: reloading");
-                daemon.reconcile_logged(true).await;
-            } else if reconcile {
-                daemon.reconcile_logged(false).await;
+                Some(true)
+            } else {
+                reconcile.then_some(false)
             }
         }
-        Trigger::Reload => daemon.reconcile_logged(true).await,
-        Trigger::Reconcile => daemon.reconcile_logged(false).await,
+        Trigger::Reload => Some(true),
+        Trigger::Reconcile => Some(false),
     }
 }
 

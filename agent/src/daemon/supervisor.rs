@@ -1,8 +1,8 @@
 //! The daemon's brain: holds the desired state and the VMs, reconciles (observe → plan →
 //! execute), applies the restart policy, answers control requests.
 //!
-//! Reconciles are serialized (one at a time, host-wide); inside one, VMs are executed
-//! concurrently, each VM's steps in order.
+//! Each VM is reconciled on its own, under its own lock (observe → plan → execute, its steps in
+//! order); VMs never wait for each other.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -53,7 +53,8 @@ pub struct Daemon {
     strangers: Mutex<Vec<Stranger>>,
     operator: Mutex<OperatorIntents>,
     restarts: Mutex<BTreeMap<String, RestartTracker>>,
-    reconcile_lock: tokio::sync::Mutex<()>,
+    /// Config loads one at a time; reconciles themselves run per VM.
+    config_lock: tokio::sync::Mutex<()>,
 }
 
 type Refusal = (ErrorKind, String);
@@ -76,7 +77,7 @@ impl Daemon {
             strangers: Mutex::new(Vec::new()),
             operator: Mutex::new(operator),
             restarts: Mutex::new(BTreeMap::new()),
-            reconcile_lock: tokio::sync::Mutex::new(()),
+            config_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -141,80 +142,99 @@ impl Daemon {
         self.strangers.lock().unwrap().push(stranger);
     }
 
-    /// Observe → plan → execute. With `reload`, the config file is re-read first; an invalid one
-    /// is refused and nothing is touched. Without a valid config ever, nothing is touched.
+    /// Observe → plan → execute, every VM on its own (see `reconcile_vm`). With `reload`, the
+    /// config file is re-read first; an invalid one is refused and nothing is touched. Without a
+    /// valid config ever, nothing is touched.
     pub async fn reconcile(&self, reload: bool) -> Result<ApplyReport, Refusal> {
-        let _one_at_a_time = self.reconcile_lock.lock().await;
-        if reload {
-            self.load_config()
-                .map_err(|e| (ErrorKind::InvalidConfig, e))?;
-        }
-        let Some(desired) = self.desired.lock().unwrap().clone() else {
-            let error = self
-                .config_error
-                .lock()
-                .unwrap()
-                .clone()
-                .unwrap_or_default();
-            return Err((
-                ErrorKind::InvalidConfig,
-                format!("no valid config yet; VMs are left as they are\n{error}"),
-            ));
+        let desired = {
+            let _one_load_at_a_time = self.config_lock.lock().await;
+            if reload {
+                self.load_config()
+                    .map_err(|e| (ErrorKind::InvalidConfig, e))?;
+            }
+            let Some(desired) = self.desired.lock().unwrap().clone() else {
+                let error = self
+                    .config_error
+                    .lock()
+                    .unwrap()
+                    .clone()
+                    .unwrap_or_default();
+                return Err((
+                    ErrorKind::InvalidConfig,
+                    format!("no valid config yet; VMs are left as they are\n{error}"),
+                ));
+            };
+            desired
         };
+        let intents = self.intents(&desired);
         let slots = self.slots();
-        let (observed, unobservable) = observe_all(&slots, RECONCILE_WAIT).await;
-        let plan = plan(&desired, &observed, &self.intents(&desired));
-        for slot in &slots {
-            let pending = plan
-                .pending
-                .iter()
-                .filter(|c| c.vm == slot.name)
-                .cloned()
-                .collect();
-            slot.update_status(|s| s.pending = pending);
-        }
-
-        let mut report = ApplyReport {
-            steps: Vec::new(),
-            pending: plan.pending.clone(),
-        };
-        let mut per_vm: BTreeMap<&str, Vec<Action>> = BTreeMap::new();
-        for step in &plan.steps {
-            if let Some(error) = unobservable.get(&step.vm) {
-                report.steps.push(StepReport {
-                    vm: step.vm.clone(),
-                    action: step.action.clone(),
-                    outcome: StepOutcome::Skipped {
-                        reason: format!("could not read the VM from QEMU: {error}"),
-                    },
-                });
-            } else {
-                per_vm
-                    .entry(step.vm.as_str())
-                    .or_default()
-                    .push(step.action.clone());
-            }
-        }
-        let runs = per_vm.into_iter().map(|(vm, actions)| {
-            let slot = self.slot(vm).expect("planned VMs have slots");
-            async move {
-                let outcomes = slot.execute(&self.shell, &actions).await;
-                (vm, actions, outcomes)
-            }
-        });
-        for (vm, actions, outcomes) in join_all(runs).await {
-            for (action, outcome) in actions.into_iter().zip(outcomes) {
-                self.after_step(vm, &desired, &action, &outcome);
-                report.steps.push(StepReport {
-                    vm: vm.to_owned(),
-                    action,
-                    outcome,
-                });
-            }
+        let per_vm = slots
+            .iter()
+            .map(|slot| self.reconcile_vm(slot, &desired, &intents));
+        let mut report = ApplyReport::default();
+        for vm_report in join_all(per_vm).await {
+            report.steps.extend(vm_report.steps);
+            report.pending.extend(vm_report.pending);
         }
         self.forget_undeclared_stopped(&desired);
         self.publish_supervision(&desired);
         Ok(report)
+    }
+
+    /// One VM: observe → plan → execute, holding the VM's own reconcile lock so two reconciles
+    /// never act on the same VM at once, while other VMs go on (a guest slow to power down holds
+    /// up only its own VM).
+    async fn reconcile_vm(
+        &self,
+        slot: &VmSlot,
+        desired: &DesiredState,
+        intents: &RunIntents,
+    ) -> ApplyReport {
+        let _this_vm = slot.reconciling.lock().await;
+        let name = &slot.name;
+        let (observed, unobservable) = match slot.observe(RECONCILE_WAIT).await {
+            Ok(observed) => (observed, None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        let vm_desired = DesiredState {
+            version: desired.version,
+            vms: desired
+                .vms
+                .get(name)
+                .map(|spec| (name.clone(), spec.clone()))
+                .into_iter()
+                .collect(),
+        };
+        let vm_observed = ObservedHost {
+            vms: observed.map(|vm| (name.clone(), vm)).into_iter().collect(),
+        };
+        let plan = plan(&vm_desired, &vm_observed, intents);
+        slot.update_status(|s| s.pending = plan.pending.clone());
+
+        let actions: Vec<Action> = plan.steps.into_iter().map(|step| step.action).collect();
+        let outcomes = match &unobservable {
+            Some(error) => actions
+                .iter()
+                .map(|_| StepOutcome::Skipped {
+                    reason: format!("could not read the VM from QEMU: {error}"),
+                })
+                .collect(),
+            None if actions.is_empty() => Vec::new(),
+            None => slot.execute(&self.shell, &actions).await,
+        };
+        let mut report = ApplyReport {
+            steps: Vec::with_capacity(actions.len()),
+            pending: plan.pending,
+        };
+        for (action, outcome) in actions.into_iter().zip(outcomes) {
+            self.after_step(name, desired, &action, &outcome);
+            report.steps.push(StepReport {
+                vm: name.clone(),
+                action,
+                outcome,
+            });
+        }
+        report
     }
 
     /// What the daemon executes for a control request.

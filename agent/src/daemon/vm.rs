@@ -61,6 +61,8 @@ pub enum VmEvent {
 
 pub struct VmSlot {
     pub name: String,
+    /// Held across one reconcile of this VM (observe → plan → execute).
+    pub reconciling: tokio::sync::Mutex<()>,
     runtime: tokio::sync::Mutex<Runtime>,
     status: Mutex<VmStatus>,
 }
@@ -98,6 +100,7 @@ impl VmSlot {
     pub fn new(name: &str, declared: bool) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_owned(),
+            reconciling: Default::default(),
             runtime: Default::default(),
             status: Mutex::new(VmStatus::stopped(declared)),
         })
