@@ -165,3 +165,42 @@ fn a_qemu_the_agent_cannot_identify_is_reported_and_never_touched() {
     std::thread::sleep(Duration::from_secs(2));
     assert!(is_alive(ghost), "the stranger's QEMU is left alone");
 }
+
+#[test]
+fn a_vm_slow_to_stop_does_not_hold_up_another_vms_restart() {
+    let mut host = Host::new();
+    host.write_config(json!({
+        "slow": host.vm(json!({})),
+        "crashy": host.vm(json!({"restartPolicy": "on-failure"})),
+    }));
+    // The test guest ignores ACPI powerdown: stopping `slow` takes the whole stop timeout.
+    host.start_agent_with(&["--stop-timeout", "40"]);
+    let slow = host.wait_running("slow");
+    let crashy = host.wait_running("crashy");
+
+    let run_dir = host.run_dir.clone();
+    let stopping = std::thread::spawn(move || {
+        plasmavmc()
+            .args(["stop", "slow", "--run-dir"])
+            .arg(&run_dir)
+            .output()
+            .expect("plasmavmc stop")
+    });
+    host.wait_status("slow stopping", AGENT, |s| {
+        s["vms"]["slow"]["state"] == "stopping"
+    });
+    kill_9(crashy);
+    host.wait_status("crashy restarted", BOOT, |s| {
+        s["vms"]["crashy"]["state"] == "running"
+            && s["vms"]["crashy"]["pid"]
+                .as_u64()
+                .is_some_and(|p| p != crashy as u64)
+    });
+    assert!(
+        is_alive(slow) && !stopping.is_finished(),
+        "crashy was restarted while slow was still powering down"
+    );
+    let stopped = stopping.join().unwrap();
+    assert!(stopped.status.success(), "{stopped:?}");
+    assert!(wait_dead(slow, AGENT));
+}

@@ -140,6 +140,11 @@ impl Host {
 
     /// Starts `plasmavmc agent` and waits until it answers `status`.
     pub fn start_agent(&mut self) {
+        self.start_agent_with(&["--stop-timeout", STOP_TIMEOUT_SECS]);
+    }
+
+    /// Starts `plasmavmc agent` with extra flags and waits until it answers `status`.
+    pub fn start_agent_with(&mut self, flags: &[&str]) {
         assert!(self.agent.is_none(), "an agent already runs");
         let log = File::options()
             .create(true)
@@ -154,7 +159,7 @@ impl Host {
             .arg(&self.state_dir)
             .arg("--run-dir")
             .arg(&self.run_dir)
-            .args(["--stop-timeout", STOP_TIMEOUT_SECS])
+            .args(flags)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
