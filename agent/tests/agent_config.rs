@@ -1,7 +1,8 @@
 //! Config changes through the real `plasmavmc` binary against real guests: an invalid or missing
 //! config is refused and every VM stays exactly as it was (also when the agent starts on it);
-//! a file change alone (no reload) is noticed; a VM removed from the config is stopped; two VMs
-//! run at once; `plan` is read-only; `reload --wait` applies a live change on the same QEMU.
+//! a file change alone is noticed without a reload, even a NixOS-style swap of `/etc/static`;
+//! a VM removed from the config is stopped; two VMs run at once; `plan` is read-only;
+//! `reload --wait` applies a live change on the same QEMU.
 
 #[path = "support/agent.rs"]
 mod harness;
@@ -92,7 +93,7 @@ fn an_invalid_config_is_refused_and_the_vms_keep_running() {
 fn two_vms_run_at_once_and_one_removed_from_the_config_is_stopped() {
     let mut host = Host::new();
     let (a, b) = (host.vm(json!({})), host.vm(json!({})));
-    host.write_config(json!({"alpha": a, "beta": b}));
+    host.switch_config(1, json!({"alpha": a, "beta": b}));
     host.start_agent();
     let alpha = host.wait_running("alpha");
     let beta = host.wait_running("beta");
@@ -144,8 +145,9 @@ fn two_vms_run_at_once_and_one_removed_from_the_config_is_stopped() {
     );
     assert!(is_alive(beta), "plan touched nothing");
 
-    // Only the file changes (no reload): the agent notices and stops beta.
-    host.write_config(json!({"alpha": a}));
+    // A NixOS-style switch (only the `etc/static` symlink changes) and no reload: the agent
+    // notices and stops beta.
+    host.switch_config(2, json!({"alpha": a}));
     assert!(
         wait_dead(beta, Duration::from_secs(120)),
         "beta's QEMU is stopped"

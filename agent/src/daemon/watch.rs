@@ -1,11 +1,15 @@
-//! Reload triggers from outside: changes in the config file's directory (inotify via `notify`)
-//! and SIGHUP.
+//! Reload triggers from outside: changes of the config file (inotify via `notify`) and SIGHUP.
 //!
-//! The directory is watched, not the file: `/etc/plasmavmc/desired.json` is a symlink that a
-//! switch replaces, and editors replace files by renaming. Events only say "look again"; the
-//! event loop debounces them and reloads only if the file's content changed.
+//! Directories are watched, not the file: editors replace files by renaming, and on NixOS
+//! `/etc/plasmavmc/desired.json` is a symlink to `/etc/static/plasmavmc/desired.json` where a
+//! switch replaces only the `/etc/static` symlink. So every link along the path's resolution is
+//! watched by name in its directory (`desired.json` in `/etc/plasmavmc`, `static` in `/etc`, ...).
+//! Events only say "look again"; the event loop debounces them and reloads only if the file's
+//! content changed.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
@@ -13,36 +17,82 @@ use tokio::sync::mpsc;
 
 use super::supervisor::Trigger;
 
-/// Watches the directory of `config`; keep the returned watcher alive.
+/// Symlinks followed at most while resolving the config path (as the kernel's own limit).
+const MAX_LINKS: usize = 40;
+
+/// Watches the config file and every symlink on its way; keep the returned watcher alive.
 pub fn watch_config_dir(
     config: &Path,
     triggers: mpsc::UnboundedSender<Trigger>,
 ) -> Result<notify::RecommendedWatcher> {
     let absolute =
         std::path::absolute(config).with_context(|| format!("resolving {}", config.display()))?;
-    let dir = absolute
-        .parent()
-        .context("the config file has no parent directory")?
-        .to_owned();
-    let name = absolute
-        .file_name()
-        .context("the config path has no file name")?
-        .to_owned();
+    let watched = watched_entries(&absolute);
+    let dirs: BTreeSet<PathBuf> = watched.iter().map(|(dir, _)| dir.clone()).collect();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only events naming the config file: other files in its directory (logs, editors'
+        // Only events naming a watched entry: other files in those directories (logs, editors'
         // swap files) must not wake the agent.
-        let about_config = |e: &notify::Event| {
-            !e.kind.is_access() && e.paths.iter().any(|p| p.file_name() == Some(&name))
+        let concerns_config = |e: &notify::Event| {
+            !e.kind.is_access()
+                && e.paths.iter().any(|p| match (p.parent(), p.file_name()) {
+                    (Some(dir), Some(name)) => watched.contains(&(dir.to_owned(), name.to_owned())),
+                    _ => false,
+                })
         };
-        if event.is_ok_and(|e| about_config(&e)) {
+        if event.is_ok_and(|e| concerns_config(&e)) {
             let _ = triggers.send(Trigger::ConfigTouched);
         }
     })
     .context("creating the config watcher")?;
-    watcher
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", dir.display()))?;
+    for dir in &dirs {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", dir.display()))?;
+    }
     Ok(watcher)
+}
+
+/// `(directory, name)` of the config file and of every symlink met while resolving `path`
+/// (absolute). A path that does not resolve (yet) still yields the file itself.
+fn watched_entries(path: &Path) -> BTreeSet<(PathBuf, OsString)> {
+    let entry = |path: &Path| Some((path.parent()?.to_owned(), path.file_name()?.to_owned()));
+    let mut entries: BTreeSet<_> = entry(path).into_iter().collect();
+    let mut path = path.to_owned();
+    'resolve: for _ in 0..MAX_LINKS {
+        let mut prefix = PathBuf::new();
+        let components: Vec<Component> = path.components().collect();
+        for (i, component) in components.iter().enumerate() {
+            prefix.push(component);
+            let Ok(target) = std::fs::read_link(&prefix) else {
+                continue;
+            };
+            entries.extend(entry(&prefix));
+            let mut next = prefix.parent().map_or_else(PathBuf::new, Path::to_owned);
+            next.push(target); // an absolute target replaces the prefix
+            next.extend(&components[i + 1..]);
+            path = normalize(&next);
+            continue 'resolve;
+        }
+        break;
+    }
+    // The file itself where it finally is (its directory may be replaced by renames too).
+    entries.extend(entry(&path));
+    entries
+}
+
+/// Removes `.` and `..` lexically (after a symlink has been substituted, as the kernel does).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Sends `Trigger::Reload` on every SIGHUP.
@@ -56,4 +106,50 @@ pub fn forward_sighup(triggers: mpsc::UnboundedSender<Trigger>) -> Result<()> {
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    #[test]
+    fn every_symlink_on_the_way_to_the_config_is_watched_by_name() {
+        // The NixOS layout: /etc/plasmavmc/desired.json -> /etc/static/plasmavmc/desired.json,
+        // /etc/static -> /nix/store/...-etc/etc.
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
+        let store = root.join("store/etc");
+        std::fs::create_dir_all(store.join("plasmavmc")).unwrap();
+        std::fs::write(store.join("plasmavmc/desired.json"), "{}").unwrap();
+        std::fs::create_dir_all(root.join("etc/plasmavmc")).unwrap();
+        symlink(&store, root.join("etc/static")).unwrap();
+        symlink(
+            "../static/plasmavmc/desired.json",
+            root.join("etc/plasmavmc/desired.json"),
+        )
+        .unwrap();
+
+        let entries = watched_entries(&root.join("etc/plasmavmc/desired.json"));
+        let expected: BTreeSet<(PathBuf, OsString)> = [
+            (root.join("etc/plasmavmc"), "desired.json"),
+            (root.join("etc"), "static"),
+            (root.join("store/etc/plasmavmc"), "desired.json"),
+        ]
+        .into_iter()
+        .map(|(dir, name)| (dir, OsString::from(name)))
+        .collect();
+        assert_eq!(entries, expected);
+    }
+
+    #[test]
+    fn a_plain_or_missing_file_is_watched_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("desired.json");
+        let only_itself = BTreeSet::from([(dir.path().to_owned(), OsString::from("desired.json"))]);
+        assert_eq!(watched_entries(&config), only_itself);
+        std::fs::write(&config, "{}").unwrap();
+        assert_eq!(watched_entries(&config), only_itself);
+    }
 }

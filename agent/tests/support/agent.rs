@@ -138,6 +138,29 @@ impl Host {
         std::fs::rename(&tmp, &self.config).unwrap();
     }
 
+    /// Writes the config the way a NixOS switch does: generation `generation` goes to its own
+    /// immutable directory (`store-N/etc/plasmavmc/desired.json`), then the `etc/static` symlink
+    /// is swapped to it atomically; `etc/plasmavmc/desired.json` always points through
+    /// `etc/static` and is never touched. Makes that path the host's config.
+    pub fn switch_config(&mut self, generation: u32, vms: Value) {
+        let root = self.dir.path();
+        let store = root.join(format!("store-{generation}/etc"));
+        std::fs::create_dir_all(store.join("plasmavmc")).unwrap();
+        let text = json!({"version": 1, "vms": vms}).to_string();
+        std::fs::write(store.join("plasmavmc/desired.json"), text).unwrap();
+        let etc = root.join("etc");
+        std::fs::create_dir_all(etc.join("plasmavmc")).unwrap();
+        let new_link = etc.join("static.new");
+        let _ = std::fs::remove_file(&new_link);
+        std::os::unix::fs::symlink(&store, &new_link).unwrap();
+        std::fs::rename(&new_link, etc.join("static")).unwrap();
+        let config = etc.join("plasmavmc/desired.json");
+        if std::fs::symlink_metadata(&config).is_err() {
+            std::os::unix::fs::symlink("../static/plasmavmc/desired.json", &config).unwrap();
+        }
+        self.config = config;
+    }
+
     /// Starts `plasmavmc agent` and waits until it answers `status`.
     pub fn start_agent(&mut self) {
         self.start_agent_with(&["--stop-timeout", STOP_TIMEOUT_SECS]);
