@@ -390,16 +390,18 @@ mod tests {
 
     #[test]
     fn a_refused_config_and_strangers_are_said_first_and_last() {
-        let mut status = HostStatus::default();
-        status.config = ConfigStatus {
-            path: "/etc/plasmavmc/desired.json".into(),
-            error: Some("vms.web.vcpus: must be at least 1".into()),
+        let status = HostStatus {
+            config: ConfigStatus {
+                path: "/etc/plasmavmc/desired.json".into(),
+                error: Some("vms.web.vcpus: must be at least 1".into()),
+            },
+            strangers: vec![Stranger {
+                name: "old".into(),
+                pid: Some(77),
+                reason: "spec.json unreadable".into(),
+            }],
+            ..HostStatus::default()
         };
-        status.strangers.push(Stranger {
-            name: "old".into(),
-            pid: Some(77),
-            reason: "spec.json unreadable".into(),
-        });
         let text = render(&status);
         assert!(text.starts_with("config /etc/plasmavmc/desired.json refused"));
         assert!(text.contains("  vms.web.vcpus: must be at least 1"));
