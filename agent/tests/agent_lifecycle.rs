@@ -204,3 +204,48 @@ fn a_vm_slow_to_stop_does_not_hold_up_another_vms_restart() {
     assert!(stopped.status.success(), "{stopped:?}");
     assert!(wait_dead(slow, AGENT));
 }
+
+#[test]
+fn reset_reboots_the_guest_in_the_same_qemu_and_soft_falls_back_to_hard() {
+    let mut host = Host::new();
+    host.write_config(json!({"web": host.vm(json!({}))}));
+    host.start_agent();
+    let pid = host.wait_running("web");
+    host.wait_boot("web");
+    let boots = |host: &Host| host.console("web").matches(BOOT_MARKER).count();
+
+    let out = host.cli(&["reset", "web"]).expect_code(0, "reset");
+    assert!(out.stdout.contains("hard reset"), "{}", out.stdout);
+    wait_for(|| boots(&host) == 2, "the guest to boot again after reset");
+    assert_eq!(
+        host.wait_running("web"),
+        pid,
+        "a reset keeps the QEMU process"
+    );
+
+    // The test guest ignores ACPI powerdown: the soft reset falls back and says so.
+    let out = host
+        .cli(&["reset", "--soft", "web"])
+        .expect_code(0, "reset --soft");
+    assert!(out.stdout.contains("hard-reset instead"), "{}", out.stdout);
+    wait_for(
+        || boots(&host) == 3,
+        "the guest to boot again after reset --soft",
+    );
+    assert_eq!(host.wait_running("web"), pid);
+
+    let out = host.cli(&["reset", "nosuchvm"]);
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("nosuchvm"), "{}", out.stderr);
+}
+
+fn wait_for(done: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + BOOT;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
