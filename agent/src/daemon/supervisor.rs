@@ -29,6 +29,8 @@ use crate::validate::load_desired_state;
 const STATUS_WAIT: Duration = Duration::from_millis(500);
 /// How long a reconcile waits for a VM busy with something else (a soft reset, say).
 const RECONCILE_WAIT: Duration = Duration::from_secs(120);
+/// How long `plan` waits for a busy VM (it runs inside activation scripts with a timeout).
+const PLAN_WAIT: Duration = Duration::from_secs(10);
 
 /// Work for the daemon's event loop that does not come from a VM.
 #[derive(Debug)]
@@ -146,6 +148,16 @@ impl Daemon {
     /// config file is re-read first; an invalid one is refused and nothing is touched. Without a
     /// valid config ever, nothing is touched.
     pub async fn reconcile(&self, reload: bool) -> Result<ApplyReport, Refusal> {
+        self.reconcile_vms(reload, None).await
+    }
+
+    /// `reconcile`, limited to VM `only` when given (an operator command waits for its own VM,
+    /// not for every other one).
+    async fn reconcile_vms(
+        &self,
+        reload: bool,
+        only: Option<&str>,
+    ) -> Result<ApplyReport, Refusal> {
         let desired = {
             let _one_load_at_a_time = self.config_lock.lock().await;
             if reload {
@@ -167,7 +179,8 @@ impl Daemon {
             desired
         };
         let intents = self.intents(&desired);
-        let slots = self.slots();
+        let mut slots = self.slots();
+        slots.retain(|slot| only.map_or(true, |vm| slot.name == vm));
         let per_vm = slots
             .iter()
             .map(|slot| self.reconcile_vm(slot, &desired, &intents));
@@ -339,7 +352,7 @@ impl Daemon {
             None => load_desired_state(&self.config_path)
                 .map_err(|e| (ErrorKind::InvalidConfig, e.to_string()))?,
         };
-        let (observed, unobservable) = observe_all(&self.slots(), RECONCILE_WAIT).await;
+        let (observed, unobservable) = observe_all(&self.slots(), PLAN_WAIT).await;
         if let Some((vm, error)) = unobservable.iter().next() {
             return Err((
                 ErrorKind::Failed,
@@ -375,7 +388,7 @@ impl Daemon {
                 .or_default()
                 .forgive();
         }
-        let report = self.reconcile(false).await?;
+        let report = self.reconcile_vms(false, Some(vm)).await?;
         Ok(Response::Applied { report })
     }
 
