@@ -30,13 +30,13 @@ pub fn run(vms: usize, work: &Path) -> Result<Adoption> {
     let config = write_config(&dir, vms)?;
 
     let all_running = |status: &serde_json::Value| pids_in_state(status, "running").len() == vms;
-    let first = Agent::spawn(&binary, &config, &state_dir, &run_dir, None)?;
+    let first = Agent::spawn(&binary, &config, &state_dir, &run_dir, None, &[])?;
     let booted = first.wait_for(Duration::from_secs(60 + 3 * vms as u64), all_running)?;
     let before: BTreeMap<String, u64> = pids_in_state(&booted, "running").into_iter().collect();
     first.kill_hard()?;
 
     let start = Instant::now();
-    let second = Agent::spawn(&binary, &config, &state_dir, &run_dir, None)?;
+    let second = Agent::spawn(&binary, &config, &state_dir, &run_dir, None, &[])?;
     let adopted = second.wait_for(Duration::from_secs(60), all_running)?;
     let took = start.elapsed();
     let after: BTreeMap<String, u64> = pids_in_state(&adopted, "running").into_iter().collect();

@@ -29,13 +29,14 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent, inside network namespace `netns` when given (its taps and bridges live
-    /// there).
+    /// there), with `extra` agent flags.
     pub fn spawn(
         binary: &Path,
         config: &Path,
         state_dir: &Path,
         run_dir: &Path,
         netns: Option<&str>,
+        extra: &[&str],
     ) -> Result<Self> {
         let log = std::fs::File::create(run_dir.with_extension("agent.log"))?;
         let mut command = match netns {
@@ -55,6 +56,7 @@ impl Agent {
             .arg(state_dir)
             .arg("--run-dir")
             .arg(run_dir)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
