@@ -27,6 +27,13 @@ else
   echo "quickstart: agent started (pid $!), log in $demo/agent.log"
 fi
 
+for _ in $(seq 100); do
+  "$plasmavmc" status --run-dir "$run_dir" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+# An earlier `plasmavmc stop demo` holds across agent restarts; the demo wants it running.
+"$plasmavmc" start demo --run-dir "$run_dir" >/dev/null
+
 console=$run_dir/vms/demo/console.log
 echo "quickstart: waiting for the guest to boot (software emulation: ~10 s)"
 for _ in $(seq 120); do
