@@ -6,8 +6,10 @@
 //! - `adopt`: taking over QEMUs a previous agent left running.
 //! - `restart`, `operator`: restart backoff; persisted operator start/stop.
 //! - `watch`: config directory watch and SIGHUP.
+//! - `cluster`: the ChainFire session's config and notices.
 
 mod adopt;
+mod cluster;
 mod operator;
 mod restart;
 mod supervisor;
@@ -22,6 +24,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
+use crate::chainfire::Session;
 use crate::control::server;
 use crate::paths::RunDir;
 use operator::OperatorIntents;
@@ -60,9 +63,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     create_dir(run_dir.root(), 0o755)?;
     create_dir(&run_dir.vms_dir(), 0o700)?;
     create_dir(&options.state_dir, 0o700)?;
-    if let Some(chainfire) = &options.chainfire {
-        tracing::info!(endpoints = ?chainfire.endpoints, "ChainFire configured; it will be wired in, running standalone for now");
-    }
+    let chainfire = match &options.chainfire {
+        Some(chainfire) => Some(cluster::chainfire_config(chainfire)?),
+        None => None,
+    };
+    let session = match chainfire {
+        Some(config) => {
+            tracing::info!(endpoints = ?config.endpoints, host = %config.host_id, "chainfire: starting the session");
+            let session = Session::start(config)?;
+            cluster::log_notices(&session);
+            Some(session)
+        }
+        None => None,
+    };
 
     let (vm_events, mut vm_event_rx) = mpsc::unbounded_channel();
     let (triggers, mut trigger_rx) = mpsc::unbounded_channel();
@@ -129,6 +142,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         () = shutdown_signal()? => tracing::info!("stopping the agent; VMs keep running"),
     }
     let _ = std::fs::remove_file(run_dir.control_socket());
+    if let Some(session) = session {
+        // Revoking the lease frees this host's HA locks at once: a fast hand-over.
+        session.shutdown().await;
+    }
     Ok(())
 }
 
