@@ -102,8 +102,7 @@ pub fn reload(run_dir: &Path, json: bool) -> ExitCode {
 
 pub fn status(run_dir: &Path, json: bool, cluster: bool) -> ExitCode {
     if cluster {
-        eprintln!("status --cluster needs ChainFire, which this agent does not talk to yet");
-        return ExitCode::from(EXIT_INVALID);
+        return cluster_status(run_dir, json);
     }
     match ask(run_dir, Request::Status) {
         Ok(Response::Status { status }) => {
@@ -111,6 +110,21 @@ pub fn status(run_dir: &Path, json: bool, cluster: bool) -> ExitCode {
                 println!("{}", serde_json::to_string(&status).expect("serializes"));
             } else {
                 print!("{}", status::render(&status));
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
+fn cluster_status(run_dir: &Path, json: bool) -> ExitCode {
+    match ask(run_dir, Request::ClusterStatus) {
+        Ok(Response::Cluster { table, view }) => {
+            if json {
+                println!("{view}");
+            } else {
+                print!("{table}");
             }
             ExitCode::SUCCESS
         }

@@ -22,16 +22,34 @@ pub enum Request {
     Stop { vm: String },
     /// `system_reset`, or with `soft` an ACPI powerdown and start again in the same QEMU.
     Reset { vm: String, soft: bool },
+    /// Every host's VMs as ChainFire has them (refused when the agent runs standalone).
+    ClusterStatus,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "response", rename_all = "camelCase")]
 pub enum Response {
-    Status { status: HostStatus },
-    Applied { report: ApplyReport },
-    Planned { plan: Plan },
-    Done { message: String },
-    Error { kind: ErrorKind, message: String },
+    Status {
+        status: HostStatus,
+    },
+    Applied {
+        report: ApplyReport,
+    },
+    Planned {
+        plan: Plan,
+    },
+    Done {
+        message: String,
+    },
+    /// The cluster view: `table` for people, `view` as JSON.
+    Cluster {
+        table: String,
+        view: serde_json::Value,
+    },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// Why a request failed; decides the client's exit code.

@@ -1,12 +1,19 @@
-//! The daemon's side of ChainFire: the session config from the command line, and the notices
-//! the session sends, logged.
+//! The daemon's side of ChainFire: the session config from the command line, the notices the
+//! session sends (logged), and the local picture the daemon publishes (pure).
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 
 use super::ChainfireOptions;
-use crate::chainfire::{ChainFireConfig, Notice, SessionHandle, TlsFiles};
+use crate::action::PendingChange;
+use crate::chainfire::{
+    ChainFireConfig, ClusterView, HandleRecord, LocalVm, Notice, SessionHandle, TlsFiles, VmKey,
+    VmRecord,
+};
+use crate::spec::DesiredState;
+use crate::status::VmStatus;
 
 /// `--lease-ttl` when not given.
 const DEFAULT_LEASE_TTL: u64 = 10;
@@ -70,9 +77,147 @@ pub fn log_notices(session: &SessionHandle) {
     });
 }
 
+/// Every declared VM as this host has it: its record, and its handle while a QEMU runs.
+/// `handle(vm, pid)` says where that QEMU is; its `startedAt` must stay the same while the QEMU
+/// lives, or every sync would write.
+pub fn local_picture(
+    host_id: &str,
+    desired: &DesiredState,
+    vms: &BTreeMap<String, VmStatus>,
+    handle: impl Fn(&str, u32) -> HandleRecord,
+) -> BTreeMap<VmKey, LocalVm> {
+    desired
+        .vms
+        .iter()
+        .map(|(name, spec)| {
+            let key = VmKey::new(&spec.org_id, &spec.project_id, name);
+            let status = vms.get(name);
+            let state = status.map_or("stopped", |s| s.state.as_str());
+            let mut record = VmRecord::new(&key, host_id, state, spec);
+            if let Some(status) = status {
+                record.pending = status.pending.iter().map(describe).collect();
+                record.last_error.clone_from(&status.last_error);
+            }
+            let handle = status.and_then(|s| s.pid).map(|pid| handle(name, pid));
+            (key, LocalVm { record, handle })
+        })
+        .collect()
+}
+
+/// The cluster view as JSON: live hosts, and every VM with its handle and HA lock.
+pub fn view_json(view: &ClusterView) -> serde_json::Value {
+    let vms: Vec<_> = view
+        .vms
+        .iter()
+        .map(|(key, vm)| {
+            serde_json::json!({
+                "key": key.to_string(),
+                "vm": vm.value,
+                "handle": view.handles.get(key).map(|h| &h.value),
+                "lock": view.locks.get(key),
+            })
+        })
+        .collect();
+    serde_json::json!({ "hosts": view.hosts.values().collect::<Vec<_>>(), "vms": vms })
+}
+
+fn describe(change: &PendingChange) -> String {
+    format!(
+        "{}: {} -> {} ({})",
+        change.field, change.from, change.to, change.reason
+    )
+}
+
+/// When process `pid` started, to the second (boot time plus its start ticks): the same for as
+/// long as the process lives, unlike anything read from the files it may rewrite.
+pub fn process_started_at(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
+    let start_ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    let boot_time: u64 = std::fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let started = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(boot_time + start_ticks / ticks_per_sec.max(1));
+    Some(humantime::format_rfc3339_seconds(started).to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status::VmState;
+
+    fn desired() -> DesiredState {
+        serde_json::from_value(serde_json::json!({
+            "version": 1,
+            "vms": {
+                "web": {"orgId": "acme", "projectId": "shop", "vcpus": 1, "memoryMiB": 256,
+                        "kernel": "/k", "initrd": "/i"},
+                "db": {"vcpus": 1, "memoryMiB": 256, "kernel": "/k", "initrd": "/i"}
+            }
+        }))
+        .unwrap()
+    }
+
+    fn handle(vm: &str, pid: u32) -> HandleRecord {
+        HandleRecord {
+            host: String::new(),
+            pid,
+            qmp_socket: format!("/run/{vm}/qmp.sock"),
+            started_at: "t0".into(),
+        }
+    }
+
+    #[test]
+    fn picture_has_every_declared_vm_with_state_pending_error_and_handle() {
+        let mut running = VmStatus::stopped(true);
+        running.state = VmState::Running;
+        running.pid = Some(42);
+        running.last_error = Some("boom".into());
+        running.pending = vec![PendingChange {
+            vm: "web".into(),
+            field: "machine".into(),
+            from: "pc".into(),
+            to: "q35".into(),
+            reason: "boot-time setting".into(),
+        }];
+        let statuses = BTreeMap::from([("web".to_owned(), running)]);
+        let picture = local_picture("h1", &desired(), &statuses, handle);
+
+        let web = &picture[&VmKey::new("acme", "shop", "web")];
+        assert_eq!(web.record.state, "running");
+        assert_eq!(web.record.host, "h1");
+        assert_eq!(web.record.last_error.as_deref(), Some("boom"));
+        assert_eq!(
+            web.record.pending,
+            ["machine: pc -> q35 (boot-time setting)"]
+        );
+        assert_eq!(web.handle.as_ref().map(|h| h.pid), Some(42));
+
+        let db = picture.values().find(|vm| vm.record.name == "db").unwrap();
+        assert_eq!(db.record.state, "stopped");
+        assert_eq!(db.handle, None);
+        assert_eq!(picture.len(), 2);
+    }
+
+    #[test]
+    fn start_time_is_stable_for_a_living_process() {
+        let first = process_started_at(std::process::id()).expect("own start time");
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(process_started_at(std::process::id()), Some(first));
+        assert_eq!(process_started_at(u32::MAX), None);
+    }
 
     fn options() -> ChainfireOptions {
         ChainfireOptions {

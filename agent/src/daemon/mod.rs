@@ -70,9 +70,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let session = match chainfire {
         Some(config) => {
             tracing::info!(endpoints = ?config.endpoints, host = %config.host_id, "chainfire: starting the session");
+            let host_id = config.host_id.clone();
             let session = Session::start(config)?;
             cluster::log_notices(&session);
-            Some(session)
+            Some((host_id, session))
         }
         None => None,
     };
@@ -92,6 +93,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         shell,
         operator,
         triggers.clone(),
+        session,
     ));
 
     // An invalid config at startup: adopt (watch) what runs, touch nothing until a valid one.
@@ -142,7 +144,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         () = shutdown_signal()? => tracing::info!("stopping the agent; VMs keep running"),
     }
     let _ = std::fs::remove_file(run_dir.control_socket());
-    if let Some(session) = session {
+    if let Some(session) = daemon.take_session() {
         // Revoking the lease frees this host's HA locks at once: a fast hand-over.
         session.shutdown().await;
     }

@@ -12,10 +12,12 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use tokio::sync::mpsc;
 
+use super::cluster;
 use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
 use super::vm::{Exit, Shell, VmEvent, VmSlot};
 use crate::action::{Action, Plan};
+use crate::chainfire::{HandleRecord, SessionHandle};
 use crate::control::protocol::{
     ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport,
 };
@@ -57,6 +59,9 @@ pub struct Daemon {
     restarts: Mutex<BTreeMap<String, RestartTracker>>,
     /// Config loads one at a time; reconciles themselves run per VM.
     config_lock: tokio::sync::Mutex<()>,
+    /// The ChainFire session, with `--chainfire`; taken out at shutdown to revoke the lease.
+    chainfire: Mutex<Option<SessionHandle>>,
+    host_id: String,
 }
 
 type Refusal = (ErrorKind, String);
@@ -67,7 +72,12 @@ impl Daemon {
         shell: Shell,
         operator: OperatorIntents,
         triggers: mpsc::UnboundedSender<Trigger>,
+        chainfire: Option<(String, SessionHandle)>,
     ) -> Self {
+        let (host_id, chainfire) = match chainfire {
+            Some((host_id, session)) => (host_id, Some(session)),
+            None => (String::new(), None),
+        };
         Self {
             config_path,
             shell,
@@ -80,6 +90,54 @@ impl Daemon {
             operator: Mutex::new(operator),
             restarts: Mutex::new(BTreeMap::new()),
             config_lock: tokio::sync::Mutex::new(()),
+            chainfire: Mutex::new(chainfire),
+            host_id,
+        }
+    }
+
+    /// The ChainFire session, for a last clean shutdown (None when standalone).
+    pub fn take_session(&self) -> Option<SessionHandle> {
+        self.chainfire.lock().unwrap().take()
+    }
+
+    fn cluster_status(&self) -> Result<Response, Refusal> {
+        let session = self.chainfire.lock().unwrap();
+        let Some(session) = session.as_ref() else {
+            return Err((
+                ErrorKind::BadRequest,
+                "this agent runs standalone (no --chainfire)".into(),
+            ));
+        };
+        let view = session.cluster().borrow().clone();
+        Ok(Response::Cluster {
+            table: view.render(),
+            view: cluster::view_json(&view),
+        })
+    }
+
+    /// Hands this host's full picture to the ChainFire session (it writes real changes only).
+    fn publish(&self) {
+        if self.chainfire.lock().unwrap().is_none() {
+            return;
+        }
+        let Some(desired) = self.desired.lock().unwrap().clone() else {
+            return;
+        };
+        let statuses = self
+            .slots()
+            .iter()
+            .map(|slot| (slot.name.clone(), slot.status()))
+            .collect();
+        let run_dir = &self.shell.run_dir;
+        let picture =
+            cluster::local_picture(&self.host_id, &desired, &statuses, |vm, pid| HandleRecord {
+                host: self.host_id.clone(),
+                pid,
+                qmp_socket: run_dir.vm(vm).qmp_socket().display().to_string(),
+                started_at: cluster::process_started_at(pid).unwrap_or_default(),
+            });
+        if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
+            session.sync(picture);
         }
     }
 
@@ -191,6 +249,7 @@ impl Daemon {
         }
         self.forget_undeclared_stopped(&desired);
         self.publish_supervision(&desired);
+        self.publish();
         Ok(report)
     }
 
@@ -276,12 +335,18 @@ impl Daemon {
                     .map_err(|e| (ErrorKind::Failed, format!("reset {vm}: {e:#}"))),
                 None => Err((ErrorKind::BadRequest, format!("no VM named {vm}"))),
             },
+            Request::ClusterStatus => self.cluster_status(),
         };
         result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
     }
 
     /// A VM's event, from its QMP connection.
     pub async fn on_vm_event(&self, event: VmEvent) {
+        self.handle_vm_event(event).await;
+        self.publish();
+    }
+
+    async fn handle_vm_event(&self, event: VmEvent) {
         match event {
             VmEvent::Exited {
                 vm,
