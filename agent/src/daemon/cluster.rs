@@ -1,7 +1,7 @@
 //! The daemon's side of ChainFire: the session config from the command line, the notices the
 //! session sends (logged), and the local picture the daemon publishes (pure).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
@@ -102,6 +102,25 @@ pub fn local_picture(
             (key, LocalVm { record, handle })
         })
         .collect()
+}
+
+/// What `lastError` says of an HA VM this host stopped because it lost its lease.
+pub const FENCED: &str = "fenced: lost the ChainFire lease";
+
+/// Why an HA VM must stay down here, or None when this host may run it (it holds its lock).
+pub fn ha_hold(
+    host_id: &str,
+    key: &VmKey,
+    may_run: &BTreeSet<VmKey>,
+    view: &ClusterView,
+) -> Option<String> {
+    if may_run.contains(key) {
+        return None;
+    }
+    Some(match view.locks.get(key) {
+        Some(lock) if lock.host != host_id => format!("HA: another host holds it ({})", lock.host),
+        _ => "HA: waiting for the ChainFire lock".to_owned(),
+    })
 }
 
 /// The cluster view as JSON: live hosts, and every VM with its handle and HA lock.
@@ -209,6 +228,31 @@ mod tests {
         assert_eq!(db.record.state, "stopped");
         assert_eq!(db.handle, None);
         assert_eq!(picture.len(), 2);
+    }
+
+    #[test]
+    fn ha_vms_run_only_with_their_lock() {
+        let key = VmKey::new("default", "default", "ha1");
+        let mut view = ClusterView::default();
+        let allowed = BTreeSet::from([key.clone()]);
+        assert_eq!(ha_hold("a", &key, &allowed, &view), None);
+        let none = BTreeSet::new();
+        assert_eq!(
+            ha_hold("a", &key, &none, &view).as_deref(),
+            Some("HA: waiting for the ChainFire lock")
+        );
+        view.locks.insert(
+            key.clone(),
+            crate::chainfire::records::LockRecord {
+                host: "b".into(),
+                lease: 7,
+                acquired_at: String::new(),
+            },
+        );
+        assert_eq!(
+            ha_hold("a", &key, &none, &view).as_deref(),
+            Some("HA: another host holds it (b)")
+        );
     }
 
     #[test]

@@ -120,6 +120,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(control = %run_dir.control_socket().display(), "agent ready");
     daemon.trigger(Trigger::Reconcile);
+    if let Some(may_run) = daemon.may_run() {
+        tokio::spawn(follow_may_run(Arc::clone(&daemon), may_run));
+    }
 
     let events = async {
         loop {
@@ -149,6 +152,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         session.shutdown().await;
     }
     Ok(())
+}
+
+/// Fences at once when HA VMs leave `may_run`, and reconciles so new ones start here.
+async fn follow_may_run(
+    daemon: Arc<Daemon>,
+    mut may_run: tokio::sync::watch::Receiver<std::collections::BTreeSet<crate::chainfire::VmKey>>,
+) {
+    while may_run.changed().await.is_ok() {
+        may_run.borrow_and_update();
+        daemon.fence_now();
+        daemon.trigger(Trigger::Reconcile);
+    }
 }
 
 /// What a trigger asks for: `Some(reload)` to reconcile (re-reading the config first if

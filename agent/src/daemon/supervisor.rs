@@ -4,7 +4,7 @@
 //! Each VM is reconciled on its own, under its own lock (observe → plan → execute, its steps in
 //! order); VMs never wait for each other.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
 use super::vm::{Exit, Shell, VmEvent, VmSlot};
 use crate::action::{Action, Plan};
-use crate::chainfire::{HandleRecord, SessionHandle};
+use crate::chainfire::{HandleRecord, SessionHandle, VmKey};
 use crate::control::protocol::{
     ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport,
 };
@@ -62,6 +62,8 @@ pub struct Daemon {
     /// The ChainFire session, with `--chainfire`; taken out at shutdown to revoke the lease.
     chainfire: Mutex<Option<SessionHandle>>,
     host_id: String,
+    /// HA VMs killed because this host lost its lease: their exit is no failure to restart.
+    fenced: Mutex<BTreeSet<String>>,
 }
 
 type Refusal = (ErrorKind, String);
@@ -92,6 +94,45 @@ impl Daemon {
             config_lock: tokio::sync::Mutex::new(()),
             chainfire: Mutex::new(chainfire),
             host_id,
+            fenced: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// HA VMs this host may run now, as the session says (None when standalone).
+    pub fn may_run(&self) -> Option<tokio::sync::watch::Receiver<BTreeSet<VmKey>>> {
+        self.chainfire.lock().unwrap().as_ref().map(|s| s.may_run())
+    }
+
+    /// Self-fencing: kills (SIGKILL, no powerdown wait) every running HA VM this host may no
+    /// longer run, before its lease can expire in the store and another host starts it.
+    pub fn fence_now(&self) {
+        if let Some(desired) = self.desired.lock().unwrap().clone() {
+            self.fence(&desired);
+        }
+    }
+
+    fn fence(&self, desired: &DesiredState) {
+        let Some(may_run) = self.may_run() else {
+            return;
+        };
+        let may_run = may_run.borrow().clone();
+        for (name, spec) in desired.vms.iter().filter(|(_, spec)| spec.ha.enable) {
+            let key = VmKey::new(&spec.org_id, &spec.project_id, name);
+            let Some(slot) = self.slot(name) else {
+                continue;
+            };
+            let Some(pid) = slot.status().pid else {
+                continue;
+            };
+            if may_run.contains(&key) {
+                continue;
+            }
+            tracing::error!(vm = %name, pid, "{}: killing QEMU now", cluster::FENCED);
+            self.fenced.lock().unwrap().insert(name.clone());
+            slot.update_status(|s| s.last_error = Some(cluster::FENCED.into()));
+            if let Err(e) = crate::qemu::lifecycle::kill(pid) {
+                tracing::error!(vm = %name, pid, "fencing failed: {e:#}");
+            }
         }
     }
 
@@ -177,6 +218,11 @@ impl Daemon {
             slot.update_status(|s| s.declared = declared);
         }
         tracing::info!(path = %self.config_path.display(), vms = desired.vms.len(), "config loaded");
+        if self.chainfire.lock().unwrap().is_none() {
+            for (name, _) in desired.vms.iter().filter(|(_, spec)| spec.ha.enable) {
+                tracing::warn!(vm = %name, "ha.enable without --chainfire: runs here with no cluster lock");
+            }
+        }
         *current = Some(desired);
         Ok(())
     }
@@ -249,6 +295,8 @@ impl Daemon {
         }
         self.forget_undeclared_stopped(&desired);
         self.publish_supervision(&desired);
+        // A start that raced with a lost lease is caught here.
+        self.fence(&desired);
         self.publish();
         Ok(report)
     }
@@ -355,8 +403,12 @@ impl Daemon {
             } => {
                 let Some(slot) = self.slot(&vm) else { return };
                 if let Some(exit) = slot.on_exit(&self.shell, generation, clean).await {
-                    tracing::warn!(vm = %vm, "{}", exit.reason);
-                    self.apply_restart_policy(&vm, exit);
+                    if self.fenced.lock().unwrap().contains(&vm) {
+                        slot.update_status(|s| s.last_error = Some(cluster::FENCED.into()));
+                    } else {
+                        tracing::warn!(vm = %vm, "{}", exit.reason);
+                        self.apply_restart_policy(&vm, exit);
+                    }
                     self.reconcile_logged(false).await;
                 }
             }
@@ -457,23 +509,39 @@ impl Daemon {
         Ok(Response::Applied { report })
     }
 
-    /// Run intents: operator stop, then restart-policy hold, then operator start; else autostart.
+    /// Run intents: operator stop, then the HA lock (with `--chainfire`), then restart-policy
+    /// hold, then operator start; else autostart.
     fn intents(&self, desired: &DesiredState) -> RunIntents {
+        let ha_gate = self
+            .chainfire
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| (s.may_run().borrow().clone(), s.cluster().borrow().clone()));
         let operator = self.operator.lock().unwrap();
         let restarts = self.restarts.lock().unwrap();
         let now = Instant::now();
         let mut intents = RunIntents::new();
-        for name in desired.vms.keys() {
+        for (name, spec) in &desired.vms {
+            let ha_hold =
+                ha_gate
+                    .as_ref()
+                    .filter(|_| spec.ha.enable)
+                    .and_then(|(may_run, view)| {
+                        let key = VmKey::new(&spec.org_id, &spec.project_id, name);
+                        cluster::ha_hold(&self.host_id, &key, may_run, view)
+                    });
             let held = restarts.get(name).and_then(|t| t.held_down(now));
-            let intent = match (operator.get(name), held) {
-                (Some(OperatorIntent::Stopped), _) => RunIntent::StayDown {
+            let intent = match (operator.get(name), ha_hold, held) {
+                (Some(OperatorIntent::Stopped), _, _) => RunIntent::StayDown {
                     reason: format!("stopped by operator (plasmavmc start {name} to run it)"),
                 },
-                (_, Some(reason)) => RunIntent::StayDown {
+                (_, Some(reason), _) => RunIntent::StayDown { reason },
+                (_, None, Some(reason)) => RunIntent::StayDown {
                     reason: reason.to_owned(),
                 },
-                (Some(OperatorIntent::Started), None) => RunIntent::Run,
-                (None, None) => continue,
+                (Some(OperatorIntent::Started), None, None) => RunIntent::Run,
+                (None, None, None) => continue,
             };
             intents.insert(name.clone(), intent);
         }
@@ -487,7 +555,10 @@ impl Daemon {
         let mut restarts = self.restarts.lock().unwrap();
         let tracker = restarts.entry(vm.to_owned()).or_default();
         match outcome {
-            StepOutcome::Done => tracker.on_started(),
+            StepOutcome::Done => {
+                self.fenced.lock().unwrap().remove(vm);
+                tracker.on_started()
+            }
             StepOutcome::Failed { error } => {
                 let policy = desired
                     .vms

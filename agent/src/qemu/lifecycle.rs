@@ -55,7 +55,8 @@ pub async fn stop(qmp: Option<&Qmp>, pid: u32, powerdown_timeout: Duration) -> R
     kill(pid)
 }
 
-fn kill(pid: u32) -> Result<StopOutcome> {
+/// SIGKILL, no questions: for a QEMU that must be gone now (self-fencing).
+pub fn kill(pid: u32) -> Result<StopOutcome> {
     use nix::sys::signal::{kill, Signal};
     match kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL) {
         Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(StopOutcome::Killed),
