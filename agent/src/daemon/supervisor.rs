@@ -448,6 +448,10 @@ impl Daemon {
     }
 
     async fn status(&self) -> HostStatus {
+        // Hold reasons move with the cluster (who holds an HA lock) between reconciles.
+        if let Some(desired) = self.desired.lock().unwrap().clone() {
+            self.publish_supervision(&desired);
+        }
         let slots = self.slots();
         join_all(slots.iter().map(|slot| slot.observe(STATUS_WAIT))).await;
         HostStatus {

@@ -87,7 +87,15 @@ pub struct Host {
 
 impl Host {
     pub fn new() -> Host {
-        let lock = Box::new(qemu_test_lock());
+        Host::holding(Box::new(qemu_test_lock()))
+    }
+
+    /// A second host in the same test (an HA pair, say): the first one holds the QEMU lock.
+    pub fn another(_first: &Host) -> Host {
+        Host::holding(Box::new(()))
+    }
+
+    fn holding(lock: Box<dyn std::any::Any>) -> Host {
         let dir = tempfile::Builder::new()
             .prefix("pv-agent-")
             .tempdir()
