@@ -30,21 +30,45 @@ pub struct Step {
 #[serde(tag = "kind", rename_all = "camelCase")]
 pub enum Action {
     /// Launch QEMU with this spec (the declared one, pending changes included).
-    StartVm { spec: Box<VmSpec> },
+    StartVm {
+        spec: Box<VmSpec>,
+    },
     /// ACPI powerdown, wait, then quit; used for VMs no longer declared or no longer wanted here.
-    StopVm { reason: String },
+    StopVm {
+        reason: String,
+    },
     /// Stop then start with the declared spec, to apply pending changes (`onRestartRequired`).
-    RestartVm { spec: Box<VmSpec>, reason: String },
-    AddDisk { id: String, disk: DiskSpec },
+    RestartVm {
+        spec: Box<VmSpec>,
+        reason: String,
+    },
+    AddDisk {
+        id: String,
+        disk: DiskSpec,
+    },
     /// `device_del`, wait for the guest, then `blockdev-del`.
-    RemoveDisk { id: String },
-    AddNic { id: String, nic: NicSpec },
+    RemoveDisk {
+        id: String,
+    },
+    AddNic {
+        id: String,
+        nic: NicSpec,
+    },
     /// `device_del`, wait for the guest, `netdev_del`, then delete the tap if the agent made it.
-    RemoveNic { id: String },
+    RemoveNic {
+        id: String,
+    },
     /// Delete block nodes / netdevs left behind by an interrupted apply.
-    RemoveOrphanBlockNode { node: String },
-    RemoveOrphanNetdev { netdev: String },
-    SetVcpus { from: u32, to: u32 },
+    RemoveOrphanBlockNode {
+        node: String,
+    },
+    RemoveOrphanNetdev {
+        netdev: String,
+    },
+    SetVcpus {
+        from: u32,
+        to: u32,
+    },
     /// Resize the virtio-mem device so the guest has `to_mib` in total.
     SetMemory {
         #[serde(rename = "fromMiB")]

@@ -71,14 +71,19 @@ pub const VIRTIO_MEM_BACKEND: &str = "mem0-ram";
 /// Host tap name the agent creates for a bridged NIC. Linux caps interface names at 15 bytes, so
 /// the name is a stable hash of the VM and NIC names: `pv` + 12 hex digits.
 pub fn agent_tap(vm: &str, nic: &str) -> String {
-    format!("pv{:012x}", fnv1a64(format!("{vm}/{nic}").as_bytes()) & 0xffff_ffff_ffff)
+    format!(
+        "pv{:012x}",
+        fnv1a64(format!("{vm}/{nic}").as_bytes()) & 0xffff_ffff_ffff
+    )
 }
 
 /// Whether a tap name is one `agent_tap` produces (and so the agent may delete it).
 pub fn is_agent_tap(name: &str) -> bool {
     name.len() == 14
         && name.starts_with("pv")
-        && name[2..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// FNV-1a: tiny, and stable across Rust releases (std's hasher is not).
@@ -113,7 +118,10 @@ mod tests {
         let tap = agent_tap("a-very-long-vm-name", "a-very-long-nic-name");
         assert!(tap.len() <= 15, "{tap}");
         assert!(is_agent_tap(&tap));
-        assert_eq!(tap, agent_tap("a-very-long-vm-name", "a-very-long-nic-name"));
+        assert_eq!(
+            tap,
+            agent_tap("a-very-long-vm-name", "a-very-long-nic-name")
+        );
         assert_ne!(agent_tap("web", "eth0"), agent_tap("web", "eth1"));
         assert!(!is_agent_tap("tap0"));
     }

@@ -39,7 +39,9 @@ fn apply_live(name: &str, vm: &mut ObservedVm, action: &Action) {
     match action {
         Action::AddDisk { id, disk } => {
             take_port(vm);
-            let old = vm.disks.insert(id.clone(), ObservedDisk::from_spec(disk, false));
+            let old = vm
+                .disks
+                .insert(id.clone(), ObservedDisk::from_spec(disk, false));
             assert!(old.is_none(), "disk {id} added twice");
         }
         Action::RemoveDisk { id } => {

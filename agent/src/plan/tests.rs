@@ -3,10 +3,10 @@ use std::collections::BTreeMap;
 use serde_json::{json, Value};
 
 use super::simulate::{apply, booted, keys, Rng};
-use crate::observed::{ObservedDisk, ObservedNic};
 use super::*;
 use crate::action::PendingChange;
 use crate::ids;
+use crate::observed::{ObservedDisk, ObservedNic};
 use crate::spec::{DiskCache, DiskFormat, DiskSpec, Machine, NicSpec};
 
 fn spec(extra: Value) -> VmSpec {
