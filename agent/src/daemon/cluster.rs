@@ -150,16 +150,7 @@ fn describe(change: &PendingChange) -> String {
 /// When process `pid` started, to the second (boot time plus its start ticks): the same for as
 /// long as the process lives, unlike anything read from the files it may rewrite.
 pub fn process_started_at(pid: u32) -> Option<String> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
-    let start_ticks: u64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    let started_after_boot = crate::qemu::process::started_after_boot(pid)?;
     let boot_time: u64 = std::fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -167,8 +158,8 @@ pub fn process_started_at(pid: u32) -> Option<String> {
         .trim()
         .parse()
         .ok()?;
-    let started = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(boot_time + start_ticks / ticks_per_sec.max(1));
+    let started =
+        SystemTime::UNIX_EPOCH + Duration::from_secs(boot_time + started_after_boot.as_secs());
     Some(humantime::format_rfc3339_seconds(started).to_string())
 }
 

@@ -490,26 +490,14 @@ fn device_of(action: &Action) -> Option<String> {
 
 /// How long process `pid` has been running (from `/proc/<pid>/stat` and `/proc/uptime`).
 fn process_uptime(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
-    let start_ticks: u64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    let started_after_boot = process::started_after_boot(pid)?;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()
         .next()?
         .parse()
         .ok()?;
-    let started_after_boot = start_ticks as f64 / ticks_per_sec as f64;
-    Some(Duration::from_secs_f64(
-        (uptime - started_after_boot).max(0.0),
-    ))
+    Some(Duration::from_secs_f64(uptime).saturating_sub(started_after_boot))
 }
 
 #[cfg(test)]

@@ -391,3 +391,22 @@ mod tests {
         assert!(!cmdline_matches(b"", "web", Path::new(SOCKET)));
     }
 }
+
+/// How long after the host booted process `pid` started (`/proc/<pid>/stat` starttime): fixed for
+/// the life of the process, so it tells uptime and a stable start time without trusting any file
+/// the process may rewrite.
+pub fn started_after_boot(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
+    let start_ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    Some(Duration::from_secs_f64(
+        start_ticks as f64 / ticks_per_sec.max(1) as f64,
+    ))
+}
