@@ -282,12 +282,9 @@ impl Daemon {
             };
             desired
         };
-        let intents = self.intents(&desired);
         let mut slots = self.slots();
         slots.retain(|slot| only.map_or(true, |vm| slot.name == vm));
-        let per_vm = slots
-            .iter()
-            .map(|slot| self.reconcile_vm(slot, &desired, &intents));
+        let per_vm = slots.iter().map(|slot| self.reconcile_vm(slot, &desired));
         let mut report = ApplyReport::default();
         for vm_report in join_all(per_vm).await {
             report.steps.extend(vm_report.steps);
@@ -304,18 +301,15 @@ impl Daemon {
     /// One VM: observe → plan → execute, holding the VM's own reconcile lock so two reconciles
     /// never act on the same VM at once, while other VMs go on (a guest slow to power down holds
     /// up only its own VM).
-    async fn reconcile_vm(
-        &self,
-        slot: &VmSlot,
-        desired: &DesiredState,
-        intents: &RunIntents,
-    ) -> ApplyReport {
+    async fn reconcile_vm(&self, slot: &VmSlot, desired: &DesiredState) -> ApplyReport {
         let _this_vm = slot.reconciling.lock().await;
         let name = &slot.name;
         let (observed, unobservable) = match slot.observe(RECONCILE_WAIT).await {
             Ok(observed) => (observed, None),
             Err(e) => (None, Some(format!("{e:#}"))),
         };
+        // After observing: an exit that made the VM vanish has recorded its hold by then.
+        let intents = self.intents(desired);
         let vm_desired = DesiredState {
             version: desired.version,
             vms: desired
@@ -328,7 +322,7 @@ impl Daemon {
         let vm_observed = ObservedHost {
             vms: observed.map(|vm| (name.clone(), vm)).into_iter().collect(),
         };
-        let plan = plan(&vm_desired, &vm_observed, intents);
+        let plan = plan(&vm_desired, &vm_observed, &intents);
         slot.update_status(|s| s.pending = plan.pending.clone());
 
         let actions: Vec<Action> = plan.steps.into_iter().map(|step| step.action).collect();
@@ -402,13 +396,19 @@ impl Daemon {
                 clean,
             } => {
                 let Some(slot) = self.slot(&vm) else { return };
-                if let Some(exit) = slot.on_exit(&self.shell, generation, clean).await {
+                let decide = |exit: &Exit| {
                     if self.fenced.lock().unwrap().contains(&vm) {
                         slot.update_status(|s| s.last_error = Some(cluster::FENCED.into()));
                     } else {
                         tracing::warn!(vm = %vm, "{}", exit.reason);
                         self.apply_restart_policy(&vm, exit);
                     }
+                };
+                if slot
+                    .on_exit(&self.shell, generation, clean, decide)
+                    .await
+                    .is_some()
+                {
                     self.reconcile_logged(false).await;
                 }
             }
@@ -576,7 +576,7 @@ impl Daemon {
         }
     }
 
-    fn apply_restart_policy(&self, vm: &str, exit: Exit) {
+    fn apply_restart_policy(&self, vm: &str, exit: &Exit) {
         let policy = self
             .desired
             .lock()
@@ -594,7 +594,7 @@ impl Daemon {
                 policy,
                 exit.clean,
                 exit.ran_for,
-                exit.reason,
+                exit.reason.clone(),
                 Instant::now(),
             );
         if let Some(delay) = delay {

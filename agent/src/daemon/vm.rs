@@ -313,7 +313,16 @@ impl VmSlot {
     /// A QMP connection closed. If it is the current one, QEMU is gone (or is made gone):
     /// clean up after it and say how it ended. None: a stale event (the VM was stopped or
     /// restarted on purpose meanwhile).
-    pub async fn on_exit(&self, shell: &Shell, generation: u64, clean: bool) -> Option<Exit> {
+    ///
+    /// `decide` (the restart policy) runs before the VM's runtime lock is released, so no
+    /// reconcile can see the VM gone without also seeing what its exit decided.
+    pub async fn on_exit(
+        &self,
+        shell: &Shell,
+        generation: u64,
+        clean: bool,
+        decide: impl FnOnce(&Exit),
+    ) -> Option<Exit> {
         let mut rt = self.runtime.lock().await;
         if rt.generation != generation || rt.conn.is_none() {
             return None;
@@ -353,11 +362,14 @@ impl VmSlot {
                 ..VmStatus::stopped(declared)
             };
         });
-        Some(Exit {
+        let exit = Exit {
             ran_for: conn.started.elapsed(),
             clean,
             reason,
-        })
+        };
+        decide(&exit);
+        drop(rt);
+        Some(exit)
     }
 
     pub async fn reset(&self, shell: &Shell, soft: bool) -> Result<String> {
