@@ -79,25 +79,7 @@ pub fn plan(config: Option<&Path>, run_dir: &Path, json: bool) -> ExitCode {
 }
 
 pub fn reload(run_dir: &Path, json: bool) -> ExitCode {
-    match ask(run_dir, Request::Reload) {
-        Ok(Response::Applied { report }) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serializes")
-                );
-            } else {
-                print!("{}", render_report(&report));
-            }
-            if report.any_failed() {
-                ExitCode::from(EXIT_FAILED)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Ok(other) => unexpected(other),
-        Err(e) => client_failed(e),
-    }
+    applied(ask(run_dir, Request::Reload), json)
 }
 
 pub fn status(run_dir: &Path, json: bool, cluster: bool) -> ExitCode {
@@ -134,11 +116,11 @@ fn cluster_status(run_dir: &Path, json: bool) -> ExitCode {
 }
 
 pub fn start(run_dir: &Path, vm: String) -> ExitCode {
-    applied(ask(run_dir, Request::Start { vm }))
+    applied(ask(run_dir, Request::Start { vm }), false)
 }
 
 pub fn stop(run_dir: &Path, vm: String) -> ExitCode {
-    applied(ask(run_dir, Request::Stop { vm }))
+    applied(ask(run_dir, Request::Stop { vm }), false)
 }
 
 pub fn reset(run_dir: &Path, vm: String, soft: bool) -> ExitCode {
@@ -158,10 +140,18 @@ fn ask(run_dir: &Path, request: Request) -> Result<Response, ClientError> {
     client::request(&RunDir::new(run_dir).control_socket(), &request)
 }
 
-fn applied(answer: Result<Response, ClientError>) -> ExitCode {
+/// Prints what the agent applied (as JSON with `json`); exit 1 if any step failed.
+fn applied(answer: Result<Response, ClientError>, json: bool) -> ExitCode {
     match answer {
         Ok(Response::Applied { report }) => {
-            print!("{}", render_report(&report));
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serializes")
+                );
+            } else {
+                print!("{}", render_report(&report));
+            }
             if report.any_failed() {
                 ExitCode::from(EXIT_FAILED)
             } else {
