@@ -8,6 +8,7 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod devices;
+pub mod files;
 pub mod ids;
 pub mod observed;
 pub mod paths;

@@ -29,6 +29,11 @@ impl RunDir {
         self.root.join("control.sock")
     }
 
+    /// The lease trust fence guards and the next agent read (`chainfire::trust`).
+    pub fn lease_trust(&self) -> PathBuf {
+        self.root.join("lease.json")
+    }
+
     /// Parent of every per-VM directory; its entries are how strangers are found.
     pub fn vms_dir(&self) -> PathBuf {
         self.root.join("vms")
@@ -48,6 +53,11 @@ pub struct VmDir {
 }
 
 impl VmDir {
+    /// The VM directory at `dir` (a fence guard is handed its path).
+    pub fn at(dir: impl Into<PathBuf>) -> VmDir {
+        VmDir { dir: dir.into() }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -68,5 +78,10 @@ impl VmDir {
 
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// Why the fence guard killed this VM's QEMU; written by the guard, read by the agent.
+    pub fn fence_marker(&self) -> PathBuf {
+        self.dir.join("fenced")
     }
 }

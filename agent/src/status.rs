@@ -60,6 +60,9 @@ pub struct VmStatus {
     pub state: VmState,
     /// QEMU's PID while it runs.
     pub pid: Option<u32>,
+    /// The PID of the fence guard QEMU runs under (HA VMs with ChainFire).
+    #[serde(default)]
+    pub fence_guard: Option<u32>,
     /// Since the agent launched (or, for an adopted VM, first saw) this QEMU.
     pub uptime_seconds: Option<u64>,
     /// False for a VM that runs but is no longer declared (it is being stopped).
@@ -83,6 +86,7 @@ impl VmStatus {
         VmStatus {
             state: VmState::Stopped,
             pid: None,
+            fence_guard: None,
             uptime_seconds: None,
             declared,
             devices: Vec::new(),
@@ -238,6 +242,12 @@ fn details(vm: &VmStatus) -> String {
     }
     if let Some(reason) = &vm.held_down {
         let _ = writeln!(out, "  kept down: {reason}");
+    }
+    if let Some(guard) = vm.fence_guard {
+        let _ = writeln!(
+            out,
+            "  fence guard: pid {guard} (kills QEMU if the ChainFire lease is not renewed)"
+        );
     }
     if vm.restarts > 0 {
         let _ = writeln!(

@@ -145,7 +145,7 @@ fn a_qemu_the_agent_cannot_identify_is_reported_and_never_touched() {
     let vm_dir = run_dir.vm("ghost");
     let spec = serde_json::from_value(host.vm(json!({}))).unwrap();
     let argv = qemu_harness::bare_argv("ghost", &vm_dir);
-    let ghost = launch_with_argv("ghost", &spec, &vm_dir, &qemu_binary(None), &argv).unwrap();
+    let ghost = launch_with_argv("ghost", &spec, &vm_dir, &qemu_binary(None), &argv, None).unwrap();
     let _guard = qemu_harness::KillOnDrop(ghost);
     std::fs::write(vm_dir.boot_spec(), "not a spec").unwrap();
 

@@ -12,7 +12,7 @@ const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_agents_host_is_marked_lost_within_ttl() {
-    let ttl = 2;
+    let ttl = 3;
     let etcd = single();
     let eps = etcd.endpoints();
     let survivor = Session::start(config(eps.clone(), "h2", ttl)).unwrap();

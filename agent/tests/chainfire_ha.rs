@@ -1,13 +1,15 @@
 //! HA failover against a real etcd: two sessions declare one HA VM; exactly one may run it.
 //! Cutting the holder off the store (a partition only it sees) makes it fence itself before the
-//! other takes the lock; killing the holder hands the VM over within the lease TTL.
+//! other takes the lock; killing the holder hands the VM over within the lease TTL; a holder
+//! restarted in time resumes its lease from the trust file and keeps the VM.
 
 mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use plasmavmc_agent::chainfire::{Session, SessionHandle};
+use plasmavmc_agent::chainfire::trust;
+use plasmavmc_agent::chainfire::{ChainFireConfig, Notice, Session, SessionHandle, StateEvent};
 use support::etcd::*;
 
 const TTL: u64 = 3;
@@ -144,25 +146,52 @@ async fn partitioned_holder_fences_before_the_other_takes_over() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clean_shutdown_hands_over_at_once() {
+async fn a_restarted_session_resumes_the_lease_and_keeps_its_locks() {
     let etcd = single();
     let eps = etcd.endpoints();
+    let dir = tempfile::tempdir().unwrap();
+    let trust_file = dir.path().join("lease.json");
+    let with_trust = |host| ChainFireConfig {
+        trust_file: Some(trust_file.clone()),
+        ..config(eps.clone(), host, TTL)
+    };
+    let observer = Session::start(config(eps.clone(), "obs", TTL)).unwrap();
+    observer.sync(picture([]));
+    let mut notices = observer.notices();
     let timeline = Timeline::default();
-    let a = Session::start(config(eps.clone(), "h1", TTL)).unwrap();
+    let a = Session::start(with_trust("h1")).unwrap();
     timeline.follow("h1", &a);
     a.sync(picture([local_vm("ha", "running", true, Some(11))]));
     eventually("h1 holds", WAIT, || timeline.holds("h1")).await;
     let b = Session::start(config(eps.clone(), "h2", TTL)).unwrap();
     timeline.follow("h2", &b);
     b.sync(picture([local_vm("ha", "stopped", true, None)]));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let lease = trust::read(&trust_file).unwrap().lease;
+    assert_eq!(trust::read(&trust_file).unwrap().held, [vm_key("ha")]);
 
-    let stopped = Instant::now();
-    a.shutdown().await; // revokes the lease: lock and host key go now
-    eventually("h2 holds", WAIT, || timeline.holds("h2")).await;
+    drop(a); // like kill -9: no goodbye, the lease is neither revoked nor kept alive
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = Session::start(with_trust("h1")).unwrap();
     assert!(
-        stopped.elapsed() < Duration::from_secs(TTL),
-        "no need to wait for the TTL after a revoke"
+        again.may_run().borrow().contains(&vm_key("ha")),
+        "the previous agent's locks are trusted from the first instant"
     );
+    timeline.follow("h1", &again);
+    again.sync(picture([local_vm("ha", "running", true, Some(11))]));
+    tokio::time::sleep(Duration::from_secs(TTL + 1)).await;
+
+    assert!(timeline.holds("h1") && !timeline.holds("h2"));
+    assert_eq!(trust::read(&trust_file).unwrap().lease, lease, "same lease");
+    let lock = get_json(&eps, "/plasmavmc/locks/acme/web/ha").unwrap();
+    assert_eq!(
+        (lock["host"].as_str(), lock["lease"].as_i64()),
+        (Some("h1"), Some(lease))
+    );
+    while let Ok(notice) = notices.try_recv() {
+        assert!(
+            !matches!(&notice, Notice::Store(StateEvent::HostDown { host_id }) if host_id == "h1"),
+            "the restart flapped h1 in the store"
+        );
+    }
     timeline.assert_never_two_holders();
 }

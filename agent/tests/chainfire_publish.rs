@@ -90,7 +90,7 @@ async fn publishes_changes_only_and_reads_back_with_etcdctl() {
 async fn fifty_vms_steady_state_writes_nothing() {
     let etcd = single();
     let eps = etcd.endpoints();
-    let session = Session::start(config(eps.clone(), "h1", 2)).unwrap();
+    let session = Session::start(config(eps.clone(), "h1", 3)).unwrap();
     let fifty = || {
         picture((0..50).map(|i| local_vm(&format!("vm{i:02}"), "running", false, Some(1000 + i))))
     };
@@ -103,7 +103,7 @@ async fn fifty_vms_steady_state_writes_nothing() {
     let before = revision(&eps);
     for _ in 0..10 {
         session.sync(fifty());
-        tokio::time::sleep(Duration::from_millis(500)).await; // 5 s: 2.5 TTLs of keep-alives
+        tokio::time::sleep(Duration::from_millis(500)).await; // 5 s: 20 keep-alives
     }
     assert_eq!(revision(&eps), before);
     assert_eq!(keys(&eps, "/plasmavmc/vms/").len(), 50);

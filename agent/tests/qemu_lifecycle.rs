@@ -13,8 +13,15 @@ use plasmavmc_agent::qemu::{QemuEvent, Qmp};
 
 async fn bare(run: &TempRun, name: &str) -> (u32, Qmp, KillOnDrop) {
     let vm = run.vm(name);
-    let pid =
-        launch_with_argv(name, &tiny_spec(), &vm, &qemu(), &bare_argv(name, &vm)).expect("launch");
+    let pid = launch_with_argv(
+        name,
+        &tiny_spec(),
+        &vm,
+        &qemu(),
+        &bare_argv(name, &vm),
+        None,
+    )
+    .expect("launch");
     let guard = KillOnDrop(pid);
     (
         pid,

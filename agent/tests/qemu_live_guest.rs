@@ -35,7 +35,7 @@ impl Guest {
     async fn boot(run: &TempRun, spec: VmSpec) -> Guest {
         let vm = run.vm("web");
         lifecycle::prepare_host_devices("web", &spec).expect("taps");
-        let pid = launch("web", &spec, &vm, &qemu()).expect("launch");
+        let pid = launch("web", &spec, &vm, &qemu(), None).expect("launch");
         let guard = KillOnDrop(pid);
         let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP");
         let console = Console::new(vm.console_log());

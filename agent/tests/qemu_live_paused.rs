@@ -34,7 +34,7 @@ async fn launch_paused(run: &TempRun, name: &str, spec: VmSpec) -> PausedVm {
     lifecycle::prepare_host_devices(name, &spec).expect("taps");
     let mut argv = qemu_argv(name, &spec, &vm);
     argv.push("-S".into());
-    let pid = launch_with_argv(name, &spec, &vm, &qemu(), &argv).expect("launch");
+    let pid = launch_with_argv(name, &spec, &vm, &qemu(), &argv, None).expect("launch");
     let guard = KillOnDrop(pid);
     let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP");
     PausedVm {

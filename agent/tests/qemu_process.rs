@@ -15,7 +15,7 @@ async fn launched_qemu_is_found_again_and_reconnectable() {
     let run = TempRun::new();
     let vm = run.vm("web");
     let spec = tiny_spec();
-    let pid = process::launch_with_argv("web", &spec, &vm, &qemu(), &bare_argv("web", &vm))
+    let pid = process::launch_with_argv("web", &spec, &vm, &qemu(), &bare_argv("web", &vm), None)
         .expect("launch");
     let _guard = KillOnDrop(pid);
     let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP up");
@@ -86,6 +86,7 @@ async fn killed_qemu_disconnects_without_shutdown() {
         &vm,
         &qemu(),
         &bare_argv("crash", &vm),
+        None,
     )
     .expect("launch");
     let _guard = KillOnDrop(pid);
@@ -133,7 +134,8 @@ async fn qemu_that_refuses_to_start_says_why() {
         "-blockdev".into(),
         "driver=file,node-name=x,filename=/nonexistent/disk.img".into(),
     ]);
-    let pid = process::launch_with_argv("bad", &tiny_spec(), &vm, &qemu(), &argv).expect("spawned");
+    let pid =
+        process::launch_with_argv("bad", &tiny_spec(), &vm, &qemu(), &argv, None).expect("spawned");
     let _guard = KillOnDrop(pid);
     let err = qmp_after_launch(pid, &vm, STARTUP)
         .await

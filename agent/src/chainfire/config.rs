@@ -6,15 +6,24 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 
+use super::fence;
+
+/// Below this, the store TTL (one second less) would fall under etcd's own minimum of 2 s.
+pub const MIN_LEASE_TTL: Duration = Duration::from_secs(3);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainFireConfig {
     /// `http://host:port` (or `https://` with `tls`), one per member.
     pub endpoints: Vec<String>,
     pub host_id: String,
-    /// Whole seconds (etcd's granularity), at least 2.
+    /// A host that stops is seen failed, and its HA VMs free, within this long. Whole seconds
+    /// (etcd's granularity), at least 3.
     pub lease_ttl: Duration,
     pub tls: Option<TlsFiles>,
     pub user: Option<(String, String)>,
+    /// Where the lease trust is kept for fence guards and the next agent (`trust`); None: the
+    /// session neither writes nor resumes one.
+    pub trust_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +43,7 @@ impl ChainFireConfig {
             lease_ttl,
             tls: None,
             user: None,
+            trust_file: None,
         }
     }
 
@@ -47,9 +57,9 @@ impl ChainFireConfig {
                 self.host_id
             );
         }
-        if self.lease_ttl.subsec_nanos() != 0 || self.lease_ttl < Duration::from_secs(2) {
+        if self.lease_ttl.subsec_nanos() != 0 || self.lease_ttl < MIN_LEASE_TTL {
             bail!(
-                "chainfire: lease TTL {:?} must be whole seconds, at least 2",
+                "chainfire: lease TTL {:?} must be whole seconds, at least {MIN_LEASE_TTL:?}",
                 self.lease_ttl
             );
         }
@@ -61,30 +71,28 @@ impl ChainFireConfig {
         Ok(())
     }
 
-    pub fn ttl_secs(&self) -> i64 {
-        self.lease_ttl.as_secs() as i64
-    }
-
-    /// How long before the server could expire the lease the holder stops its HA VMs.
-    pub fn fence_margin(&self) -> Duration {
-        (self.lease_ttl / 3).max(Duration::from_secs(1))
+    /// The TTL asked of the store: a second under `lease_ttl`, because etcd expires leases in a
+    /// sweep every 500 ms, so a lease lives up to half a second past its TTL.
+    pub fn store_ttl(&self) -> Duration {
+        self.lease_ttl - Duration::from_secs(1)
     }
 
     /// Keep-alives go out four times per fencing window, so one lost reply does not fence.
     pub fn keepalive_interval(&self) -> Duration {
-        (self.lease_ttl - self.fence_margin()) / 4
+        let ttl = self.store_ttl();
+        (ttl - fence::margin(ttl)) / 4
     }
 
     /// Bound on any single request, so a dead store is noticed within the fencing window.
     pub fn op_timeout(&self) -> Duration {
-        (self.lease_ttl / 2).min(Duration::from_secs(5))
+        (self.store_ttl() / 2).min(Duration::from_secs(5))
     }
 
     pub fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(self.op_timeout())
-            .with_keep_alive(self.keepalive_interval(), self.op_timeout())
-            .with_keep_alive_while_idle(true);
+        // No HTTP/2 keep-alive pings: etcd sends GOAWAY ("too_many_pings") to clients pinging
+        // more often than its --grpc-keepalive-min-time (5 s). Dead connections are noticed by
+        // the session itself: keep-alive replies, request timeouts, watch progress requests.
+        let mut options = ConnectOptions::new().with_connect_timeout(self.op_timeout());
         if let Some((user, password)) = &self.user {
             options = options.with_user(user, password);
         }
@@ -119,15 +127,16 @@ mod tests {
 
     #[test]
     fn timings_leave_the_holder_time_to_fence() {
-        for secs in [2, 3, 10, 30] {
+        for secs in [3, 4, 10, 30] {
             let config = ChainFireConfig::new(
                 vec!["http://127.0.0.1:1".into()],
                 "h",
                 Duration::from_secs(secs),
             );
             config.check().unwrap();
-            assert!(config.fence_margin() >= Duration::from_secs(1));
-            assert!(config.keepalive_interval() * 3 < config.lease_ttl - config.fence_margin());
+            let ttl = config.store_ttl();
+            assert_eq!(ttl + Duration::from_secs(1), config.lease_ttl);
+            assert!(config.keepalive_interval() * 3 < ttl - fence::margin(ttl));
         }
     }
 
@@ -138,12 +147,14 @@ mod tests {
             "h",
             Duration::from_secs(3),
         );
-        assert!(ChainFireConfig {
-            lease_ttl: Duration::from_millis(2500),
-            ..ok.clone()
+        for ttl in [Duration::from_millis(3500), Duration::from_secs(2)] {
+            assert!(ChainFireConfig {
+                lease_ttl: ttl,
+                ..ok.clone()
+            }
+            .check()
+            .is_err());
         }
-        .check()
-        .is_err());
         assert!(ChainFireConfig {
             host_id: "a/b".into(),
             ..ok.clone()

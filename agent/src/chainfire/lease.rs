@@ -1,6 +1,6 @@
-//! The session's lease: granted once, kept alive by keep-alives (no writes), re-granted only
-//! when the server says it expired. Every acknowledged keep-alive moves `last_acked_sent`, the
-//! clock self-fencing runs on.
+//! The session's lease: granted once (or resumed from the previous agent on this host), kept
+//! alive by keep-alives (no writes), re-granted only when the server says it is gone. Every
+//! acknowledged keep-alive moves `last_acked_sent`, the clock self-fencing runs on.
 
 use std::time::Duration;
 
@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::backoff::Backoff;
+use super::clock::BootTime;
 use super::config::ChainFireConfig;
 use super::fence::LeaseStatus;
 
@@ -18,7 +19,11 @@ pub async fn keep_alive(config: ChainFireConfig, status: watch::Sender<Option<Le
     loop {
         if let Err(e) = keep_alive_connected(&config, &status, &mut backoff).await {
             if lease_gone(&e) {
-                tracing::warn!("chainfire lease: expired in the store; granting a new one");
+                let lease = status.borrow().map(|l| l.id);
+                tracing::warn!(
+                    ?lease,
+                    "chainfire lease: gone from the store; granting a new one"
+                );
                 status.send_replace(None);
                 continue;
             }
@@ -37,7 +42,7 @@ async fn keep_alive_connected(
     let limit = config.op_timeout();
     let current = *status.borrow();
     let mut id = match current {
-        Some(lease) => lease.id,
+        Some(lease) => lease.id, // ours, or the previous agent's on this host: resume it
         None => grant(&mut client, config, status).await?,
     };
     loop {
@@ -45,7 +50,7 @@ async fn keep_alive_connected(
             .await
             .context("opening keep-alive stream timed out")??;
         loop {
-            let sent = Instant::now();
+            let sent = (Instant::now(), BootTime::now());
             keeper.keep_alive().await?;
             let reply = timeout(limit, replies.message())
                 .await
@@ -61,11 +66,12 @@ async fn keep_alive_connected(
             }
             status.send_modify(|s| {
                 if let Some(lease) = s.as_mut().filter(|l| l.id == id) {
-                    lease.last_acked_sent = sent.into_std();
+                    lease.last_acked_sent = sent.1;
+                    lease.ttl = Duration::from_secs(reply.ttl() as u64);
                 }
             });
             backoff.reset();
-            sleep_until(sent + config.keepalive_interval()).await;
+            sleep_until(sent.0 + config.keepalive_interval()).await;
         }
     }
 }
@@ -75,10 +81,11 @@ async fn grant(
     config: &ChainFireConfig,
     status: &watch::Sender<Option<LeaseStatus>>,
 ) -> anyhow::Result<i64> {
-    let sent = Instant::now();
+    let sent = BootTime::now();
+    let asked = config.store_ttl();
     let granted = timeout(
         config.op_timeout(),
-        client.lease_grant(config.ttl_secs(), None),
+        client.lease_grant(asked.as_secs() as i64, None),
     )
     .await
     .context("lease grant timed out")??;
@@ -89,20 +96,27 @@ async fn grant(
             granted.error()
         );
     }
-    tracing::info!(
-        lease = granted.id(),
-        ttl = granted.ttl(),
-        "chainfire lease: granted"
-    );
+    let ttl = Duration::from_secs(granted.ttl() as u64);
+    tracing::info!(lease = granted.id(), ?ttl, "chainfire lease: granted");
+    if ttl != asked {
+        tracing::warn!(
+            ?asked,
+            ?ttl,
+            "chainfire lease: the store raised the TTL to its minimum; this host is seen failed \
+             only after {ttl:?} (and up to 0.5 s more), not within --lease-ttl"
+        );
+    }
     status.send_replace(Some(LeaseStatus {
         id: granted.id(),
-        last_acked_sent: sent.into_std(),
+        ttl,
+        last_acked_sent: sent,
     }));
     Ok(granted.id())
 }
 
-/// The server no longer knows the lease (it expired while the store was out of reach). The
-/// keep-alive stream reports it as an error rather than a zero TTL.
+/// The server no longer knows the lease (it expired while the store was out of reach, or the
+/// previous agent's lease was not resumed in time). The keep-alive stream reports it as an error
+/// rather than a zero TTL.
 fn lease_gone(error: &anyhow::Error) -> bool {
     error
         .chain()

@@ -35,7 +35,8 @@ pub enum Write {
     AcquireLock {
         key: VmKey,
     },
-    /// Delete this host's HA lock (the VM is no longer declared here as HA).
+    /// Delete this host's HA lock (the VM is no longer declared here as HA, or this host no
+    /// longer wants to run it).
     ReleaseLock {
         key: VmKey,
     },
@@ -51,7 +52,7 @@ pub fn own_writes(
 ) -> Vec<Write> {
     let mut writes = Vec::new();
     for (key, vm) in local {
-        if vm.record.spec.ha && !view.locks.contains_key(key) {
+        if vm.record.spec.ha && vm.wants_to_run && !view.locks.contains_key(key) {
             writes.push(Write::AcquireLock { key: key.clone() });
         }
         if !publishable(host, lease, key, vm, view) {
@@ -96,8 +97,10 @@ pub fn own_writes(
         }
     }
     for (key, lock) in &view.locks {
-        let still_ha_here = local.get(key).is_some_and(|vm| vm.record.spec.ha);
-        if lock.host == host && lock.lease == lease && !still_ha_here {
+        let still_wanted = local
+            .get(key)
+            .is_some_and(|vm| vm.record.spec.ha && vm.wants_to_run);
+        if lock.host == host && lock.lease == lease && !still_wanted {
             writes.push(Write::ReleaseLock { key: key.clone() });
         }
     }
@@ -196,6 +199,7 @@ mod tests {
                     LocalVm {
                         record: r.clone(),
                         handle: h.clone(),
+                        wants_to_run: true,
                     },
                 )
             })
@@ -330,6 +334,21 @@ mod tests {
         );
         // A lock of an older lease is not ours to release.
         assert_eq!(own_writes("h2", 10, &BTreeMap::new(), &view), vec![]);
+    }
+
+    #[test]
+    fn a_host_that_does_not_want_to_run_an_ha_vm_lets_its_lock_go_and_seeks_none() {
+        let mut unwanted = local(&[(record("ha", "h2", "stopped", true), None)]);
+        unwanted.values_mut().for_each(|vm| vm.wants_to_run = false);
+        let key = VmKey::new("o", "p", "ha");
+        let mut view = view_of(&[(record("ha", "h2", "stopped", true), None)], 4);
+        lock(&mut view, "ha", "h2", 9);
+        assert_eq!(
+            own_writes("h2", 9, &unwanted, &view),
+            vec![Write::ReleaseLock { key: key.clone() }]
+        );
+        view.apply(&StateEvent::LockReleased { key });
+        assert_eq!(own_writes("h2", 9, &unwanted, &view), vec![]);
     }
 
     #[test]

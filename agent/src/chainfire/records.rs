@@ -81,6 +81,10 @@ pub struct LocalVm {
     pub record: VmRecord,
     /// Present while a QEMU runs for it here.
     pub handle: Option<HandleRecord>,
+    /// This host would run it now if its HA lock allowed (it runs here, or nothing but the lock
+    /// keeps it down). An HA VM's lock is sought only while true and let go when false, so a
+    /// host that cannot or may not run the VM leaves it to another.
+    pub wants_to_run: bool,
 }
 
 impl VmRecord {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use etcd_client::{Client, WatchOptions};
@@ -16,12 +16,14 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 
 use super::backoff::Backoff;
+use super::clock::{self, BootTime};
 use super::config::ChainFireConfig;
 use super::events::{StateEvent, StateSink};
 use super::fence::{self, LeaseStatus};
 use super::keys::{self, VmKey};
 use super::reconcile::{self, Write};
 use super::records::{self, HostRecord, LocalVm};
+use super::trust::{self, LeaseTrust};
 use super::view::ClusterView;
 use super::{lease, store};
 
@@ -49,8 +51,9 @@ pub enum Notice {
 
 pub struct Session;
 
-/// The daemon's end. Dropping it stops the session without revoking the lease (like a crash:
-/// the host key and HA locks go when the lease expires); [`SessionHandle::shutdown`] revokes.
+/// The daemon's end. Dropping it stops the session and leaves the lease alone: the next agent
+/// on this host resumes it from the trust file; if none comes, it expires with its host key and
+/// HA locks (after the fence guards have killed this host's HA VMs).
 pub struct SessionHandle {
     config: ChainFireConfig,
     local: watch::Sender<Option<BTreeMap<VmKey, LocalVm>>>,
@@ -63,13 +66,17 @@ pub struct SessionHandle {
 
 impl Session {
     /// Starts the session's tasks on the current tokio runtime. Returns at once: the store may
-    /// well be unreachable; the session keeps trying.
+    /// well be unreachable; the session keeps trying. With a trust file left by the previous
+    /// agent of this host (same host id, same boot), its lease is resumed and its locks trusted
+    /// until the same deadline: a restarted agent keeps running the HA VMs it holds.
     pub fn start(config: ChainFireConfig) -> anyhow::Result<SessionHandle> {
         config.check()?;
+        let (lease, held) = restore(&config);
+        let allowed = fence::may_run(&held, lease.as_ref(), BootTime::now());
         let (local_tx, local_rx) = watch::channel(None);
-        let (lease_tx, lease_rx) = watch::channel(None);
-        let (held_tx, held_rx) = watch::channel(BTreeMap::new());
-        let (may_run_tx, may_run_rx) = watch::channel(BTreeSet::new());
+        let (lease_tx, lease_rx) = watch::channel(lease);
+        let (held_tx, held_rx) = watch::channel(held);
+        let (may_run_tx, may_run_rx) = watch::channel(allowed);
         let (cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterView::default()));
         let (notices, _) = broadcast::channel(4096);
         let worker = Worker {
@@ -98,6 +105,23 @@ impl Session {
             notices,
             tasks,
         })
+    }
+}
+
+/// The previous agent's lease and locks, from the trust file, if they are this host's and boot's.
+fn restore(config: &ChainFireConfig) -> (Option<LeaseStatus>, BTreeMap<VmKey, i64>) {
+    let Some(path) = &config.trust_file else {
+        return Default::default();
+    };
+    let restored = trust::read(path)
+        .ok()
+        .and_then(|t| t.restore(&config.host_id, &clock::boot_id()));
+    match restored {
+        Some((lease, held)) => {
+            tracing::info!(lease = lease.id, held = ?held.keys().collect::<Vec<_>>(), "chainfire: resuming the previous agent's lease");
+            (Some(lease), held)
+        }
+        None => Default::default(),
     }
 }
 
@@ -139,24 +163,11 @@ impl SessionHandle {
         self.lease.borrow().map(|l| l.id)
     }
 
-    /// Stops the session and revokes its lease: the host key and HA locks go at once, so
-    /// standby hosts take over without waiting for the TTL. Best effort when the store is away.
-    pub async fn shutdown(mut self) {
-        self.abort();
-        let Some(lease) = self.lease_id() else { return };
-        let revoked = async {
-            let mut client = self.config.connect().await?;
-            client
-                .lease_revoke(lease)
-                .await
-                .context("revoking the lease")
-        };
-        match tokio::time::timeout(self.config.op_timeout(), revoked).await {
-            Ok(Ok(_)) => tracing::info!(lease, "chainfire: lease revoked"),
-            Ok(Err(e)) => {
-                tracing::warn!(lease, error = %format!("{e:#}"), "chainfire: lease not revoked")
-            }
-            Err(_) => tracing::warn!(lease, "chainfire: lease revoke timed out"),
+    /// What HA VMs are launched under (see [`HaGate`]).
+    pub fn ha_gate(&self) -> HaGate {
+        HaGate {
+            lease: self.lease.clone(),
+            may_run: self.may_run.clone(),
         }
     }
 
@@ -171,18 +182,49 @@ impl Drop for SessionHandle {
     }
 }
 
-/// Recomputes [`fence::may_run`] whenever the lease, the held locks or the trust deadline move.
+/// Which lease an HA VM starting now is bound to, for its fence guard.
+#[derive(Clone)]
+pub struct HaGate {
+    lease: watch::Receiver<Option<LeaseStatus>>,
+    may_run: watch::Receiver<BTreeSet<VmKey>>,
+}
+
+impl HaGate {
+    /// The current lease, if this host may run HA VM `key` under it now.
+    pub fn lease_for(&self, key: &VmKey) -> Option<i64> {
+        let lease = self.lease.borrow().map(|l| l.id)?;
+        self.may_run.borrow().contains(key).then_some(lease)
+    }
+}
+
+/// Recomputes [`fence::may_run`] whenever the lease, the held locks or the trust deadline move,
+/// and keeps the trust file in step (before anyone may act on the new `may_run`).
 async fn gate(
     config: ChainFireConfig,
     mut lease: watch::Receiver<Option<LeaseStatus>>,
     mut held: watch::Receiver<BTreeMap<VmKey, i64>>,
     may_run: watch::Sender<BTreeSet<VmKey>>,
 ) {
-    let (ttl, margin) = (config.lease_ttl, config.fence_margin());
+    let boot_id = clock::boot_id();
+    let mut persisted = None;
     loop {
-        let now = Instant::now();
+        let now = BootTime::now();
         let status = *lease.borrow_and_update();
-        let allowed = fence::may_run(&held.borrow_and_update(), status.as_ref(), ttl, margin, now);
+        let locks = held.borrow_and_update().clone();
+        if let Some(path) = &config.trust_file {
+            let trust = status.map(|l| LeaseTrust::new(&config.host_id, &boot_id, &l, &locks));
+            if persisted.as_ref() != Some(&trust) {
+                let written = match &trust {
+                    Some(trust) => trust::write(path, trust),
+                    None => trust::remove(path),
+                };
+                if let Err(e) = written {
+                    tracing::error!("chainfire: {e:#}; fence guards cannot see the lease renewed");
+                }
+                persisted = Some(trust);
+            }
+        }
+        let allowed = fence::may_run(&locks, status.as_ref(), now);
         may_run.send_if_modified(|current| {
             let changed = *current != allowed;
             if changed {
@@ -191,13 +233,13 @@ async fn gate(
             }
             changed
         });
-        let deadline = status
-            .map(|l| fence::trusted_until(&l, ttl, margin))
-            .filter(|d| *d > now);
+        let wait = status
+            .map(|l| now.until(l.trusted_until()))
+            .filter(|d| !d.is_zero());
         tokio::select! {
             changed = lease.changed() => if changed.is_err() { break },
             changed = held.changed() => if changed.is_err() { break },
-            _ = tokio::time::sleep_until(deadline.unwrap_or(now).into()), if deadline.is_some() => {}
+            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
         }
     }
     may_run.send_replace(BTreeSet::new());
@@ -252,9 +294,16 @@ impl Worker {
         });
         self.flush(&mut client).await?;
         backoff.reset();
+        // A watch on a connection that died silently (a partition without resets) would wait
+        // forever: every `limit` it is asked for a progress report, and a whole `limit` without
+        // any answer ends the connection.
+        let mut liveness = tokio::time::interval(limit);
+        liveness.tick().await;
+        let mut unanswered = false;
         loop {
             tokio::select! {
                 message = watch.message() => {
+                    unanswered = false;
                     let response = message?.context("watch stream ended")?;
                     if response.canceled() {
                         if response.compact_revision() > 0 {
@@ -274,6 +323,14 @@ impl Worker {
                 }
                 changed = self.local.changed() => changed.context("daemon gone")?,
                 changed = self.lease.changed() => changed.context("lease task gone")?,
+                _ = liveness.tick() => {
+                    if unanswered {
+                        bail!("the watch answered no progress request within {limit:?}");
+                    }
+                    watch.request_progress().await?;
+                    unanswered = true;
+                    continue;
+                }
             }
             self.flush(&mut client).await?;
         }
@@ -345,13 +402,4 @@ impl Worker {
     fn notify(&self, notice: Notice) {
         let _ = self.notices.send(notice); // nobody listening is fine
     }
-}
-
-/// One-shot read of the whole cluster, for `plasmavmc status --cluster`.
-pub async fn read_cluster(config: &ChainFireConfig) -> anyhow::Result<ClusterView> {
-    let mut client = config.connect().await?;
-    let (events, _) = store::load(&mut client, config.op_timeout()).await?;
-    let mut view = ClusterView::default();
-    events.iter().for_each(|e| view.apply(e));
-    Ok(view)
 }

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 use crate::daemon::{AgentOptions, ChainfireOptions};
 use crate::paths::{DEFAULT_CONFIG, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
+use crate::qemu::guard::GuardOptions;
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_INVALID: u8 = 2;
@@ -96,7 +97,7 @@ enum Command {
         /// "pending", "lastError", ...}}, "strangers": [...], "config": {...}}.
         #[arg(long)]
         json: bool,
-        /// Cluster-wide view from ChainFire (not wired yet).
+        /// Every host's VMs as ChainFire has them (needs an agent started with --chainfire).
         #[arg(long)]
         cluster: bool,
         #[command(flatten)]
@@ -125,6 +126,29 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// (Started by the agent.) Run an HA VM's QEMU as this process's child and kill it when the
+    /// agent stops renewing the ChainFire lease its lock is bound to.
+    ///
+    /// QEMU dies with the guard, so an HA VM never runs unguarded; the guard needs no agent, so
+    /// a host whose agent was killed still fences its HA VMs before the lease expires in the
+    /// store. SIGTERM, SIGINT and SIGHUP leave the guard running; it exits with QEMU.
+    FenceGuard(FenceGuardArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct FenceGuardArgs {
+    /// The agent's lease trust file (<run-dir>/lease.json).
+    #[arg(long, value_name = "FILE")]
+    trust_file: PathBuf,
+    /// The lease the VM's HA lock is bound to.
+    #[arg(long, value_name = "ID")]
+    lease: i64,
+    /// The VM's directory (<run-dir>/vms/NAME): why a fence happened goes to its `fenced`.
+    #[arg(long, value_name = "DIR")]
+    vm_dir: PathBuf,
+    /// QEMU and its arguments.
+    #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+    command: Vec<std::ffi::OsString>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -200,6 +224,12 @@ pub fn run() -> ExitCode {
         Command::Start { vm, run_dir } => commands::start(&run_dir.run_dir, vm),
         Command::Stop { vm, run_dir } => commands::stop(&run_dir.run_dir, vm),
         Command::Reset { vm, soft, run_dir } => commands::reset(&run_dir.run_dir, vm, soft),
+        Command::FenceGuard(args) => crate::qemu::guard::run(GuardOptions {
+            trust_file: args.trust_file,
+            lease: args.lease,
+            vm_dir: args.vm_dir,
+            command: args.command,
+        }),
     }
 }
 
@@ -235,6 +265,26 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_guard_parses_the_arguments_the_agent_gives_it() {
+        let guard = crate::qemu::Guard {
+            exe: "/bin/plasmavmc".into(),
+            trust_file: "/run/plasmavmc/lease.json".into(),
+            lease: 7,
+        };
+        let vm_dir = crate::paths::RunDir::new("/run/plasmavmc").vm("ha1");
+        let qemu_args = ["-name".to_owned(), "guest=ha1".to_owned()];
+        let mut argv = vec![std::ffi::OsString::from("plasmavmc")];
+        argv.extend(guard.args(&vm_dir, std::path::Path::new("/bin/qemu"), &qemu_args));
+        let Command::FenceGuard(args) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not fence-guard")
+        };
+        assert_eq!(args.lease, 7);
+        assert_eq!(args.vm_dir, vm_dir.dir());
+        assert_eq!(args.trust_file, guard.trust_file);
+        assert_eq!(args.command, ["/bin/qemu", "-name", "guest=ha1"]);
     }
 
     #[test]

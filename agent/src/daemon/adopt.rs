@@ -29,6 +29,10 @@ async fn adopt_one(daemon: &Daemon, name: String) -> bool {
     let running = match find_running(&name, &vm_dir) {
         Ok(Some(running)) => running,
         Ok(None) => {
+            if let Some(reason) = process::take_fence_marker(&vm_dir) {
+                // Its guard fenced it while no agent was there to see.
+                daemon.explain_gone(&name, reason);
+            }
             if let Some(pid) = foreign_qemu(&vm_dir) {
                 daemon.add_stranger(Stranger {
                     name,

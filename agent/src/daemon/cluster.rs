@@ -77,13 +77,14 @@ pub fn log_notices(session: &SessionHandle) {
     });
 }
 
-/// Every declared VM as this host has it: its record, and its handle while a QEMU runs.
-/// `handle(vm, pid)` says where that QEMU is; its `startedAt` must stay the same while the QEMU
-/// lives, or every sync would write.
+/// Every declared VM as this host has it: its record, its handle while a QEMU runs, and whether
+/// this host wants to run it (`wanted`, or it runs here). `handle(vm, pid)` says where that QEMU
+/// is; its `startedAt` must stay the same while the QEMU lives, or every sync would write.
 pub fn local_picture(
     host_id: &str,
     desired: &DesiredState,
     vms: &BTreeMap<String, VmStatus>,
+    wanted: &BTreeSet<String>,
     handle: impl Fn(&str, u32) -> HandleRecord,
 ) -> BTreeMap<VmKey, LocalVm> {
     desired
@@ -99,7 +100,15 @@ pub fn local_picture(
                 record.last_error.clone_from(&status.last_error);
             }
             let handle = status.and_then(|s| s.pid).map(|pid| handle(name, pid));
-            (key, LocalVm { record, handle })
+            let wants_to_run = handle.is_some() || wanted.contains(name);
+            (
+                key,
+                LocalVm {
+                    record,
+                    handle,
+                    wants_to_run,
+                },
+            )
         })
         .collect()
 }
@@ -203,7 +212,7 @@ mod tests {
             reason: "boot-time setting".into(),
         }];
         let statuses = BTreeMap::from([("web".to_owned(), running)]);
-        let picture = local_picture("h1", &desired(), &statuses, handle);
+        let picture = local_picture("h1", &desired(), &statuses, &BTreeSet::new(), handle);
 
         let web = &picture[&VmKey::new("acme", "shop", "web")];
         assert_eq!(web.record.state, "running");
@@ -215,10 +224,16 @@ mod tests {
         );
         assert_eq!(web.handle.as_ref().map(|h| h.pid), Some(42));
 
+        assert!(web.wants_to_run, "it runs here");
+
         let db = picture.values().find(|vm| vm.record.name == "db").unwrap();
         assert_eq!(db.record.state, "stopped");
         assert_eq!(db.handle, None);
+        assert!(!db.wants_to_run, "not wanted, not running");
         assert_eq!(picture.len(), 2);
+        let wanted = BTreeSet::from(["db".to_owned()]);
+        let picture = local_picture("h1", &desired(), &statuses, &wanted, handle);
+        assert!(picture.values().all(|vm| vm.wants_to_run));
     }
 
     #[test]

@@ -24,12 +24,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use crate::chainfire::Session;
+use crate::chainfire::{ChainFireConfig, Session};
 use crate::control::server;
 use crate::paths::RunDir;
 use operator::OperatorIntents;
 use supervisor::{Daemon, Trigger};
-use vm::Shell;
+use vm::{Fencing, Shell};
 
 /// Quiet time after a config directory event before the file is compared and reloaded.
 const CONFIG_DEBOUNCE: Duration = Duration::from_millis(200);
@@ -64,7 +64,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     create_dir(&run_dir.vms_dir(), 0o700)?;
     create_dir(&options.state_dir, 0o700)?;
     let chainfire = match &options.chainfire {
-        Some(chainfire) => Some(cluster::chainfire_config(chainfire)?),
+        Some(chainfire) => Some(ChainFireConfig {
+            trust_file: Some(run_dir.lease_trust()),
+            ..cluster::chainfire_config(chainfire)?
+        }),
         None => None,
     };
     let session = match chainfire {
@@ -77,6 +80,14 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
         None => None,
     };
+    let fencing = match &session {
+        Some((_, session)) => Some(Fencing {
+            guard_exe: std::env::current_exe().context("locating this binary for fence guards")?,
+            trust_file: run_dir.lease_trust(),
+            gate: session.ha_gate(),
+        }),
+        None => None,
+    };
 
     let (vm_events, mut vm_event_rx) = mpsc::unbounded_channel();
     let (triggers, mut trigger_rx) = mpsc::unbounded_channel();
@@ -86,6 +97,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         stop_timeout: options.stop_timeout,
         unplug_timeout: options.unplug_timeout,
         events: vm_events,
+        fencing,
     };
     let operator = OperatorIntents::load(&options.state_dir)?;
     let daemon = Arc::new(Daemon::new(
@@ -147,9 +159,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         () = shutdown_signal()? => tracing::info!("stopping the agent; VMs keep running"),
     }
     let _ = std::fs::remove_file(run_dir.control_socket());
-    if let Some(session) = daemon.take_session() {
-        // Revoking the lease frees this host's HA locks at once: a fast hand-over.
-        session.shutdown().await;
+    if options.chainfire.is_some() {
+        // The lease is left alive for the next agent to resume: an agent restart neither flaps
+        // the host in the store nor hands its HA VMs over. With no agent back in time, the fence
+        // guards kill the HA VMs and the lease expires.
+        tracing::info!(trust = %run_dir.lease_trust().display(), "chainfire: leaving the lease to the next agent");
     }
     Ok(())
 }

@@ -42,11 +42,8 @@ impl OperatorIntents {
     /// Records and persists (atomically) the operator's decision for `vm`.
     pub fn set(&mut self, vm: &str, intent: OperatorIntent) -> Result<()> {
         self.intents.insert(vm.to_owned(), intent);
-        let tmp = self.path.with_extension("json.tmp");
         let json = serde_json::to_vec_pretty(&self.intents).expect("intents serialize");
-        std::fs::write(&tmp, json).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .with_context(|| format!("writing {}", self.path.display()))
+        crate::files::write_atomically(&self.path, &json)
     }
 }
 

@@ -9,6 +9,8 @@ const FIRST_DELAY: Duration = Duration::from_secs(1);
 const MAX_DELAY: Duration = Duration::from_secs(60);
 /// A VM that ran this long before exiting starts its backoff from scratch.
 const STABLE_AFTER: Duration = Duration::from_secs(300);
+/// Failures in a row after which a host lets another one try an HA VM while it backs off.
+const STEP_BACK_AFTER: u32 = 3;
 
 /// Per VM: failures in a row and, while the VM is held down, why and until when.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -104,6 +106,16 @@ impl RestartTracker {
         }
     }
 
+    /// Whether this host should leave an HA VM to the other hosts at `now`: held down for good
+    /// (its policy said no restart), or backing off after failing again and again here.
+    pub fn steps_back(&self, now: Instant) -> bool {
+        match &self.down {
+            Some(Down { until: None, .. }) => true,
+            Some(Down { until: Some(t), .. }) => *t > now && self.failures >= STEP_BACK_AFTER,
+            None => false,
+        }
+    }
+
     /// The VM was started: an automatic restart if it was held down by a backoff.
     pub fn on_started(&mut self) {
         if self.down.take().is_some() {
@@ -142,6 +154,7 @@ mod tests {
         );
         assert_eq!(delay, Some(Duration::from_secs(1)));
         assert!(t.held_down(now).is_some());
+        assert!(!t.steps_back(now), "one crash: restart here");
         assert!(t.held_down(now + Duration::from_secs(1)).is_none());
         t.on_started();
         assert_eq!(t.restarts, 1);
@@ -186,8 +199,10 @@ mod tests {
             None
         );
         assert!(t.held_down(now + MAX_DELAY).is_some());
+        assert!(t.steps_back(now + MAX_DELAY));
         t.forgive();
         assert!(t.held_down(now).is_none());
+        assert!(!t.steps_back(now));
 
         for _ in 0..5 {
             t.on_exit(
@@ -198,6 +213,11 @@ mod tests {
                 now,
             );
         }
+        assert!(t.steps_back(now), "five failures in a row, backing off");
+        assert!(
+            !t.steps_back(now + MAX_DELAY),
+            "the backoff is over: try again"
+        );
         let after_long_run = t.on_exit(
             RestartPolicy::Always,
             false,

@@ -59,7 +59,7 @@ pub struct Daemon {
     restarts: Mutex<BTreeMap<String, RestartTracker>>,
     /// Config loads one at a time; reconciles themselves run per VM.
     config_lock: tokio::sync::Mutex<()>,
-    /// The ChainFire session, with `--chainfire`; taken out at shutdown to revoke the lease.
+    /// The ChainFire session, with `--chainfire`.
     chainfire: Mutex<Option<SessionHandle>>,
     host_id: String,
     /// HA VMs killed because this host lost its lease: their exit is no failure to restart.
@@ -136,11 +136,6 @@ impl Daemon {
         }
     }
 
-    /// The ChainFire session, for a last clean shutdown (None when standalone).
-    pub fn take_session(&self) -> Option<SessionHandle> {
-        self.chainfire.lock().unwrap().take()
-    }
-
     fn cluster_status(&self) -> Result<Response, Refusal> {
         let session = self.chainfire.lock().unwrap();
         let Some(session) = session.as_ref() else {
@@ -170,12 +165,15 @@ impl Daemon {
             .map(|slot| (slot.name.clone(), slot.status()))
             .collect();
         let run_dir = &self.shell.run_dir;
+        let wanted = self.wants_to_run(&desired);
         let picture =
-            cluster::local_picture(&self.host_id, &desired, &statuses, |vm, pid| HandleRecord {
-                host: self.host_id.clone(),
-                pid,
-                qmp_socket: run_dir.vm(vm).qmp_socket().display().to_string(),
-                started_at: cluster::process_started_at(pid).unwrap_or_default(),
+            cluster::local_picture(&self.host_id, &desired, &statuses, &wanted, |vm, pid| {
+                HandleRecord {
+                    host: self.host_id.clone(),
+                    pid,
+                    qmp_socket: run_dir.vm(vm).qmp_socket().display().to_string(),
+                    started_at: cluster::process_started_at(pid).unwrap_or_default(),
+                }
             });
         if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
             session.sync(picture);
@@ -241,6 +239,14 @@ impl Daemon {
             .is_some_and(|d| d.vms.contains_key(&slot.name));
         slot.update_status(|s| s.declared = declared);
         self.vms.lock().unwrap().insert(slot.name.clone(), slot);
+    }
+
+    /// Why VM `name`'s QEMU is gone, learnt after the fact (at startup).
+    pub fn explain_gone(&self, name: &str, reason: String) {
+        tracing::warn!(vm = %name, "{reason}");
+        if let Some(slot) = self.slot(name) {
+            slot.update_status(|s| s.last_error = Some(reason));
+        }
     }
 
     pub fn add_stranger(&self, stranger: Stranger) {
@@ -397,7 +403,10 @@ impl Daemon {
             } => {
                 let Some(slot) = self.slot(&vm) else { return };
                 let decide = |exit: &Exit| {
-                    if self.fenced.lock().unwrap().contains(&vm) {
+                    if let Some(by_guard) = &exit.fenced {
+                        tracing::error!(vm = %vm, "{by_guard}");
+                        slot.update_status(|s| s.last_error = Some(by_guard.clone()));
+                    } else if self.fenced.lock().unwrap().contains(&vm) {
                         slot.update_status(|s| s.last_error = Some(cluster::FENCED.into()));
                     } else {
                         tracing::warn!(vm = %vm, "{}", exit.reason);
@@ -550,6 +559,27 @@ impl Daemon {
             intents.insert(name.clone(), intent);
         }
         intents
+    }
+
+    /// VMs this host would run now if their HA lock allowed: nothing else keeps them down.
+    /// An HA VM competes for its lock only while it is in here (or runs here).
+    fn wants_to_run(&self, desired: &DesiredState) -> BTreeSet<String> {
+        let operator = self.operator.lock().unwrap();
+        let restarts = self.restarts.lock().unwrap();
+        let now = Instant::now();
+        desired
+            .vms
+            .iter()
+            .filter(|(name, spec)| {
+                let by_operator = match operator.get(name) {
+                    Some(OperatorIntent::Stopped) => false,
+                    Some(OperatorIntent::Started) => true,
+                    None => spec.autostart,
+                };
+                by_operator && !restarts.get(*name).is_some_and(|t| t.steps_back(now))
+            })
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     fn after_step(&self, vm: &str, desired: &DesiredState, action: &Action, outcome: &StepOutcome) {

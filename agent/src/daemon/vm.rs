@@ -14,13 +14,14 @@ use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::action::Action;
+use crate::chainfire::{HaGate, VmKey};
 use crate::control::protocol::StepOutcome;
 use crate::ids;
 use crate::observed::ObservedVm;
 use crate::paths::RunDir;
 use crate::qemu::lifecycle::{self, ResetOutcome};
 use crate::qemu::live::{apply_live, LiveOutcome};
-use crate::qemu::{observe, process, QemuEvent, Qmp, RunningQemu};
+use crate::qemu::{observe, process, Guard, QemuEvent, Qmp, RunningQemu};
 use crate::spec::VmSpec;
 use crate::status::{Device, VmState, VmStatus};
 
@@ -35,6 +36,33 @@ pub struct Shell {
     pub stop_timeout: Duration,
     pub unplug_timeout: Duration,
     pub events: mpsc::UnboundedSender<VmEvent>,
+    /// With `--chainfire`: HA VMs start under a fence guard.
+    pub fencing: Option<Fencing>,
+}
+
+/// How HA VMs are launched under a fence guard: this binary, the lease trust file, and which
+/// lease each VM's lock is bound to now.
+pub struct Fencing {
+    pub guard_exe: PathBuf,
+    pub trust_file: PathBuf,
+    pub gate: HaGate,
+}
+
+impl Fencing {
+    /// The guard for VM `name` starting now; an error if this host may not run it (it lost the
+    /// lock or the lease between the plan and the start).
+    fn guard(&self, name: &str, spec: &VmSpec) -> Result<Guard> {
+        let key = VmKey::new(&spec.org_id, &spec.project_id, name);
+        let lease = self
+            .gate
+            .lease_for(&key)
+            .context("HA: this host no longer holds the VM's lock under a trusted lease")?;
+        Ok(Guard {
+            exe: self.guard_exe.clone(),
+            trust_file: self.trust_file.clone(),
+            lease,
+        })
+    }
 }
 
 /// What a VM's QEMU tells the daemon without being asked.
@@ -94,6 +122,8 @@ pub struct Exit {
     pub ran_for: Duration,
     pub clean: bool,
     pub reason: String,
+    /// Why its fence guard killed it, if it did.
+    pub fenced: Option<String>,
 }
 
 impl VmSlot {
@@ -253,8 +283,12 @@ impl VmSlot {
         self.update_status(|s| s.state = VmState::Starting);
         let vm_dir = shell.run_dir.vm(&self.name);
         let launched = async {
+            let guard = match &shell.fencing {
+                Some(fencing) if spec.ha.enable => Some(fencing.guard(&self.name, spec)?),
+                _ => None,
+            };
             lifecycle::prepare_host_devices(&self.name, spec)?;
-            let pid = crate::qemu::launch(&self.name, spec, &vm_dir, &shell.qemu)?;
+            let pid = crate::qemu::launch(&self.name, spec, &vm_dir, &shell.qemu, guard.as_ref())?;
             match process::qmp_after_launch(pid, &vm_dir, LAUNCH_TIMEOUT).await {
                 Ok(qmp) => Ok((pid, qmp)),
                 Err(e) => {
@@ -334,10 +368,14 @@ impl VmSlot {
             tracing::warn!(vm = %self.name, pid = conn.pid, "QMP closed but QEMU lives; killing it");
             let _ = lifecycle::stop(None, conn.pid, Duration::ZERO).await;
         }
-        let reason = if clean {
+        let vm_dir = shell.run_dir.vm(&self.name);
+        let fenced = process::take_fence_marker(&vm_dir);
+        let reason = if let Some(fenced) = &fenced {
+            fenced.clone()
+        } else if clean {
             format!("guest shut down (QEMU pid {} exited)", conn.pid)
         } else {
-            let tail = process::qemu_log_tail(&shell.run_dir.vm(&self.name));
+            let tail = process::qemu_log_tail(&vm_dir);
             let mut reason = format!("QEMU (pid {}) exited unexpectedly", conn.pid);
             if !tail.is_empty() {
                 reason.push_str(&format!(": {tail}"));
@@ -366,6 +404,7 @@ impl VmSlot {
             ran_for: conn.started.elapsed(),
             clean,
             reason,
+            fenced,
         };
         decide(&exit);
         drop(rt);
@@ -414,6 +453,10 @@ impl VmSlot {
             qmp.subscribe(),
             shell.events.clone(),
         ));
+        let fence_guard = crate::qemu::guard::guard_of(pid, &shell.run_dir.vm(&self.name));
+        if boot_spec.ha.enable && shell.fencing.is_some() && fence_guard.is_none() {
+            tracing::warn!(vm = %self.name, pid, "HA VM runs without a fence guard (it was started standalone or by an older agent): only this agent fences it; restart it to guard it");
+        }
         rt.conn = Some(Conn {
             qmp,
             pid,
@@ -424,6 +467,7 @@ impl VmSlot {
         self.update_status(|s| {
             s.state = VmState::Running;
             s.pid = Some(pid);
+            s.fence_guard = fence_guard;
             s.uptime_seconds = Some(started.elapsed().as_secs());
         });
     }

@@ -3,6 +3,7 @@
 //! Everything here executes decisions made by the pure core (`plan`, `argv`); nothing here
 //! decides what the VM should look like.
 
+pub mod guard;
 pub mod lifecycle;
 pub mod live;
 pub mod observe;
@@ -10,5 +11,6 @@ pub mod process;
 pub mod qmp;
 pub mod tap;
 
+pub use guard::Guard;
 pub use process::{find_running, launch, list_vm_dirs, RunningQemu};
 pub use qmp::{QemuEvent, Qmp, QmpError};

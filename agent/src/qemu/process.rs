@@ -6,8 +6,9 @@
 //! Identity is PID-reuse safe: the pidfile alone is never trusted, `/proc/<pid>/cmdline` must be
 //! a QEMU for this VM name and this VM directory's QMP socket.
 
+use std::ffi::OsStr;
 use std::fs;
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -17,8 +18,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use super::guard::{self, Guard};
 use super::qmp::Qmp;
 use crate::argv;
+use crate::files::write_atomically;
 use crate::paths::{RunDir, VmDir};
 use crate::spec::VmSpec;
 
@@ -43,17 +46,19 @@ pub fn qemu_binary(explicit: Option<&Path>) -> PathBuf {
 }
 
 /// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`); see `launch_with_argv`.
-pub fn launch(name: &str, spec: &VmSpec, vm_dir: &VmDir, qemu: &Path) -> Result<u32> {
-    launch_with_argv(
-        name,
-        spec,
-        vm_dir,
-        qemu,
-        &argv::qemu_argv(name, spec, vm_dir),
-    )
+pub fn launch(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    qemu: &Path,
+    guard: Option<&Guard>,
+) -> Result<u32> {
+    let args = argv::qemu_argv(name, spec, vm_dir);
+    launch_with_argv(name, spec, vm_dir, qemu, &args, guard)
 }
 
-/// Starts QEMU with `args`, detached, and returns its PID. Writes the boot spec and the pidfile;
+/// Starts QEMU with `args`, detached, and returns its PID. With `guard`, QEMU runs as the child
+/// of a fence guard (`guard`), which reports its PID. Writes the boot spec and the pidfile;
 /// QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as soon as the process exists: use
 /// `qmp_after_launch` to wait for it to be usable (or to learn why it died). For `find_running`
 /// to recognise the process, `args` must hold `-name guest=NAME` and the QMP chardev
@@ -64,6 +69,7 @@ pub fn launch_with_argv(
     vm_dir: &VmDir,
     qemu: &Path,
     args: &[String],
+    guard: Option<&Guard>,
 ) -> Result<u32> {
     prepare_vm_dir(vm_dir)?;
     write_atomically(
@@ -77,11 +83,18 @@ pub fn launch_with_argv(
         .mode(0o600)
         .open(qemu_log(vm_dir))
         .with_context(|| format!("opening {}", qemu_log(vm_dir).display()))?;
-    let mut command = detached_command(name, qemu, args);
-    command
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context("duplicating the QEMU log handle")?)
-        .stderr(log);
+    let mut command = match guard {
+        Some(guard) => detached_command(name, &guard.exe, &guard.args(vm_dir, qemu, args)),
+        None => detached_command(name, qemu, args),
+    };
+    let stdout = match guard {
+        Some(_) => Stdio::piped(), // the guard reports QEMU's PID there
+        None => log
+            .try_clone()
+            .context("duplicating the QEMU log handle")?
+            .into(),
+    };
+    command.stdin(Stdio::null()).stdout(stdout).stderr(log);
     // SAFETY: only async-signal-safe calls (setsid, umask) between fork and exec.
     unsafe {
         command.pre_exec(|| {
@@ -91,22 +104,36 @@ pub fn launch_with_argv(
             Ok(())
         });
     }
+    let program = guard.map_or(qemu, |g| g.exe.as_path());
     let mut child = command
         .spawn()
-        .with_context(|| format!("starting {} for VM {name}", qemu.display()))?;
-    let pid = child.id();
+        .with_context(|| format!("starting {} for VM {name}", program.display()))?;
+    let pid = match guard {
+        Some(_) => guard::reported_pid(&mut child, vm_dir)?,
+        None => child.id(),
+    };
     write_atomically(&vm_dir.pidfile(), format!("{pid}\n").as_bytes())?;
-    // QEMU is our child until the agent exits; reap it so it never lingers as a zombie (after the
-    // agent is gone, init reaps it). Observers learn about the exit from QMP and `/proc`.
+    // Our child (QEMU, or its guard) until the agent exits; reap it so it never lingers as a
+    // zombie (after the agent is gone, init reaps it). Observers learn about the exit from QMP
+    // and `/proc`.
+    let (child_pid, what) = (child.id(), program_name(guard.is_some()));
     std::thread::Builder::new()
-        .name(format!("reap-{pid}"))
+        .name(format!("reap-{child_pid}"))
         .spawn(move || {
             let status = child.wait();
-            tracing::info!(pid, ?status, "QEMU exited");
+            tracing::info!(pid = child_pid, ?status, "{what} exited");
         })
         .context("spawning the QEMU reaper thread")?;
-    tracing::info!(vm = name, pid, "launched QEMU");
+    tracing::info!(vm = name, pid, guarded = guard.is_some(), "launched QEMU");
     Ok(pid)
+}
+
+fn program_name(guarded: bool) -> &'static str {
+    if guarded {
+        "fence guard"
+    } else {
+        "QEMU"
+    }
 }
 
 /// Waits until the QEMU just launched as `pid` answers on its QMP socket. If it exits first (bad
@@ -208,10 +235,10 @@ pub async fn wait_for_exit(pid: u32, timeout: Duration) -> bool {
 }
 
 /// A pidfd: becomes readable when the process exits.
-struct Pidfd(std::os::fd::OwnedFd);
+pub(crate) struct Pidfd(std::os::fd::OwnedFd);
 
 impl Pidfd {
-    fn open(pid: u32) -> std::io::Result<Pidfd> {
+    pub(crate) fn open(pid: u32) -> std::io::Result<Pidfd> {
         use std::os::fd::FromRawFd;
         // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
         let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
@@ -228,6 +255,12 @@ impl Pidfd {
 impl std::os::fd::AsRawFd for Pidfd {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.0.as_raw_fd()
+    }
+}
+
+impl std::os::fd::AsFd for Pidfd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
     }
 }
 
@@ -265,20 +298,21 @@ pub fn qemu_log_tail(vm_dir: &VmDir) -> String {
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
-fn detached_command(name: &str, qemu: &Path, args: &[String]) -> Command {
+/// `program args` (QEMU, or a fence guard with QEMU as its child) in a place of its own.
+fn detached_command(name: &str, program: &Path, args: &[impl AsRef<OsStr>]) -> Command {
     if Path::new("/run/systemd/system").exists() {
         // Its own scope: stopping the agent's unit does not take the VMs with it. `--scope` execs
-        // the command in place, so the PID we get is QEMU's.
+        // the command in place, so the PID we get is the program's.
         let mut command = Command::new("systemd-run");
         command
             .args(["--scope", "--collect", "--quiet", "--unit"])
             .arg(format!("plasmavmc-vm-{name}"))
             .arg("--")
-            .arg(qemu)
+            .arg(program)
             .args(args);
         command
     } else {
-        let mut command = Command::new(qemu);
+        let mut command = Command::new(program);
         command.args(args);
         command
     }
@@ -294,8 +328,18 @@ fn prepare_vm_dir(vm_dir: &VmDir) -> Result<()> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("restricting {}", dir.display()))?;
     // A stale socket would let a connect succeed against nothing; a stale pidfile would name a
-    // dead (or reused) PID until the new one is written.
+    // dead (or reused) PID until the new one is written; a stale fence marker would explain the
+    // next exit wrongly.
+    take_fence_marker(vm_dir);
     clear_runtime_files(vm_dir)
+}
+
+/// Why the fence guard killed this VM's QEMU, if it did; removes the marker.
+pub fn take_fence_marker(vm_dir: &VmDir) -> Option<String> {
+    let path = vm_dir.fence_marker();
+    let reason = fs::read_to_string(&path).ok()?;
+    let _ = fs::remove_file(&path);
+    Some(reason)
 }
 
 fn read_pidfile(vm_dir: &VmDir) -> Result<Option<u32>> {
@@ -308,21 +352,6 @@ fn read_pidfile(vm_dir: &VmDir) -> Result<Option<u32>> {
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The identity check on a raw `/proc/<pid>/cmdline`: a `qemu-system-*` binary whose `-name`
@@ -347,6 +376,25 @@ fn cmdline_matches(cmdline: &[u8], name: &str, qmp_socket: &Path) -> bool {
         .any(|w| w[0] == "-name" && options(&w[1]).contains(&guest));
     let has_socket = args.iter().any(|arg| options(arg).contains(&socket));
     is_qemu && named && has_socket
+}
+
+/// How long after the host booted process `pid` started (`/proc/<pid>/stat` starttime): fixed for
+/// the life of the process, so it tells uptime and a stable start time without trusting any file
+/// the process may rewrite.
+pub fn started_after_boot(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
+    let start_ticks: u64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
+    Some(Duration::from_secs_f64(
+        start_ticks as f64 / ticks_per_sec.max(1) as f64,
+    ))
 }
 
 #[cfg(test)]
@@ -390,23 +438,4 @@ mod tests {
         assert!(!cmdline_matches(&other_dir, "web", Path::new(SOCKET)));
         assert!(!cmdline_matches(b"", "web", Path::new(SOCKET)));
     }
-}
-
-/// How long after the host booted process `pid` started (`/proc/<pid>/stat` starttime): fixed for
-/// the life of the process, so it tells uptime and a stable start time without trusting any file
-/// the process may rewrite.
-pub fn started_after_boot(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
-    let start_ticks: u64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
-    let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
-    Some(Duration::from_secs_f64(
-        start_ticks as f64 / ticks_per_sec.max(1) as f64,
-    ))
 }

@@ -170,7 +170,14 @@ pub fn local_vm(name: &str, state: &str, ha: bool, pid: Option<u32>) -> (VmKey, 
         qmp_socket: format!("/run/plasmavmc/vms/{name}/qmp.sock"),
         started_at: "2024-01-01T00:00:00Z".into(),
     });
-    (vm_key(name), LocalVm { record, handle })
+    (
+        vm_key(name),
+        LocalVm {
+            record,
+            handle,
+            wants_to_run: true,
+        },
+    )
 }
 
 pub fn picture(vms: impl IntoIterator<Item = (VmKey, LocalVm)>) -> BTreeMap<VmKey, LocalVm> {

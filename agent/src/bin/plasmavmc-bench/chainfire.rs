@@ -222,7 +222,14 @@ fn local_vm(name: &str, state: &str, ha: bool) -> (VmKey, LocalVm) {
         qmp_socket: format!("/run/{name}.qmp"),
         started_at: "2024-01-01T00:00:00Z".into(), // fixed: a QEMU starts once
     });
-    (key, LocalVm { record, handle })
+    (
+        key,
+        LocalVm {
+            record,
+            handle,
+            wants_to_run: true,
+        },
+    )
 }
 
 async fn revision(client: &mut etcd_client::Client) -> anyhow::Result<i64> {
