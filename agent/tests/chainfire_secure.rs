@@ -1,7 +1,8 @@
 //! TLS with client certificates and etcd user/password authentication, against a real etcd
 //! (certificates made at test time with `openssl`): sessions publish through them, a wrong
-//! password or missing TLS material fails at once with an error naming the cause, and the real
-//! agent binary publishes its host key through both from its command-line flags.
+//! password or missing TLS material fails at once with an error naming the cause, an invalidated
+//! token is renewed without dropping the session, and the real agent binary publishes its host
+//! key through both from its command-line flags.
 
 #[path = "support/etcd.rs"]
 mod etcd;
@@ -15,7 +16,7 @@ mod qemu_harness;
 use std::time::Duration;
 
 use etcd::*;
-use plasmavmc_agent::chainfire::{ChainFireConfig, Session, TlsFiles};
+use plasmavmc_agent::chainfire::{ChainFireConfig, Notice, Session, TlsFiles};
 
 const WAIT: Duration = Duration::from_secs(15);
 const PASSWORD: &str = "s3cret-for-tests";
@@ -117,6 +118,32 @@ async fn a_wrong_password_writes_nothing_and_says_authentication_failed() {
     next_disconnect(&mut notices, WAIT).await;
     assert!(etcd.etcdctl().keys("/plasmavmc/").is_empty());
     assert_eq!(etcd.etcdctl().revision(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_token_is_renewed_without_dropping_the_session() {
+    let mut etcd = single();
+    etcd.enable_auth(PASSWORD).unwrap();
+    let etcdctl = etcd.etcdctl();
+    let session = Session::start(auth_config(&etcd, PASSWORD)).unwrap();
+    session.sync(picture([local_vm("db", "running", false, Some(7))]));
+    eventually("db published", WAIT, || etcdctl.get_json(DB).is_some()).await;
+
+    // Turning auth off and on drops every token, as an expiry (--auth-token-ttl) does.
+    let mut notices = session.notices();
+    etcdctl.output(&["auth", "disable"]);
+    etcdctl.output(&["auth", "enable"]);
+    session.sync(picture([local_vm("db", "stopped", false, None)]));
+    eventually("db stopped", WAIT, || {
+        etcdctl.get_json(DB).unwrap()["state"] == "stopped"
+    })
+    .await;
+    while let Ok(notice) = notices.try_recv() {
+        assert!(
+            !matches!(notice, Notice::Disconnected { .. }),
+            "the session dropped on a stale token: {notice:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

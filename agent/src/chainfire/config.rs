@@ -88,7 +88,11 @@ impl ChainFireConfig {
             .with_keep_alive(self.keepalive_interval(), self.op_timeout())
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &self.user {
-            options = options.with_user(user, password);
+            // etcd drops a token unused for --auth-token-ttl (5 min), and a quiet session writes
+            // nothing for longer: log in again rather than fail the next write.
+            options = options
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = &self.tls {
             let read = |path: &PathBuf| {
