@@ -83,9 +83,13 @@ impl ChainFireConfig {
     }
 
     pub fn connect_options(&self) -> anyhow::Result<ConnectOptions> {
+        // HTTP/2 pings notice a dead connection. etcd closes one whose pings come less than
+        // --grpc-keepalive-min-time (5 s by default) apart while no data flows (three strikes,
+        // GOAWAY): twice that, or an idle watch is cut every few seconds.
+        const HTTP2_PING_INTERVAL: Duration = Duration::from_secs(10);
         let mut options = ConnectOptions::new()
             .with_connect_timeout(self.op_timeout())
-            .with_keep_alive(self.keepalive_interval(), self.op_timeout())
+            .with_keep_alive(HTTP2_PING_INTERVAL, self.op_timeout())
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &self.user {
             // etcd drops a token unused for --auth-token-ttl (5 min), and a quiet session writes
