@@ -179,10 +179,13 @@ impl LocalEtcd {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The temp dir, log included, goes with the cluster: show the log's end here.
+        let log = std::fs::read_to_string(self.log(member)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
         bail!(
-            "etcd member {} not healthy within {STARTUP:?} ({health}); log: {}",
+            "etcd member {} not healthy within {STARTUP:?} ({health}); end of its log:\n{}",
             self.members[member].name,
-            self.log(member).display()
+            lines[lines.len().saturating_sub(10)..].join("\n")
         )
     }
 
