@@ -101,12 +101,17 @@ async fn fifty_vms_steady_state_writes_nothing() {
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = revision(&eps);
+    let mut notices = session.notices();
     for _ in 0..10 {
         session.sync(fifty());
         tokio::time::sleep(Duration::from_millis(500)).await; // 5 s: 20 keep-alives
     }
     assert_eq!(revision(&eps), before);
     assert_eq!(keys(&eps, "/plasmavmc/vms/").len(), 50);
+    // Nor does the quiet connection drop (etcd cuts clients that ping too often).
+    while let Ok(notice) = notices.try_recv() {
+        assert!(!matches!(notice, Notice::Disconnected { .. }), "{notice:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

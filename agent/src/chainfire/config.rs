@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Certificate, ConnectOptions, GetOptions, Identity, TlsOptions};
+
+use super::keys;
 
 use super::fence;
 
@@ -94,7 +96,11 @@ impl ChainFireConfig {
         // the session itself: keep-alive replies, request timeouts, watch progress requests.
         let mut options = ConnectOptions::new().with_connect_timeout(self.op_timeout());
         if let Some((user, password)) = &self.user {
-            options = options.with_user(user, password);
+            // etcd drops a token unused for --auth-token-ttl (5 min), and a quiet session writes
+            // nothing for longer: log in again rather than fail the next write.
+            options = options
+                .with_user(user, password)
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = &self.tls {
             let read = |path: &PathBuf| {
@@ -107,17 +113,47 @@ impl ChainFireConfig {
                 tls_options = tls_options.identity(Identity::from_pem(read(cert)?, read(key)?));
             }
             options = options.with_tls(tls_options);
+        } else if self.endpoints.iter().any(|e| e.starts_with("https://")) {
+            // etcd-client would go on with an empty trust store and fail every handshake.
+            bail!("https endpoints need the CA of the store's certificates (--chainfire-ca)");
         }
         Ok(options)
     }
 
+    /// A client that has reached the store: its first read is done here, so that a TLS, login
+    /// or permission problem fails the connection, named as such, rather than a later request.
     pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
-        let connecting =
-            etcd_client::Client::connect(&self.endpoints, Some(self.connect_options()?));
+        let connecting = async {
+            let options = self.connect_options()?;
+            let mut client = etcd_client::Client::connect(&self.endpoints, Some(options)).await?;
+            let probe = GetOptions::new()
+                .with_prefix()
+                .with_count_only()
+                .with_serializable();
+            client.get(keys::ROOT, Some(probe)).await?;
+            anyhow::Ok(client)
+        };
         tokio::time::timeout(self.op_timeout(), connecting)
             .await
-            .context("chainfire: connect timed out")?
-            .with_context(|| format!("chainfire: connecting to {}", self.endpoints.join(",")))
+            .with_context(|| format!("chainfire: connecting to {} timed out", self.target()))?
+            .with_context(|| format!("chainfire: connecting to {}", self.target()))
+    }
+
+    /// What the connection was tried with, for errors (never the password): `https://cf1:2379
+    /// with CA /etc/cf/ca.pem and client certificate /etc/cf/hv.pem as user plasmavmc`.
+    fn target(&self) -> String {
+        let mut target = self.endpoints.join(",");
+        if let Some(tls) = &self.tls {
+            target += &format!(" with CA {}", tls.ca.display());
+            target += &match &tls.cert {
+                Some(cert) => format!(" and client certificate {}", cert.display()),
+                None => " and no client certificate".to_owned(),
+            };
+        }
+        if let Some((user, _)) = &self.user {
+            target += &format!(" as user {user}");
+        }
+        target
     }
 }
 

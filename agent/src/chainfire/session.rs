@@ -336,11 +336,17 @@ impl Worker {
         }
     }
 
-    /// Re-reads everything: at start, and when the watch start was compacted away.
+    /// Re-reads everything: at start, and when the watch start was compacted away. What changed
+    /// meanwhile, deletions included, goes out as store notices before `Resynced`, so a sink
+    /// that follows the notices ends up with the re-read view.
     async fn reload(&mut self, client: &mut Client) -> anyhow::Result<()> {
         let (events, revision) = store::load(client, self.config.op_timeout()).await?;
-        self.view = ClusterView::default();
-        events.iter().for_each(|e| self.view.apply(e));
+        let mut fresh = ClusterView::default();
+        events.iter().for_each(|e| fresh.apply(e));
+        for change in self.view.changes_to(&fresh, revision) {
+            self.notify(Notice::Store(change));
+        }
+        self.view = fresh;
         self.revision = revision;
         self.notify(Notice::Resynced { revision });
         Ok(())

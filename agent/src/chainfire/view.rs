@@ -86,7 +86,92 @@ fn delete_newer<T>(map: &mut BTreeMap<VmKey, Stamped<T>>, key: &VmKey, revision:
     }
 }
 
+/// One event per key of `older` that `newer` lacks.
+fn vanished<'a, K: Ord, V>(
+    older: &'a BTreeMap<K, V>,
+    newer: &'a BTreeMap<K, V>,
+    event: impl Fn(&K) -> StateEvent + 'a,
+) -> impl Iterator<Item = StateEvent> + 'a {
+    older
+        .keys()
+        .filter(|key| !newer.contains_key(key))
+        .map(event)
+}
+
+/// One event per entry of `newer` that `older` lacks or holds otherwise.
+fn updated<'a, K: Ord, V: PartialEq>(
+    older: &'a BTreeMap<K, V>,
+    newer: &'a BTreeMap<K, V>,
+    event: impl Fn(&K, &V) -> StateEvent + 'a,
+) -> impl Iterator<Item = StateEvent> + 'a {
+    newer
+        .iter()
+        .filter(|(key, value)| older.get(key) != Some(value))
+        .map(move |(key, value)| event(key, value))
+}
+
 impl ClusterView {
+    /// The events that turn this view into `newer`, a later reading of the same store (the
+    /// resync after the watch lost its history). The deletions' own revisions were compacted
+    /// away: they are dated `revision`, the one `newer` was read at. Malformed entries only
+    /// accumulate, as on the watch: no event says a key became readable.
+    pub fn changes_to(&self, newer: &ClusterView, revision: i64) -> Vec<StateEvent> {
+        let mut events = Vec::new();
+        events.extend(vanished(&self.vms, &newer.vms, |key| {
+            StateEvent::VmDeleted {
+                key: key.clone(),
+                revision,
+            }
+        }));
+        events.extend(updated(&self.vms, &newer.vms, |key, vm| {
+            StateEvent::VmUpdated {
+                key: key.clone(),
+                record: vm.value.clone(),
+                revision: vm.revision,
+            }
+        }));
+        events.extend(vanished(&self.handles, &newer.handles, |key| {
+            StateEvent::HandleDeleted {
+                key: key.clone(),
+                revision,
+            }
+        }));
+        events.extend(updated(&self.handles, &newer.handles, |key, handle| {
+            StateEvent::HandleUpdated {
+                key: key.clone(),
+                record: handle.value.clone(),
+                revision: handle.revision,
+            }
+        }));
+        events.extend(vanished(&self.hosts, &newer.hosts, |host_id| {
+            StateEvent::HostDown {
+                host_id: host_id.clone(),
+            }
+        }));
+        events.extend(updated(&self.hosts, &newer.hosts, |host_id, record| {
+            StateEvent::HostUp {
+                host_id: host_id.clone(),
+                record: record.clone(),
+            }
+        }));
+        events.extend(vanished(&self.locks, &newer.locks, |key| {
+            StateEvent::LockReleased { key: key.clone() }
+        }));
+        events.extend(updated(&self.locks, &newer.locks, |key, holder| {
+            StateEvent::LockTaken {
+                key: key.clone(),
+                holder: holder.clone(),
+            }
+        }));
+        events.extend(updated(&self.malformed, &newer.malformed, |key, reason| {
+            StateEvent::Malformed {
+                key: key.clone(),
+                reason: reason.clone(),
+            }
+        }));
+        events
+    }
+
     /// VM records that name `host`.
     pub fn vms_on<'a>(
         &'a self,
@@ -198,6 +283,149 @@ mod tests {
             revision: 11,
         });
         assert!(view.vms.is_empty());
+    }
+
+    fn view_of(events: &[StateEvent]) -> ClusterView {
+        let mut view = ClusterView::default();
+        events.iter().for_each(|e| view.apply(e));
+        view
+    }
+
+    fn vm(name: &str, state: &str, revision: i64) -> StateEvent {
+        StateEvent::VmUpdated {
+            key: VmKey::new("a", "b", name),
+            record: VmRecord {
+                name: name.into(),
+                ..record(state)
+            },
+            revision,
+        }
+    }
+
+    fn handle(name: &str, pid: u32, revision: i64) -> StateEvent {
+        StateEvent::HandleUpdated {
+            key: VmKey::new("a", "b", name),
+            record: HandleRecord {
+                host: "h1".into(),
+                pid,
+                qmp_socket: format!("/run/{name}/qmp.sock"),
+                started_at: "t0".into(),
+            },
+            revision,
+        }
+    }
+
+    fn host(host_id: &str, started_at: &str) -> StateEvent {
+        StateEvent::HostUp {
+            host_id: host_id.into(),
+            record: HostRecord {
+                host_id: host_id.into(),
+                agent_version: "0.1.0".into(),
+                started_at: started_at.into(),
+            },
+        }
+    }
+
+    fn lock(name: &str, holder: &str, lease: i64) -> StateEvent {
+        StateEvent::LockTaken {
+            key: VmKey::new("a", "b", name),
+            holder: LockRecord {
+                host: holder.into(),
+                lease,
+                acquired_at: "t0".into(),
+            },
+        }
+    }
+
+    fn malformed(key: &str) -> StateEvent {
+        StateEvent::Malformed {
+            key: key.into(),
+            reason: "not JSON".into(),
+        }
+    }
+
+    #[test]
+    fn changes_name_every_deletion_dated_at_the_new_reading() {
+        let older = view_of(&[
+            vm("gone", "running", 3),
+            handle("gone", 7, 4),
+            vm("kept", "running", 5),
+            host("h1", "t0"),
+            lock("gone", "h1", 1),
+        ]);
+        let newer = view_of(&[vm("kept", "stopped", 9), vm("new", "running", 10)]);
+        let key = |name: &str| VmKey::new("a", "b", name);
+        assert_eq!(
+            older.changes_to(&newer, 12),
+            [
+                StateEvent::VmDeleted {
+                    key: key("gone"),
+                    revision: 12
+                },
+                vm("kept", "stopped", 9),
+                vm("new", "running", 10),
+                StateEvent::HandleDeleted {
+                    key: key("gone"),
+                    revision: 12
+                },
+                StateEvent::HostDown {
+                    host_id: "h1".into()
+                },
+                StateEvent::LockReleased { key: key("gone") },
+            ]
+        );
+        assert!(newer.changes_to(&newer.clone(), 12).is_empty());
+    }
+
+    #[test]
+    fn applying_the_changes_to_the_older_view_yields_the_newer() {
+        let populated = [
+            vm("vm1", "running", 5),
+            vm("vm2", "running", 6),
+            handle("vm1", 41, 7),
+            host("h1", "t0"),
+            host("h2", "t0"),
+            lock("vm2", "h2", 20),
+            malformed("/plasmavmc/vms/x"),
+        ];
+        let cases: [(&str, Vec<StateEvent>, Vec<StateEvent>); 6] = [
+            ("from nothing", vec![], populated.to_vec()),
+            // Without the malformed entry: nothing ever clears one.
+            ("everything deleted", populated[..6].to_vec(), vec![]),
+            ("nothing changed", populated.to_vec(), populated.to_vec()),
+            (
+                "a bit of everything",
+                populated.to_vec(),
+                vec![
+                    vm("vm1", "stopped", 12),
+                    vm("vm3", "running", 13),
+                    handle("vm3", 43, 14),
+                    host("h1", "t0"),
+                    host("h3", "t1"),
+                    lock("vm2", "h3", 30),
+                    malformed("/plasmavmc/vms/x"),
+                    malformed("/plasmavmc/hosts/y/z"),
+                ],
+            ),
+            (
+                "deleted and put back the same",
+                vec![vm("vm1", "running", 5), handle("vm1", 41, 7)],
+                vec![vm("vm1", "running", 15), handle("vm1", 41, 16)],
+            ),
+            (
+                "agent restarted, lock retaken under a new lease",
+                vec![host("h1", "t0"), lock("vm1", "h1", 20)],
+                vec![host("h1", "t1"), lock("vm1", "h1", 21)],
+            ),
+        ];
+        for (case, older, newer) in cases {
+            let (older, newer) = (view_of(&older), view_of(&newer));
+            let mut followed = older.clone();
+            for event in older.changes_to(&newer, 20) {
+                followed.apply(&event);
+            }
+            assert_eq!(followed, newer, "{case}");
+        }
     }
 
     #[test]

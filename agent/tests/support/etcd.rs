@@ -4,13 +4,13 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use std::collections::BTreeSet;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-pub use super::local_etcd::LocalEtcd;
-use plasmavmc_agent::chainfire::ChainFireConfig;
+pub use super::local_etcd::{Etcdctl, LocalEtcd};
+use plasmavmc_agent::chainfire::{ChainFireConfig, Notice, TlsFiles};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 pub fn single() -> LocalEtcd {
@@ -21,48 +21,68 @@ pub fn cluster(size: usize) -> LocalEtcd {
     LocalEtcd::start(None, size).expect("start etcd cluster")
 }
 
+/// One member that speaks TLS only and requires a client certificate.
+pub fn single_tls() -> LocalEtcd {
+    LocalEtcd::start_tls(None, 1).expect("start etcd with TLS")
+}
+
+/// The CA and client certificate a session needs for `etcd` (started with TLS).
+pub fn client_tls(etcd: &LocalEtcd) -> TlsFiles {
+    let pki = etcd.pki().expect("etcd started with TLS");
+    TlsFiles {
+        ca: pki.ca.clone(),
+        cert: Some(pki.client_cert.clone()),
+        key: Some(pki.client_key.clone()),
+    }
+}
+
 pub fn config(endpoints: Vec<String>, host: &str, ttl_secs: u64) -> ChainFireConfig {
     ChainFireConfig::new(endpoints, host, Duration::from_secs(ttl_secs))
 }
 
 /// `etcdctl` (API v3) against the given endpoints; panics with its stderr on failure.
 pub fn etcdctl(endpoints: &[String], args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", endpoints.join(",")))
-        .args(["--dial-timeout=2s", "--command-timeout=5s"])
-        .args(args)
-        .output()
-        .expect("run etcdctl");
-    assert!(
-        out.status.success(),
-        "etcdctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8")
+    Etcdctl::plain(endpoints).output(args)
 }
 
 /// The value at `key` as JSON, or `None` when absent.
 pub fn get_json(endpoints: &[String], key: &str) -> Option<serde_json::Value> {
-    let out = etcdctl(endpoints, &["get", key, "--print-value-only"]);
-    let value = out.trim_end();
-    (!value.is_empty()).then(|| serde_json::from_str(value).expect("JSON value"))
+    Etcdctl::plain(endpoints).get_json(key)
 }
 
 /// Every key under `prefix`.
 pub fn keys(endpoints: &[String], prefix: &str) -> BTreeSet<String> {
-    etcdctl(endpoints, &["get", prefix, "--prefix", "--keys-only"])
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
-        .collect()
+    Etcdctl::plain(endpoints).keys(prefix)
 }
 
 /// The store's revision: it moves with every write and never with a keep-alive.
 pub fn revision(endpoints: &[String]) -> i64 {
-    let out = etcdctl(
-        endpoints,
-        &[
+    Etcdctl::plain(endpoints).revision()
+}
+
+/// The readings above for any store, TLS and login included (`LocalEtcd::etcdctl`).
+impl Etcdctl {
+    /// Panics with etcdctl's stderr on failure.
+    pub fn output(&self, args: &[&str]) -> String {
+        self.run(args).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    pub fn get_json(&self, key: &str) -> Option<serde_json::Value> {
+        let out = self.output(&["get", key, "--print-value-only"]);
+        let value = out.trim_end();
+        (!value.is_empty()).then(|| serde_json::from_str(value).expect("JSON value"))
+    }
+
+    pub fn keys(&self, prefix: &str) -> BTreeSet<String> {
+        self.output(&["get", prefix, "--prefix", "--keys-only"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn revision(&self) -> i64 {
+        let out = self.output(&[
             "get",
             "/",
             "--prefix",
@@ -70,12 +90,12 @@ pub fn revision(endpoints: &[String]) -> i64 {
             "--limit=1",
             "-w",
             "json",
-        ],
-    );
-    let json: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
-    json["header"]["revision"]
-        .as_i64()
-        .expect("header.revision")
+        ]);
+        let json: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+        json["header"]["revision"]
+            .as_i64()
+            .expect("header.revision")
+    }
 }
 
 /// A loopback TCP proxy to one etcd member. `cut()` drops every connection and refuses new
@@ -194,4 +214,19 @@ pub async fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The error of the session's next `Disconnected` notice; panics if none comes within `limit`
+/// (a session that hangs instead of failing fails the test too).
+pub async fn next_disconnect(notices: &mut broadcast::Receiver<Notice>, limit: Duration) -> String {
+    let disconnected = async {
+        loop {
+            if let Notice::Disconnected { error } = notices.recv().await.expect("session alive") {
+                return error;
+            }
+        }
+    };
+    tokio::time::timeout(limit, disconnected)
+        .await
+        .unwrap_or_else(|_| panic!("no Disconnected notice within {limit:?}"))
 }

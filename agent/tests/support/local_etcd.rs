@@ -1,6 +1,7 @@
 //! etcd members on loopback (free ports, a temp data dir each), for the ChainFire integration
 //! tests and `plasmavmc-bench chainfire`: start a single node or a cluster, kill, stop and restart members.
-//! Every member is killed on drop.
+//! A cluster can require TLS with client certificates on its client port (certificates made at
+//! start with the `openssl` CLI) and can turn etcd authentication on. Members die on drop.
 #![allow(dead_code)] // the bench and the tests each use a different part
 
 use std::net::TcpListener;
@@ -16,19 +17,51 @@ pub struct LocalEtcd {
     binary: PathBuf,
     dir: tempfile::TempDir,
     members: Vec<Member>,
+    /// With [`LocalEtcd::start_tls`]: clients speak TLS and show a certificate this PKI signed.
+    pki: Option<TestPki>,
+    /// With [`LocalEtcd::enable_auth`]: the password of etcd's superuser `root`.
+    root_password: Option<String>,
 }
 
 struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// Plain HTTP `/health`, readable whatever the client port requires.
+    metrics_port: u16,
     child: Option<Child>,
+}
+
+/// A CA, a server certificate for IP 127.0.0.1 and a client certificate, made for one cluster.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+/// `etcdctl` (API v3) for some endpoints, with the TLS and login flags they need.
+#[derive(Debug, Clone)]
+pub struct Etcdctl {
+    pub endpoints: Vec<String>,
+    pub flags: Vec<String>,
 }
 
 impl LocalEtcd {
     /// Starts `size` members (`binary`: `etcd` from PATH when `None`) and waits until every one
     /// answers.
     pub fn start(binary: Option<&Path>, size: usize) -> anyhow::Result<Self> {
+        Self::launch(binary, size, false)
+    }
+
+    /// Like [`LocalEtcd::start`], but the client port speaks TLS only (server certificate for
+    /// 127.0.0.1) and refuses clients without a certificate signed by [`LocalEtcd::pki`]'s CA.
+    pub fn start_tls(binary: Option<&Path>, size: usize) -> anyhow::Result<Self> {
+        Self::launch(binary, size, true)
+    }
+
+    fn launch(binary: Option<&Path>, size: usize, tls: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pv-etcd-")
             .tempdir()
@@ -39,14 +72,22 @@ impl LocalEtcd {
                     name: format!("m{i}"),
                     client_port: free_port()?,
                     peer_port: free_port()?,
+                    metrics_port: free_port()?,
                     child: None,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let pki = if tls {
+            Some(TestPki::generate(&dir.path().join("pki"))?)
+        } else {
+            None
+        };
         let mut etcd = LocalEtcd {
             binary: binary.map_or_else(|| PathBuf::from("etcd"), Path::to_path_buf),
             dir,
             members,
+            pki,
+            root_password: None,
         };
         for i in 0..size {
             etcd.spawn(i)?;
@@ -62,11 +103,45 @@ impl LocalEtcd {
     }
 
     pub fn endpoint(&self, member: usize) -> String {
-        format!("http://127.0.0.1:{}", self.members[member].client_port)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.members[member].client_port)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
         (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// The certificates, when started with [`LocalEtcd::start_tls`].
+    pub fn pki(&self) -> Option<&TestPki> {
+        self.pki.as_ref()
+    }
+
+    /// Turns etcd authentication on, with etcd's superuser `root` as the only user; from then
+    /// on [`LocalEtcd::etcdctl`] logs in as root.
+    pub fn enable_auth(&mut self, root_password: &str) -> anyhow::Result<()> {
+        let etcdctl = self.etcdctl();
+        etcdctl.run(&["user", "add", "root", "--new-user-password", root_password])?;
+        etcdctl.run(&["auth", "enable"])?;
+        self.root_password = Some(root_password.to_owned());
+        Ok(())
+    }
+
+    /// `etcdctl` for every member, with this cluster's client certificate and root login.
+    pub fn etcdctl(&self) -> Etcdctl {
+        let mut flags = Vec::new();
+        if let Some(pki) = &self.pki {
+            flags.push(format!("--cacert={}", pki.ca.display()));
+            flags.push(format!("--cert={}", pki.client_cert.display()));
+            flags.push(format!("--key={}", pki.client_key.display()));
+        }
+        if let Some(password) = &self.root_password {
+            flags.push("--user=root".to_owned());
+            flags.push(format!("--password={password}"));
+        }
+        Etcdctl {
+            endpoints: self.endpoints(),
+            flags,
+        }
     }
 
     pub fn data_dir(&self, member: usize) -> PathBuf {
@@ -94,19 +169,23 @@ impl LocalEtcd {
     /// Waits until the member serves client requests (its cluster has a leader).
     pub fn wait_ready(&self, member: usize) -> anyhow::Result<()> {
         let deadline = Instant::now() + STARTUP;
-        let health = format!("{}/health", self.endpoint(member));
+        let metrics_port = self.members[member].metrics_port;
+        let health = format!("http://127.0.0.1:{metrics_port}/health");
         while Instant::now() < deadline {
-            if http_get(self.members[member].client_port, "/health")
+            if http_get(metrics_port, "/health")
                 .is_some_and(|body| body.contains("\"health\":\"true\""))
             {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The temp dir, log included, goes with the cluster: show the log's end here.
+        let log = std::fs::read_to_string(self.log(member)).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
         bail!(
-            "etcd member {} not healthy within {STARTUP:?} ({health}); log: {}",
+            "etcd member {} not healthy within {STARTUP:?} ({health}); end of its log:\n{}",
             self.members[member].name,
-            self.log(member).display()
+            lines[lines.len().saturating_sub(10)..].join("\n")
         )
     }
 
@@ -123,8 +202,9 @@ impl LocalEtcd {
             .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
             .collect();
         let m = &self.members[member];
-        let client = format!("http://127.0.0.1:{}", m.client_port);
+        let client = self.endpoint(member);
         let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let metrics = format!("http://127.0.0.1:{}", m.metrics_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -154,6 +234,12 @@ impl LocalEtcd {
                 "--initial-cluster-token",
                 &format!("pv-{}", std::process::id()),
             ])
+            .args(["--listen-metrics-urls", &metrics])
+            .args(
+                self.pki
+                    .as_ref()
+                    .map_or_else(Vec::new, TestPki::server_args),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -167,6 +253,151 @@ impl LocalEtcd {
 impl Drop for LocalEtcd {
     fn drop(&mut self) {
         (0..self.members.len()).for_each(|i| self.kill(i));
+    }
+}
+
+impl TestPki {
+    /// Makes the CA and both certificates in `dir` with the `openssl` CLI (ECDSA P-256).
+    fn generate(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).context("PKI dir")?;
+        openssl(
+            dir,
+            &[
+                &["req", "-x509", "-new", "-nodes", "-days", "2"],
+                NEW_EC_KEY,
+                &["-keyout", "ca.key", "-out", "ca.pem"],
+                &["-subj", "/CN=plasmavmc-test-ca"],
+                &["-addext", "basicConstraints=critical,CA:TRUE"],
+                &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            ]
+            .concat(),
+        )?;
+        // etcd dials its own client port with the server certificate, hence clientAuth too.
+        issue(
+            dir,
+            "server",
+            "/CN=127.0.0.1",
+            "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1",
+            2,
+        )?;
+        // Not a user name: with client-cert-auth etcd takes the CN as the user of a request that
+        // carries no token, and the tests want the password to be the only way in.
+        issue(
+            dir,
+            "client",
+            "/CN=plasmavmc-test-client",
+            "extendedKeyUsage=clientAuth",
+            3,
+        )?;
+        Ok(TestPki {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        })
+    }
+
+    /// What a member needs to serve TLS and require client certificates.
+    fn server_args(&self) -> Vec<String> {
+        let file = |flag: &str, path: &Path| format!("--{flag}={}", path.display());
+        vec![
+            file("cert-file", &self.server_cert),
+            file("key-file", &self.server_key),
+            file("trusted-ca-file", &self.ca),
+            "--client-cert-auth".to_owned(),
+        ]
+    }
+}
+
+const NEW_EC_KEY: &[&str] = &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+
+/// `{name}.key` and `{name}.pem` in `dir`, signed by `ca.pem` there, with these extensions.
+fn issue(
+    dir: &Path,
+    name: &str,
+    subject: &str,
+    extensions: &str,
+    serial: u32,
+) -> anyhow::Result<()> {
+    let (key, csr, cert, ext) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+        format!("{name}.ext"),
+    );
+    let extensions =
+        format!("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n{extensions}\n");
+    std::fs::write(dir.join(&ext), extensions).context("certificate extensions")?;
+    openssl(
+        dir,
+        &[
+            &["req", "-new", "-nodes"],
+            NEW_EC_KEY,
+            &["-keyout", &key, "-out", &csr, "-subj", subject],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-days",
+            "2",
+            "-set_serial",
+            &serial.to_string(),
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ],
+    )
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running openssl (scripts/install-deps.sh installs it)")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl Etcdctl {
+    /// No TLS, no login.
+    pub fn plain(endpoints: &[String]) -> Self {
+        Etcdctl {
+            endpoints: endpoints.to_vec(),
+            flags: vec![],
+        }
+    }
+
+    /// `etcdctl ARGS`'s stdout; its stderr when it fails.
+    pub fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints.join(",")))
+            .args(["--dial-timeout=2s", "--command-timeout=5s"])
+            .args(&self.flags)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .context("running etcdctl")?;
+        if !out.status.success() {
+            bail!("etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8(out.stdout).context("etcdctl output is not UTF-8")
     }
 }
 

@@ -15,7 +15,7 @@ use plasmavmc_agent::chainfire::session::Session;
 use plasmavmc_agent::chainfire::{ChainFireConfig, VmKey};
 
 use crate::local_etcd::LocalEtcd;
-use crate::stats::{ms, Summary};
+use crate::stats::Summary;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub etcd_bin: Option<PathBuf>,
     /// TTLs for the detection and failover figures.
     pub ttls: Vec<u64>,
+    /// Kills per TTL for detection and failover.
+    pub rounds: u32,
     pub steady_vms: u32,
     pub steady_window: Duration,
     pub latency_samples: u32,
@@ -35,6 +37,7 @@ impl Default for BenchOptions {
         BenchOptions {
             etcd_bin: None,
             ttls: vec![3, 10],
+            rounds: 5,
             steady_vms: 50,
             steady_window: Duration::from_secs(30),
             latency_samples: 20,
@@ -44,10 +47,10 @@ impl Default for BenchOptions {
 
 #[derive(Debug, Clone)]
 pub struct ChainFireFigures {
-    /// (TTL, kill -9 of an agent → its VMs marked `unknown` by another agent).
-    pub detection: Vec<(Duration, Duration)>,
-    /// (TTL, kill -9 of an HA holder → the standby may run the VM).
-    pub failover: Vec<(Duration, Duration)>,
+    /// (TTL, kill -9 of an agent → its VMs marked `unknown` by another agent), per round.
+    pub detection: Vec<(Duration, Vec<Duration>)>,
+    /// (TTL, kill -9 of an HA holder → the standby may run the VM), per round.
+    pub failover: Vec<(Duration, Vec<Duration>)>,
     /// Store revisions per minute with `steady_vms` VMs re-synced every second, nothing changing.
     pub steady_writes_per_min: f64,
     /// One VM's state change: `sync` on one agent → visible in another agent's view.
@@ -64,12 +67,13 @@ pub async fn run(options: &BenchOptions) -> anyhow::Result<ChainFireFigures> {
     };
     for &ttl in &options.ttls {
         let ttl = Duration::from_secs(ttl);
-        figures
-            .detection
-            .push((ttl, detection_time(etcd_bin, ttl).await?));
-        figures
-            .failover
-            .push((ttl, failover_time(etcd_bin, ttl).await?));
+        let (mut detection, mut failover) = (vec![], vec![]);
+        for _ in 0..options.rounds {
+            detection.push(detection_time(etcd_bin, ttl).await?);
+            failover.push(failover_time(etcd_bin, ttl).await?);
+        }
+        figures.detection.push((ttl, detection));
+        figures.failover.push((ttl, failover));
     }
     figures.steady_writes_per_min =
         steady_writes_per_min(etcd_bin, options.steady_vms, options.steady_window).await?;
@@ -253,12 +257,15 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) -> anyhow::Resu
 
 pub fn report(options: &BenchOptions, figures: &ChainFireFigures) {
     for (ttl, took) in &figures.detection {
-        println!("host failure detected, TTL {ttl:?}: {}", ms(*took));
+        println!(
+            "host failure detected, TTL {ttl:?}: {}",
+            Summary::of(took.clone())
+        );
     }
     for (ttl, took) in &figures.failover {
         println!(
-            "HA failover after holder kill -9, TTL {ttl:?}: {}",
-            ms(*took)
+            "HA lock to the standby after holder kill -9, TTL {ttl:?}: {}",
+            Summary::of(took.clone())
         );
     }
     println!(

@@ -6,6 +6,7 @@
 mod adopt;
 mod agent;
 mod chainfire;
+mod ha;
 mod hotplug;
 #[path = "../../../tests/support/local_etcd.rs"]
 mod local_etcd;
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",
-    about = "Measure plasmavmc: planning, adoption, live changes"
+    about = "Measure plasmavmc: planning, adoption, live changes, ChainFire and HA failover"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -63,6 +64,9 @@ enum Bench {
         /// Lease TTLs, in seconds, for detection and failover.
         #[arg(long, value_delimiter = ',', default_value = "3,10")]
         ttls: Vec<u64>,
+        /// Kills per TTL for detection and failover.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
         /// VMs published in the steady-state measurement.
         #[arg(long, default_value_t = 50)]
         vms: u32,
@@ -71,6 +75,22 @@ enum Bench {
         window: u64,
         #[arg(long, default_value_t = 20)]
         samples: u32,
+        /// `etcd` binary (default: from PATH).
+        #[arg(long)]
+        etcd: Option<PathBuf>,
+    },
+    /// HA failover end to end: two real agents and a loopback etcd, one HA VM (guest-less
+    /// QEMU); the holder's agent is killed -9 and not restarted. Times its QEMU's fence (by the
+    /// fence guard) and the standby's QEMU start, per TTL; fails if two copies ever run.
+    Ha {
+        /// Lease TTLs, in seconds.
+        #[arg(long, value_delimiter = ',', default_value = "3,10")]
+        ttls: Vec<u64>,
+        /// Kills per TTL.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
         /// `etcd` binary (default: from PATH).
         #[arg(long)]
         etcd: Option<PathBuf>,
@@ -86,6 +106,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Adopt { vms, work_dir } => adopt::report(&vms, &work_dir)?,
         Bench::Chainfire {
             ttls,
+            rounds,
             vms,
             window,
             samples,
@@ -94,6 +115,7 @@ fn main() -> anyhow::Result<()> {
             let options = chainfire::BenchOptions {
                 etcd_bin: etcd,
                 ttls,
+                rounds,
                 steady_vms: vms,
                 steady_window: std::time::Duration::from_secs(window),
                 latency_samples: samples,
@@ -101,6 +123,12 @@ fn main() -> anyhow::Result<()> {
             let figures = tokio::runtime::Runtime::new()?.block_on(chainfire::run(&options))?;
             chainfire::report(&options, &figures);
         }
+        Bench::Ha {
+            ttls,
+            rounds,
+            work_dir,
+            etcd,
+        } => ha::report(etcd.as_deref(), &ttls, rounds, &work_dir)?,
         Bench::Hotplug {
             guest_dir,
             work_dir,
