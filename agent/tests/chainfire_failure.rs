@@ -1,5 +1,5 @@
 //! Failures against a real etcd: an agent killed without goodbye, a 30 s store outage, a
-//! 3-member cluster losing its leader.
+//! 3-member cluster losing its leader, a silent partition (connections open, nothing through).
 
 mod support;
 
@@ -170,4 +170,40 @@ fn leader_index(eps: &[String]) -> usize {
         .iter()
         .position(|s| s["Status"]["header"]["member_id"] == s["Status"]["leader"])
         .expect("a leader")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_partition_is_noticed_and_the_holder_fences_in_time() {
+    let ttl = 3;
+    let etcd = single();
+    let proxy = CutProxy::start(etcd.endpoint(0)).await;
+    let session = Session::start(config(vec![proxy.endpoint.clone()], "h1", ttl)).unwrap();
+    session.sync(picture([local_vm("ha", "running", true, Some(7))]));
+    let may_run = session.may_run();
+    eventually("h1 may run its HA VM", WAIT, || {
+        may_run.borrow().contains(&vm_key("ha"))
+    })
+    .await;
+    let mut notices = session.notices();
+
+    proxy.freeze();
+    let frozen = Instant::now();
+    eventually("h1 fences", WAIT, || may_run.borrow().is_empty()).await;
+    let fenced = frozen.elapsed();
+    // The store may expire the lease one store TTL (ttl - 1 s) after the last keep-alive.
+    assert!(
+        fenced < Duration::from_secs(ttl - 1),
+        "fenced after {fenced:?}"
+    );
+    let noticed = loop {
+        match tokio::time::timeout(WAIT, notices.recv()).await {
+            Ok(Ok(Notice::Disconnected { error })) => break error,
+            Ok(Ok(_)) => continue,
+            other => panic!("no disconnect noticed: {other:?}"),
+        }
+    };
+    eprintln!(
+        "silent partition: fenced after {fenced:?}, watch given up after {:?}: {noticed}",
+        frozen.elapsed()
+    );
 }

@@ -100,9 +100,12 @@ impl Etcdctl {
 
 /// A loopback TCP proxy to one etcd member. `cut()` drops every connection and refuses new
 /// ones until `heal()`: the store is gone for whoever talks through the proxy, and only them.
+/// `freeze()` is the silent kind of partition: connections stay open, nothing gets through,
+/// nobody is told.
 pub struct CutProxy {
     pub endpoint: String,
     state: Arc<Mutex<ProxyState>>,
+    frozen: tokio::sync::watch::Sender<bool>,
     accept: JoinHandle<()>,
 }
 
@@ -118,7 +121,9 @@ impl CutProxy {
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let upstream = upstream.trim_start_matches("http://").to_owned();
         let state = Arc::new(Mutex::new(ProxyState::default()));
+        let (frozen, _) = tokio::sync::watch::channel(false);
         let shared = state.clone();
+        let freezes = frozen.clone();
         let accept = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 let mut state = shared.lock().unwrap();
@@ -126,9 +131,15 @@ impl CutProxy {
                     continue; // dropped: connection reset
                 }
                 let upstream = upstream.clone();
+                let mut frozen = freezes.subscribe();
                 state.connections.push(tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    let Ok(mut outbound) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Both sockets stay open and silent for as long as the test runs.
+                        () = until_frozen(&mut frozen) => std::future::pending().await,
                     }
                 }));
             }
@@ -136,6 +147,7 @@ impl CutProxy {
         CutProxy {
             endpoint,
             state,
+            frozen,
             accept,
         }
     }
@@ -146,8 +158,21 @@ impl CutProxy {
         state.connections.drain(..).for_each(|c| c.abort());
     }
 
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
     pub fn heal(&self) {
         self.state.lock().unwrap().cut = false;
+        self.frozen.send_replace(false);
+    }
+}
+
+async fn until_frozen(frozen: &mut tokio::sync::watch::Receiver<bool>) {
+    while !*frozen.borrow_and_update() {
+        if frozen.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
