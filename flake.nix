@@ -107,6 +107,9 @@
           vm-lifecycle = pkgs.testers.runNixOSTest (
             import ./checks/vm-tests/lifecycle.nix { plasmavmcModule = self.nixosModules.default; }
           );
+          vm-ha-failover = pkgs.testers.runNixOSTest (
+            import ./checks/vm-tests/ha-failover.nix { plasmavmcModule = self.nixosModules.default; }
+          );
           example-hypervisor = self.nixosConfigurations.example-hypervisor.config.system.build.toplevel;
         }
       );

@@ -73,11 +73,15 @@ in
         '';
       };
       leaseTtl = mkOption {
-        type = types.ints.positive;
+        type = types.ints.between 3 3600;
         default = 10;
         description = ''
-          Seconds this host's lease lives without a keep-alive. An HA VM is stopped by its own
-          host before the lease can expire (self-fencing), and started elsewhere after.
+          Seconds within which a host that stops (crash, power loss, partition, its agent killed)
+          is seen failed by the others and its HA VMs are free to start elsewhere. Each HA VM is
+          fenced on its own host before that: by the agent, or by the VM's fence guard when the
+          agent is gone. An agent restart (an upgrade, a crash) keeps the HA VMs running when the
+          new agent is up within `leaseTtl - 1 - max(1, (leaseTtl - 1) / 3)` seconds of the last
+          keep-alive: 6 s at the default, so systemd's restart after 2 s is in time.
         '';
       };
       caFile = mkOption {

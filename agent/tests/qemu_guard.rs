@@ -51,6 +51,18 @@ impl Guarded {
         trust::write(&self.trust_file, &trust).unwrap();
     }
 
+    /// A guarded QEMU, up on QMP: its PID, its guard's PID, and what kills it at the end.
+    async fn running(&self) -> (u32, u32, KillOnDrop) {
+        self.renew(LEASE);
+        let pid = self.launch().expect("guarded launch");
+        let kill = KillOnDrop(pid);
+        qmp_after_launch(pid, &self.vm, STARTUP)
+            .await
+            .expect("QMP up");
+        let guard = guard_of(pid, &self.vm).expect("QEMU is its guard's child");
+        (pid, guard, kill)
+    }
+
     fn launch(&self) -> anyhow::Result<u32> {
         let guard = Guard {
             exe: env!("CARGO_BIN_EXE_plasmavmc").into(),
@@ -76,13 +88,7 @@ async fn dead_within(pid: u32, limit: Duration) -> bool {
 #[tokio::test]
 async fn the_guard_kills_its_qemu_once_the_lease_is_not_renewed_and_says_why() {
     let host = Guarded::new();
-    host.renew(LEASE);
-    let pid = host.launch().expect("guarded launch");
-    let _kill = KillOnDrop(pid);
-    qmp_after_launch(pid, &host.vm, STARTUP)
-        .await
-        .expect("QMP up");
-    let guard = guard_of(pid, &host.vm).expect("QEMU is its guard's child");
+    let (pid, guard, _kill) = host.running().await;
 
     // Renewed twice a second for 4 s (longer than one guard deadline): QEMU lives.
     for _ in 0..8 {
@@ -131,13 +137,7 @@ async fn the_guard_refuses_to_start_qemu_without_a_trusted_lease() {
 #[tokio::test]
 async fn qemu_dies_with_its_guard_but_not_by_a_stop_signal_sent_to_the_guard() {
     let host = Guarded::new();
-    host.renew(LEASE);
-    let pid = host.launch().expect("guarded launch");
-    let _kill = KillOnDrop(pid);
-    qmp_after_launch(pid, &host.vm, STARTUP)
-        .await
-        .expect("QMP up");
-    let guard = guard_of(pid, &host.vm).unwrap();
+    let (pid, guard, _kill) = host.running().await;
     let signal = |pid: u32, signal| kill(Pid::from_raw(pid as i32), signal).unwrap();
 
     signal(guard, Signal::SIGTERM);
@@ -163,13 +163,7 @@ async fn qemu_dies_with_its_guard_but_not_by_a_stop_signal_sent_to_the_guard() {
 #[tokio::test]
 async fn a_stop_signal_to_qemu_stops_it_and_its_guard_follows() {
     let host = Guarded::new();
-    host.renew(LEASE);
-    let pid = host.launch().expect("guarded launch");
-    let _kill = KillOnDrop(pid);
-    qmp_after_launch(pid, &host.vm, STARTUP)
-        .await
-        .expect("QMP up");
-    let guard = guard_of(pid, &host.vm).unwrap();
+    let (pid, guard, _kill) = host.running().await;
     kill(Pid::from_raw(pid as i32), Signal::SIGTERM).unwrap();
     assert!(
         dead_within(pid, Duration::from_secs(10)).await,

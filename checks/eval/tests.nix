@@ -576,5 +576,6 @@ in
   typeRejectsSlashInOrgId.throws = (hostWith [ (withVms { a = minimalVm // { orgId = "a/b"; }; }) ]).desired;
   typeRequiresVcpus.throws = (hostWith [ (withVms { a = builtins.removeAttrs minimalVm [ "vcpus" ]; }) ]).desired;
   typeRequiresDiskFormat.throws = (hostWith [ (withVms { a = minimalVm // { disks.root.path = "/a.qcow2"; }; }) ]).desired;
+  typeRejectsShortLeaseTtl.throws = (hostWith [ (withVms { a = minimalVm; }) { services.plasmavmc.chainfire.leaseTtl = 2; } ]).config.services.plasmavmc.chainfire.leaseTtl;
   typeRejectsUnknownOption.throws = (hostWith [ (withVms { a = minimalVm // { cpus = 2; }; }) ]).desired;
 }

@@ -54,7 +54,9 @@ enum Command {
     /// On start it adopts the QEMUs of declared VMs without restarting them, stops VMs that are
     /// no longer declared, and reports (never touches) QEMUs it cannot identify. It reconciles
     /// again when the config file changes, on SIGHUP, on `plasmavmc reload`, and when a QEMU
-    /// exits. SIGTERM stops the agent and leaves every VM running.
+    /// exits. SIGTERM stops the agent and leaves every VM running; with --chainfire it also
+    /// leaves its lease for the next agent to resume (HA VMs keep running if one comes back in
+    /// time; if none does, their fence guards stop them before the lease expires).
     Agent(AgentArgs),
     /// Check a desired-state file and list every problem with its JSON path. Needs no agent.
     Validate {
@@ -184,7 +186,8 @@ struct ChainfireArgs {
     /// This host's id in the cluster.
     #[arg(long, value_name = "ID")]
     host_id: Option<String>,
-    /// Lease TTL for this host's heartbeat and VM locks.
+    /// A host that stops is seen failed, and its HA VMs are free to start elsewhere, within
+    /// this many seconds (at least 3) [default: 10].
     #[arg(long, value_name = "SECS")]
     lease_ttl: Option<u64>,
     /// CA bundle to verify ChainFire's TLS certificate.

@@ -24,7 +24,7 @@ use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
-use super::process::{qemu_log_tail, Pidfd};
+use super::process::{qemu_log_tail, stat_field, Pidfd};
 use crate::chainfire::clock::{self, BootTime};
 use crate::chainfire::trust::{self, GuardVerdict};
 use crate::paths::VmDir;
@@ -107,15 +107,7 @@ pub fn reported_pid(guard: &mut Child, vm_dir: &VmDir) -> Result<u32> {
 
 /// The PID of the fence guard whose child `qemu` is, if it is one for `vm_dir`.
 pub fn guard_of(qemu: u32, vm_dir: &VmDir) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{qemu}/stat")).ok()?;
-    // Field 4 (ppid); fields after the `)` start at field 3.
-    let parent: u32 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let parent: u32 = stat_field(qemu, 4)?.parse().ok()?; // ppid
     let cmdline = std::fs::read(format!("/proc/{parent}/cmdline")).ok()?;
     is_guard_cmdline(&cmdline, vm_dir).then_some(parent)
 }

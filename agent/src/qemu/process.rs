@@ -201,14 +201,17 @@ pub fn list_vm_dirs(run_dir: &RunDir) -> Result<Vec<String>> {
 
 /// Whether `pid` is alive (a zombie counts as dead).
 pub fn is_alive(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // Field 3, after the parenthesised command name (which may contain spaces).
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+    stat_field(pid, 3).is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Field `field` of `/proc/<pid>/stat`, numbered as in proc(5) (3 and up: state, ppid, ...).
+pub(crate) fn stat_field(pid: u32, field: usize) -> Option<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2, the command name, is in parentheses and may hold spaces and parentheses itself.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace()
+        .nth(field.checked_sub(3)?)
+        .map(str::to_owned)
 }
 
 /// Waits until `pid` has exited, up to `timeout`; true if it did. Event driven through a pidfd
@@ -382,15 +385,7 @@ fn cmdline_matches(cmdline: &[u8], name: &str, qmp_socket: &Path) -> bool {
 /// the life of the process, so it tells uptime and a stable start time without trusting any file
 /// the process may rewrite.
 pub fn started_after_boot(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Field 22 (starttime, clock ticks after boot); fields after the `)` start at field 3.
-    let start_ticks: u64 = stat
-        .rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()?;
+    let start_ticks: u64 = stat_field(pid, 22)?.parse().ok()?; // starttime, in clock ticks
     let ticks_per_sec = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as u64;
     Some(Duration::from_secs_f64(
         start_ticks as f64 / ticks_per_sec.max(1) as f64,
