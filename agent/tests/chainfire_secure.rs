@@ -16,7 +16,7 @@ mod qemu_harness;
 use std::time::Duration;
 
 use etcd::*;
-use plasmavmc_agent::chainfire::{ChainFireConfig, Notice, Session, TlsFiles};
+use plasmavmc_agent::chainfire::{ChainFireConfig, Notice, Password, Session, TlsFiles};
 
 const WAIT: Duration = Duration::from_secs(15);
 const PASSWORD: &str = "s3cret-for-tests";
@@ -192,7 +192,7 @@ fn tls_config(etcd: &LocalEtcd, tls: TlsFiles) -> ChainFireConfig {
 
 fn auth_config(etcd: &LocalEtcd, password: &str) -> ChainFireConfig {
     ChainFireConfig {
-        user: Some(("root".into(), password.into())),
+        user: Some(("root".into(), Password::new(password))),
         ..config(etcd.endpoints(), "h1", 3)
     }
 }

@@ -22,10 +22,30 @@ pub struct ChainFireConfig {
     /// (etcd's granularity), at least 3.
     pub lease_ttl: Duration,
     pub tls: Option<TlsFiles>,
-    pub user: Option<(String, String)>,
+    pub user: Option<(String, Password)>,
     /// Where the lease trust is kept for fence guards and the next agent (`trust`); None: the
     /// session neither writes nor resumes one.
     pub trust_file: Option<PathBuf>,
+}
+
+/// A ChainFire password: never printed, not even in a `{:?}` of the config.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(password: impl Into<String>) -> Self {
+        Password(password.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,7 +119,7 @@ impl ChainFireConfig {
             // etcd drops a token unused for --auth-token-ttl (5 min), and a quiet session writes
             // nothing for longer: log in again rather than fail the next write.
             options = options
-                .with_user(user, password)
+                .with_user(user, password.expose())
                 .with_auto_token_refresh(true);
         }
         if let Some(tls) = &self.tls {
@@ -174,6 +194,23 @@ mod tests {
             assert_eq!(ttl + Duration::from_secs(1), config.lease_ttl);
             assert!(config.keepalive_interval() * 3 < ttl - fence::margin(ttl));
         }
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let config = ChainFireConfig {
+            user: Some(("root".into(), Password::new("s3cret"))),
+            ..ChainFireConfig::new(
+                vec!["http://127.0.0.1:1".into()],
+                "h",
+                Duration::from_secs(3),
+            )
+        };
+        let printed = format!("{config:?}");
+        assert!(
+            printed.contains("root") && !printed.contains("s3cret"),
+            "{printed}"
+        );
     }
 
     #[test]

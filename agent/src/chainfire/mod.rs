@@ -19,7 +19,7 @@ mod store;
 pub mod trust;
 pub mod view;
 
-pub use config::{ChainFireConfig, TlsFiles};
+pub use config::{ChainFireConfig, Password, TlsFiles};
 pub use events::{StateEvent, StateSink};
 pub use keys::VmKey;
 pub use records::{HandleRecord, HostRecord, LocalVm, SpecSummary, VmRecord};

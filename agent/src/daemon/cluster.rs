@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use super::ChainfireOptions;
 use crate::action::PendingChange;
 use crate::chainfire::{
-    ChainFireConfig, ClusterView, HandleRecord, LocalVm, Notice, SessionHandle, TlsFiles, VmKey,
-    VmRecord,
+    ChainFireConfig, ClusterView, HandleRecord, LocalVm, Notice, Password, SessionHandle, TlsFiles,
+    VmKey, VmRecord,
 };
 use crate::spec::DesiredState;
 use crate::status::VmStatus;
@@ -40,7 +40,7 @@ pub fn chainfire_config(options: &ChainfireOptions) -> Result<ChainFireConfig> {
                 .with_context(|| format!("--chainfire-password-file {}", file.display()))?;
             Some((
                 user.clone(),
-                password.trim_end_matches(['\n', '\r']).to_owned(),
+                Password::new(password.trim_end_matches(['\n', '\r'])),
             ))
         }
         (None, None) => None,
@@ -308,7 +308,7 @@ mod tests {
             ..options()
         })
         .unwrap();
-        assert_eq!(config.user, Some(("root".into(), "s3cret".into())));
+        assert_eq!(config.user, Some(("root".into(), Password::new("s3cret"))));
         assert_eq!(config.lease_ttl, Duration::from_secs(3));
     }
 
