@@ -6,9 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use etcd_client::{Certificate, ConnectOptions, GetOptions, Identity, TlsOptions};
 
-use super::keys;
-
-use super::fence;
+use super::{fence, keys};
 
 /// Below this, the store TTL (one second less) would fall under etcd's own minimum of 2 s.
 pub const MIN_LEASE_TTL: Duration = Duration::from_secs(3);

@@ -63,9 +63,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     create_dir(run_dir.root(), 0o755)?;
     create_dir(&run_dir.vms_dir(), 0o700)?;
     create_dir(&options.state_dir, 0o700)?;
+    let trust_file = run_dir.lease_trust();
     let chainfire = match &options.chainfire {
         Some(chainfire) => Some(ChainFireConfig {
-            trust_file: Some(run_dir.lease_trust()),
+            trust_file: Some(trust_file.clone()),
             ..cluster::chainfire_config(chainfire)?
         }),
         None => None,
@@ -83,7 +84,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let fencing = match &session {
         Some((_, session)) => Some(Fencing {
             guard_exe: std::env::current_exe().context("locating this binary for fence guards")?,
-            trust_file: run_dir.lease_trust(),
+            trust_file: trust_file.clone(),
             gate: session.ha_gate(),
         }),
         None => None,
@@ -163,7 +164,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         // The lease is left alive for the next agent to resume: an agent restart neither flaps
         // the host in the store nor hands its HA VMs over. With no agent back in time, the fence
         // guards kill the HA VMs and the lease expires.
-        tracing::info!(trust = %run_dir.lease_trust().display(), "chainfire: leaving the lease to the next agent");
+        tracing::info!(trust = %trust_file.display(), "chainfire: leaving the lease to the next agent");
     }
     Ok(())
 }

@@ -58,7 +58,7 @@ pub fn launch(
 }
 
 /// Starts QEMU with `args`, detached, and returns its PID. With `guard`, QEMU runs as the child
-/// of a fence guard (`guard`), which reports its PID. Writes the boot spec and the pidfile;
+/// of a fence guard, which reports QEMU's PID to the agent. Writes the boot spec and the pidfile;
 /// QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as soon as the process exists: use
 /// `qmp_after_launch` to wait for it to be usable (or to learn why it died). For `find_running`
 /// to recognise the process, `args` must hold `-name guest=NAME` and the QMP chardev
