@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 
 #[path = "guest.rs"]
 pub mod guest;
+#[path = "procs.rs"]
+pub mod procs;
 
 use guest::{guest_artifacts, guest_cmdline, qemu_test_lock, BOOT_TIMEOUT, READY};
 
@@ -323,23 +325,37 @@ impl Host {
         text[start..].to_owned()
     }
 
-    /// QEMU PIDs named by the pidfiles under `<run-dir>/vms` that are still QEMUs of that VM.
+    /// How many QEMU processes VM `name` has, counted by scanning `/proc` (not from status).
+    pub fn qemu_count(&self, name: &str) -> usize {
+        procs::qemu_count(&self.run_dir, name)
+    }
+
+    /// QEMU PIDs of every VM directory under `<run-dir>/vms`: named by its pidfile and still a
+    /// QEMU of that VM, or found by scanning `/proc` (duplicates included).
     fn qemus_in_run_dir(&self) -> Vec<u32> {
         let run_dir = plasmavmc_agent::paths::RunDir::new(&self.run_dir);
         let Ok(entries) = std::fs::read_dir(run_dir.vms_dir()) else {
             return vec![];
         };
-        entries
+        let names: Vec<String> = entries
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names
+            .iter()
             .filter_map(|name| {
-                let vm_dir = run_dir.vm(&name);
+                let vm_dir = run_dir.vm(name);
                 let pid: u32 = std::fs::read_to_string(vm_dir.pidfile())
                     .ok()?
                     .trim()
                     .parse()
                     .ok()?;
-                plasmavmc_agent::qemu::process::is_qemu_of(pid, &name, &vm_dir).then_some(pid)
+                plasmavmc_agent::qemu::process::is_qemu_of(pid, name, &vm_dir).then_some(pid)
             })
+            .chain(
+                names
+                    .iter()
+                    .flat_map(|name| procs::qemu_pids(&self.run_dir, name)),
+            )
             .collect()
     }
 }

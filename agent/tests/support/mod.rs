@@ -2,3 +2,4 @@
 pub mod etcd;
 pub mod guest;
 pub mod local_etcd;
+pub mod procs;
