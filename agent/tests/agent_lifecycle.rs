@@ -9,6 +9,7 @@ mod qemu_harness;
 
 use std::time::Duration;
 
+use harness::guest::guest_cmdline_ignoring_powerdown;
 use harness::*;
 use serde_json::json;
 
@@ -170,10 +171,10 @@ fn a_qemu_the_agent_cannot_identify_is_reported_and_never_touched() {
 fn a_vm_slow_to_stop_does_not_hold_up_another_vms_restart() {
     let mut host = Host::new();
     host.write_config(json!({
-        "slow": host.vm(json!({})),
+        "slow": host.vm(json!({"cmdline": guest_cmdline_ignoring_powerdown()})),
         "crashy": host.vm(json!({"restartPolicy": "on-failure"})),
     }));
-    // The test guest ignores ACPI powerdown: stopping `slow` takes the whole stop timeout.
+    // `slow` ignores ACPI powerdown: stopping it takes the whole stop timeout.
     host.start_agent_with(&["--stop-timeout", "40"]);
     let slow = host.wait_running("slow");
     let crashy = host.wait_running("crashy");
@@ -208,7 +209,9 @@ fn a_vm_slow_to_stop_does_not_hold_up_another_vms_restart() {
 #[test]
 fn reset_reboots_the_guest_in_the_same_qemu_and_soft_falls_back_to_hard() {
     let mut host = Host::new();
-    host.write_config(json!({"web": host.vm(json!({}))}));
+    host.write_config(json!({
+        "web": host.vm(json!({"cmdline": guest_cmdline_ignoring_powerdown()})),
+    }));
     host.start_agent();
     let pid = host.wait_running("web");
     host.wait_boot("web");
@@ -223,7 +226,7 @@ fn reset_reboots_the_guest_in_the_same_qemu_and_soft_falls_back_to_hard() {
         "a reset keeps the QEMU process"
     );
 
-    // The test guest ignores ACPI powerdown: the soft reset falls back and says so.
+    // `web` ignores ACPI powerdown: the soft reset falls back and says so.
     let out = host
         .cli(&["reset", "--soft", "web"])
         .expect_code(0, "reset --soft");

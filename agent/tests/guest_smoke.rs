@@ -2,7 +2,7 @@
 //! no agent code involved, so a failure here is the fixture's (or QEMU's), never the agent's.
 //! The guest boots, reports what it sees, and sees a disk, a NIC, a vCPU and virtio-mem memory
 //! added live and the disk unplugged; booted with `guest_cmdline(true)` it keeps a disk whose
-//! unplug QEMU requested until a reset.
+//! unplug QEMU requested until a reset. The guest powers off on the ACPI power button.
 
 mod support;
 
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::guest::{
-    guest_artifacts, guest_cmdline, qemu_test_lock, Console, BOOT_TIMEOUT, READY,
+    guest_artifacts, guest_cmdline, qemu_test_lock, Console, BOOT_TIMEOUT, POWEROFF, READY,
 };
 
 /// How long the guest gets to react to a hotplug under TCG on a loaded machine.
@@ -253,6 +253,18 @@ fn guest_sees_disk_nic_vcpu_and_memory_hotplug_and_disk_unplug() {
         .unwrap();
     vm.qmp("blockdev-del", json!({"node-name": "disk1"}));
     vm.qmp("blockdev-del", json!({"node-name": "disk1-file"}));
+
+    // The ACPI power button powers the guest off (QEMU then reports SHUTDOWN and exits).
+    vm.qmp("system_powerdown", json!({}));
+    vm.console.wait_for(POWEROFF, GUEST).unwrap();
+    let shutdown = vm
+        .qmp
+        .wait_event(GUEST, |e| e["event"] == "SHUTDOWN")
+        .unwrap_or_else(|e| panic!("waiting for SHUTDOWN: {e}"));
+    assert!(
+        shutdown.is_some(),
+        "no SHUTDOWN after the guest powered off"
+    );
 }
 
 #[test]

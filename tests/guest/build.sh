@@ -7,6 +7,9 @@
 #
 # Kernel command line (agent/tests/support/guest.rs `guest_cmdline`):
 #   console=ttyS0 quiet panic=-1
+# The guest powers off on the ACPI power button (modules button + evdev). For a guest that IGNORES
+# ACPI powerdown (a stop that runs into its timeout, a soft reset that falls back), add:
+#   plasmavmc.ignore_powerdown
 # Memory: the init sets auto_online_blocks=online_movable before virtio_mem loads, so virtio-mem
 # memory is online (and unpluggable again) as soon as it is plugged; no cmdline flag needed.
 # For a guest that IGNORES PCI unplug requests, add:
@@ -77,7 +80,7 @@ add_module() { # $1: path relative to $modules
     echo "$name" >> "$root/lib/modules/load-order"
 }
 : > "$root/lib/modules/load-order"
-for wanted in virtio_pci virtio_blk virtio_net virtio_mem; do
+for wanted in virtio_pci virtio_blk virtio_net virtio_mem button evdev; do
     path=$(grep -E "(^|/)$wanted\.ko(\.[a-z]+)?:" "$modules/modules.dep" | cut -d: -f1)
     if [ -z "$path" ]; then
         # Built into this kernel: nothing to load.

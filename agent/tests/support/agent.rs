@@ -33,7 +33,8 @@ pub const BOOT_MARKER: &str = READY;
 pub const BOOT: Duration = BOOT_TIMEOUT;
 /// Anything the agent does without a guest boot (adopt, stop, reload).
 pub const AGENT: Duration = Duration::from_secs(60);
-/// The test guest never powers off on ACPI: the agent waits this long, then quits QEMU.
+/// How long the agent waits for a guest to power off after the ACPI request before it quits
+/// QEMU (the test guest answers at once, unless booted with `IGNORE_POWERDOWN`).
 const STOP_TIMEOUT_SECS: &str = "2";
 
 /// The result of one `plasmavmc` client command.

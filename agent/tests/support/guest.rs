@@ -7,6 +7,9 @@
 //! - `PLASMAVMC-GUEST-READY` once, drivers loaded;
 //! - `PLASMAVMC-GUEST-STATE cpus=0-1 memkib=N blk=vda:SERIAL,... net=eth0:MAC,... pci=ADDR:VENDOR:DEVICE,...`
 //!   at start and whenever something changed, so the latest line is the guest's current view.
+//! - `PLASMAVMC-GUEST-POWEROFF` when it powers off on the ACPI power button.
+//!
+//! The guest also runs a root shell on the console (prompt `PROMPT`).
 #![allow(dead_code)] // each test binary uses a different part
 
 use std::collections::BTreeMap;
@@ -22,6 +25,13 @@ use nix::fcntl::{Flock, FlockArg};
 pub const READY: &str = "PLASMAVMC-GUEST-READY";
 /// Prefix of the guest's state lines.
 pub const STATE: &str = "PLASMAVMC-GUEST-STATE ";
+/// Printed by the guest's init when it powers off on the ACPI power button.
+pub const POWEROFF: &str = "PLASMAVMC-GUEST-POWEROFF";
+/// The prompt of the guest's console shell (in `/`).
+pub const PROMPT: &str = "plasmavmc-guest:/# ";
+/// Kernel command line flag: the guest ignores the ACPI power button (`system_powerdown`), so a
+/// stop runs into its timeout and a soft reset falls back to a hard one.
+pub const IGNORE_POWERDOWN: &str = "plasmavmc.ignore_powerdown";
 /// A TCG boot to `READY` on a loaded 2-core machine (~6 s idle); generous on purpose.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -83,7 +93,8 @@ pub fn guest_artifacts() -> GuestArtifacts {
 /// The guest's kernel command line. `ignore_unplug`: the guest never answers PCI unplug requests
 /// (`device_del` gets no `DEVICE_DELETED`, the device stays until a reset), for testing stuck
 /// unplugs. That guest still sees hot-added PCI devices on q35's default ACPI hotplug (its init
-/// rescans the bus), and vCPU and memory hotplug work as usual.
+/// rescans the bus), and vCPU and memory hotplug work as usual. Either guest powers off on the
+/// ACPI power button unless `IGNORE_POWERDOWN` is added.
 pub fn guest_cmdline(ignore_unplug: bool) -> String {
     let mut cmdline = "console=ttyS0 quiet panic=-1".to_owned();
     if ignore_unplug {
@@ -92,6 +103,11 @@ pub fn guest_cmdline(ignore_unplug: bool) -> String {
         cmdline.push_str(" acpiphp.disable=1 pcie_ports=compat");
     }
     cmdline
+}
+
+/// `guest_cmdline(false)` for a guest that ignores the ACPI power button.
+pub fn guest_cmdline_ignoring_powerdown() -> String {
+    format!("{} {IGNORE_POWERDOWN}", guest_cmdline(false))
 }
 
 /// Serializes QEMU-booting tests across all test binaries and threads; hold the guard for the

@@ -125,8 +125,8 @@ impl Bench {
         });
         let config = work.join("desired.json");
         write_config(&config, &work, &base)?;
-        // The busybox guest ignores ACPI powerdown; a short stop timeout keeps the restart way
-        // at its floor (quit, launch, boot) instead of charging it the full default timeout.
+        // The busybox guest powers off on ACPI powerdown; a short stop timeout caps that wait, so
+        // the restart way stays at its floor (power off or quit, launch, boot).
         let agent = Agent::spawn(
             &binary,
             &config,
