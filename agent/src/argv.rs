@@ -14,9 +14,12 @@
 //!   variables; variables do not persist).
 //! - No `-daemonize`, no `-pidfile`: the shell detaches QEMU and writes the pidfile itself.
 
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
 use serde_json::{Map, Value};
 
-use crate::devices::{self, DeviceProps};
+use crate::devices::{self, DeviceProps, DiskBacking};
 use crate::ids;
 use crate::paths::VmDir;
 use crate::spec::{Accel, Machine, VmSpec};
@@ -26,8 +29,14 @@ const PORTS_PER_SLOT: u32 = 8;
 /// First slot of pcie.0 used for root ports (0 is the host bridge, 1 is left to QEMU).
 const FIRST_PORT_SLOT: u32 = 2;
 
-/// QEMU's arguments (without the program itself) to boot `spec` as VM `name`.
-pub fn qemu_argv(name: &str, spec: &VmSpec, vm_dir: &VmDir) -> Vec<String> {
+/// QEMU's arguments (without the program itself) to boot `spec` as VM `name`; disks whose path
+/// is in `block_devices` are opened as block devices (the shell `stat`s the paths).
+pub fn qemu_argv(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    block_devices: &BTreeSet<PathBuf>,
+) -> Vec<String> {
     let mut argv = Argv::default();
     argv.push("-name", format!("guest={},debug-threads=on", escape(name)));
     let machine = match spec.machine {
@@ -51,7 +60,7 @@ pub fn qemu_argv(name: &str, spec: &VmSpec, vm_dir: &VmDir) -> Vec<String> {
     );
     push_memory(&mut argv, spec);
     push_boot(&mut argv, spec);
-    push_devices(&mut argv, name, spec);
+    push_devices(&mut argv, name, spec, block_devices);
     push_console_and_monitor(&mut argv, spec, vm_dir);
     argv.0
 }
@@ -100,15 +109,20 @@ fn push_boot(argv: &mut Argv, spec: &VmSpec) {
     }
 }
 
-fn push_devices(argv: &mut Argv, name: &str, spec: &VmSpec) {
+fn push_devices(argv: &mut Argv, name: &str, spec: &VmSpec, block_devices: &BTreeSet<PathBuf>) {
     for n in 0..root_port_count(spec) {
         argv.push("-device", root_port(n));
     }
     let mut index = 0;
     for (id, disk) in &spec.disks {
+        let backing = if block_devices.contains(&disk.path) {
+            DiskBacking::BlockDevice
+        } else {
+            DiskBacking::File
+        };
         argv.push(
             "-blockdev",
-            keyval_blockdev(&devices::disk_file_node(id, disk)),
+            keyval_blockdev(&devices::disk_file_node(id, disk, backing)),
         );
         argv.push(
             "-blockdev",

@@ -19,10 +19,24 @@ pub struct DeviceProps {
     pub properties: Map<String, Value>,
 }
 
+/// What a disk's path is on the host; the shell finds out (`stat`), this module decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskBacking {
+    /// An image file: QEMU's `file` protocol driver.
+    File,
+    /// A block device (`/dev/vg0/web-data`): QEMU's `file` driver refuses those, `host_device`
+    /// takes them.
+    BlockDevice,
+}
+
 /// `blockdev-add` options of a disk's protocol node (`disk-<id>-file`).
-pub fn disk_file_node(id: &str, disk: &DiskSpec) -> Value {
+pub fn disk_file_node(id: &str, disk: &DiskSpec, backing: DiskBacking) -> Value {
+    let driver = match backing {
+        DiskBacking::File => "file",
+        DiskBacking::BlockDevice => "host_device",
+    };
     json!({
-        "driver": "file",
+        "driver": driver,
         "node-name": ids::disk_file_node(id),
         "filename": disk.path,
         "read-only": disk.read_only,
@@ -166,7 +180,7 @@ mod tests {
     fn disk_nodes_chain_file_then_format_with_deterministic_names() {
         let d = disk(DiskCache::None);
         assert_eq!(
-            disk_file_node("data", &d),
+            disk_file_node("data", &d, DiskBacking::File),
             json!({"driver": "file", "node-name": "disk-data-file", "filename": "/img/a.qcow2",
                    "read-only": true, "cache": {"direct": true, "no-flush": false}})
         );
@@ -175,6 +189,13 @@ mod tests {
             json!({"driver": "qcow2", "node-name": "disk-data-fmt", "file": "disk-data-file",
                    "read-only": true, "cache": {"direct": true, "no-flush": false}})
         );
+    }
+
+    #[test]
+    fn a_block_device_gets_the_host_device_driver() {
+        let node = disk_file_node("data", &disk(DiskCache::None), DiskBacking::BlockDevice);
+        assert_eq!(node["driver"], "host_device");
+        assert_eq!(node["filename"], "/img/a.qcow2");
     }
 
     #[test]
@@ -188,7 +209,7 @@ mod tests {
         ] {
             let d = disk(cache);
             assert_eq!(
-                disk_file_node("x", &d)["cache"],
+                disk_file_node("x", &d, DiskBacking::File)["cache"],
                 json!({"direct": direct, "no-flush": no_flush})
             );
             assert_eq!(

@@ -98,7 +98,7 @@ pub enum LoadError {
 
 /// Reads and validates the desired-state file at `path`.
 pub fn load_desired_state(path: &Path) -> Result<DesiredState, LoadError> {
-    let text = std::fs::read_to_string(path).map_err(|error| LoadError::Read {
+    let text = crate::files::read_regular(path).map_err(|error| LoadError::Read {
         path: path.to_owned(),
         error,
     })?;

@@ -185,9 +185,13 @@ fn an_agent_killed_mid_apply_converges_on_restart() {
             .await
             .expect("QMP while the agent is dead");
         // Half an add: the block nodes exist, the device does not.
-        qmp.blockdev_add(devices::disk_file_node("new", &new_disk))
-            .await
-            .unwrap();
+        qmp.blockdev_add(devices::disk_file_node(
+            "new",
+            &new_disk,
+            devices::DiskBacking::File,
+        ))
+        .await
+        .unwrap();
         qmp.blockdev_add(devices::disk_format_node("new", &new_disk))
             .await
             .unwrap();

@@ -32,7 +32,7 @@ struct PausedVm {
 async fn launch_paused(run: &TempRun, name: &str, spec: VmSpec) -> PausedVm {
     let vm = run.vm(name);
     lifecycle::prepare_host_devices(name, &spec).expect("taps");
-    let mut argv = qemu_argv(name, &spec, &vm);
+    let mut argv = qemu_argv(name, &spec, &vm, &Default::default());
     argv.push("-S".into());
     let pid = launch_with_argv(name, &spec, &vm, &qemu(), &argv, None).expect("launch");
     let guard = KillOnDrop(pid);
@@ -169,7 +169,11 @@ fn leftovers_of_an_interrupted_apply_are_observed_and_removed() {
         let img = image(run.dir.path(), "half.qcow2", "qcow2", 8);
         let half = disk(&img, "qcow2", json!({}));
         vm.qmp
-            .blockdev_add(plasmavmc_agent::devices::disk_file_node("half", &half))
+            .blockdev_add(plasmavmc_agent::devices::disk_file_node(
+                "half",
+                &half,
+                plasmavmc_agent::devices::DiskBacking::File,
+            ))
             .await
             .unwrap();
         vm.qmp

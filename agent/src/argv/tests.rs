@@ -13,7 +13,12 @@ fn spec(extra: serde_json::Value) -> VmSpec {
 }
 
 fn argv(spec: &VmSpec) -> Vec<String> {
-    qemu_argv("web", spec, &RunDir::new("/run/pv").vm("web"))
+    qemu_argv(
+        "web",
+        spec,
+        &RunDir::new("/run/pv").vm("web"),
+        &BTreeSet::new(),
+    )
 }
 
 /// The values given to `option`, in order.
@@ -127,6 +132,20 @@ fn disk_boot_with_firmware_marks_the_boot_disk() {
 }
 
 #[test]
+fn block_devices_are_opened_with_host_device_image_files_with_file() {
+    let s = spec(json!({"disks": {
+        "lv": {"path": "/dev/vg0/web-data", "format": "raw"},
+        "img": {"path": "/img/a.qcow2", "format": "qcow2"}
+    }}));
+    let block_devices = BTreeSet::from([PathBuf::from("/dev/vg0/web-data")]);
+    let a = qemu_argv("web", &s, &RunDir::new("/run/pv").vm("web"), &block_devices);
+    let blockdevs = values(&a, "-blockdev");
+    assert!(blockdevs[0].starts_with("driver=file,") && blockdevs[0].contains("/img/a.qcow2"));
+    assert!(blockdevs[2].starts_with("driver=host_device,"));
+    assert!(blockdevs[2].contains("filename=/dev/vg0/web-data,"));
+}
+
+#[test]
 fn nics_use_tap_netdevs_without_scripts() {
     let a = argv(&spec(json!({"hotplugSlots": 0, "nics": {
         "eth0": {"mac": "52:54:00:00:00:01", "bridge": "br0"},
@@ -206,7 +225,12 @@ fn console_log_and_qmp_live_in_the_vm_dir() {
 #[test]
 fn commas_in_values_are_doubled() {
     let s = spec(json!({"disks": {"a": {"path": "/img/a,b.raw", "format": "raw"}}}));
-    let a = qemu_argv("web", &s, &RunDir::new("/run/p,v").vm("web"));
+    let a = qemu_argv(
+        "web",
+        &s,
+        &RunDir::new("/run/p,v").vm("web"),
+        &BTreeSet::new(),
+    );
     assert!(values(&a, "-blockdev")[0].contains("filename=/img/a,,b.raw,"));
     assert!(values(&a, "-chardev")[0].ends_with("path=/run/p,,v/vms/web/console.log"));
 }

@@ -20,7 +20,10 @@ pub fn agent(options: AgentOptions) -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(format!("starting the async runtime: {e}")),
     };
-    match runtime.block_on(crate::daemon::run(options)) {
+    let result = runtime.block_on(crate::daemon::run(options));
+    // A read stuck on a hung filesystem must not keep the agent from exiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -179,7 +182,7 @@ fn unexpected(response: Response) -> ExitCode {
 fn client_failed(e: ClientError) -> ExitCode {
     eprintln!("{e}");
     ExitCode::from(match e {
-        ClientError::Unreachable { .. } => EXIT_UNREACHABLE,
+        ClientError::Unreachable { .. } | ClientError::PermissionDenied { .. } => EXIT_UNREACHABLE,
         _ => EXIT_FAILED,
     })
 }

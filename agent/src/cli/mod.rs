@@ -2,7 +2,9 @@
 //! `<run-dir>/control.sock`.
 //!
 //! Exit codes, for every command: 0 ok, 1 the operation failed, 2 usage error or invalid config
-//! (nothing touched), 3 the agent is not reachable.
+//! (nothing touched), 3 the agent is not reachable (not running, or permission denied).
+//! Every client command gives up with exit 1 when the agent does not answer in time (30 s for
+//! `status` and `plan`, 10 min for commands that may wait for guests).
 
 mod commands;
 
@@ -29,8 +31,9 @@ pub const EXIT_UNREACHABLE: u8 = 3;
         stops QEMU processes, applies disk/NIC/vCPU/memory changes live over QMP, and reports \
         what must wait for a restart. The other commands talk to the running agent over \
         <run-dir>/control.sock.\n\n\
-        Exit codes: 0 ok, 1 operation failed, 2 usage error or invalid config (nothing \
-        touched), 3 agent not reachable."
+        Exit codes: 0 ok, 1 operation failed (or no answer in time: 30 s for status and plan, \
+        10 min for commands that may wait for guests), 2 usage error or invalid config \
+        (nothing touched), 3 agent not reachable (not running, or permission denied)."
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use super::protocol::{Request, Response};
 
@@ -13,6 +14,15 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("permission denied: {} is for root only (run this command as root)", path.display())]
+    PermissionDenied { path: PathBuf },
+    #[error(
+        "the agent at {} did not answer within {}; it may be stuck (see its log: \
+         journalctl -u plasmavmc)",
+        path.display(),
+        humantime::format_duration(*timeout)
+    )]
+    TimedOut { path: PathBuf, timeout: Duration },
     #[error("talking to the agent at {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -25,16 +35,53 @@ pub enum ClientError {
     },
 }
 
-/// Sends one request to the agent listening on `socket` and waits for its answer (no timeout:
-/// a reload may legitimately wait for guests to shut down).
+/// How long a client waits for the agent's answer to `request`: long enough for what the agent
+/// may legitimately wait for (a guest's powerdown, a busy VM), short enough that a wedged agent
+/// is reported rather than waited for forever.
+pub fn timeout_for(request: &Request) -> Duration {
+    match request {
+        Request::Status | Request::Plan { .. } | Request::ClusterStatus => Duration::from_secs(30),
+        Request::Reload | Request::Start { .. } | Request::Stop { .. } | Request::Reset { .. } => {
+            Duration::from_secs(600)
+        }
+    }
+}
+
+/// Sends one request to the agent listening on `socket` and waits for its answer, at most
+/// `timeout_for(request)` in all (connecting included).
 pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    let timeout = timeout_for(request);
+    let (done, answer) = std::sync::mpsc::channel();
+    let (path, request) = (socket.to_owned(), request.clone());
+    // A thread, so the deadline covers a `connect` that blocks on a full listen backlog too;
+    // on a timeout it is left behind and ends with the process.
+    std::thread::spawn(move || {
+        let _ = done.send(exchange(&path, &request));
+    });
+    answer
+        .recv_timeout(timeout)
+        .unwrap_or(Err(ClientError::TimedOut {
+            path: socket.to_owned(),
+            timeout,
+        }))
+}
+
+fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let io = |source| ClientError::Io {
         path: socket.to_owned(),
         source,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
-        path: socket.to_owned(),
-        source,
+    let mut stream = UnixStream::connect(socket).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            ClientError::PermissionDenied {
+                path: socket.to_owned(),
+            }
+        } else {
+            ClientError::Unreachable {
+                path: socket.to_owned(),
+                source,
+            }
+        }
     })?;
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');

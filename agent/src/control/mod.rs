@@ -4,5 +4,6 @@
 //! `protocol` are shared by the server (in the daemon) and the client (in the CLI).
 
 pub mod client;
+pub mod limits;
 pub mod protocol;
 pub mod server;

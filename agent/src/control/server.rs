@@ -1,16 +1,20 @@
 //! The server side of the control socket: accepts connections and hands each request to a
 //! handler, one task per connection, so a slow request (a reload waiting for a guest) never
-//! blocks `status`.
+//! blocks `status`. The limits and who gets in at the cap are `limits`' rules.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
 
+use super::limits::{self, Admission, Connections, LogThrottle};
 use super::protocol::{ErrorKind, Request, Response};
 
 /// Binds `socket` (mode 0600, replacing a stale one left by a killed agent).
@@ -28,44 +32,169 @@ pub fn bind(socket: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Serves requests forever with `handle`.
+/// The open connections, and how to close an idle one evicted at the cap.
+struct Registry {
+    connections: Connections,
+    evict: HashMap<u64, oneshot::Sender<()>>,
+    /// Evictions, refusals, timeouts and failed accepts: warned about now and then, not each.
+    throttle: LogThrottle,
+}
+
+impl Registry {
+    fn warn(&mut self, what: impl std::fmt::Display) {
+        if let Some(suppressed) = self.throttle.record(Instant::now()) {
+            tracing::warn!(
+                open = self.connections.open(),
+                "control socket: {what} ({suppressed} similar since the last warning)"
+            );
+        }
+    }
+}
+
+/// Serves requests forever with `handle`, keeping at most `limits::connection_cap` connections
+/// open (from the process's soft fd limit).
 pub async fn serve<H, F>(listener: UnixListener, handle: Arc<H>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
 {
+    let cap = limits::connection_cap(fd_limit());
+    tracing::info!(
+        max_connections = cap,
+        max_request_bytes = limits::MAX_REQUEST_BYTES,
+        idle_timeout = ?limits::IDLE_TIMEOUT,
+        "control socket limits"
+    );
+    let registry = Arc::new(Mutex::new(Registry {
+        connections: Connections::new(cap),
+        evict: HashMap::new(),
+        throttle: LogThrottle::default(),
+    }));
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                let handle = handle.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = connection(stream, handle.as_ref()).await {
-                        tracing::warn!("control connection: {e:#}");
-                    }
-                });
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: retrying at once would spin and flood the log.
+                registry
+                    .lock()
+                    .unwrap()
+                    .warn(format!("accepting a connection: {e}; retrying shortly"));
+                tokio::time::sleep(limits::ACCEPT_BACKOFF).await;
+                continue;
             }
-            Err(e) => tracing::warn!("accepting a control connection: {e}"),
-        }
+        };
+        let (evicted_rx, id) = {
+            let mut registry = registry.lock().unwrap();
+            let (id, admission) = registry.connections.admit(Instant::now());
+            match admission {
+                Admission::Admit => {}
+                Admission::AdmitEvicting(oldest) => {
+                    registry.evict.remove(&oldest); // dropping the sender closes it
+                    registry.warn(format_args!(
+                        "{cap} connections open: closing the oldest that sent no request"
+                    ));
+                }
+                Admission::Refuse => {
+                    registry.warn(format_args!(
+                        "{cap} connections open, each busy with a request: refusing new ones"
+                    ));
+                    refuse(&stream, cap);
+                    continue;
+                }
+            }
+            let (evict, evicted_rx) = oneshot::channel();
+            registry.evict.insert(id, evict);
+            (evicted_rx, id)
+        };
+        let handle = handle.clone();
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let mut busy = false;
+            let outcome = connection(stream, handle.as_ref(), evicted_rx, || {
+                let mut registry = registry.lock().unwrap();
+                registry.evict.remove(&id);
+                busy = registry.connections.start_request(id);
+                busy
+            })
+            .await;
+            let mut registry = registry.lock().unwrap();
+            registry.connections.close(id, busy);
+            registry.evict.remove(&id);
+            if let Err(e) = outcome {
+                registry.warn(format!("{e:#}"));
+            }
+        });
     }
 }
 
-async fn connection<H, F>(stream: UnixStream, handle: &H) -> Result<()>
+/// Tells a refused client why, if its socket takes the answer at once; never waits.
+fn refuse(stream: &UnixStream, cap: usize) {
+    let answer = line(&Response::Error {
+        kind: ErrorKind::Failed,
+        message: format!(
+            "the agent is busy: all {cap} control connections are serving requests; try again"
+        ),
+    });
+    let _ = stream.try_write(answer.as_bytes());
+}
+
+/// Serves one connection: reads its request line (within the limits), then, if `start` agrees
+/// (the connection was not evicted meanwhile), answers it.
+async fn connection<H, F>(
+    stream: UnixStream,
+    handle: &H,
+    mut evicted: oneshot::Receiver<()>,
+    start: impl FnOnce() -> bool,
+) -> Result<()>
 where
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
 {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read).read_line(&mut line).await?;
-    let response = match serde_json::from_str::<Request>(&line) {
-        Ok(request) => handle(request).await,
-        Err(e) => Response::Error {
-            kind: ErrorKind::BadRequest,
-            message: format!("not a request this agent understands: {e}"),
+    let mut request = Vec::new();
+    let mut reader = BufReader::new(read.take(limits::MAX_REQUEST_BYTES as u64));
+    let read = tokio::time::timeout(limits::IDLE_TIMEOUT, reader.read_until(b'\n', &mut request));
+    let response = tokio::select! {
+        _ = &mut evicted => return Ok(()),
+        read = read => match read {
+            Err(_) => {
+                error(format!("no request within {:?}: closing", limits::IDLE_TIMEOUT))
+            }
+            Ok(Err(e)) => return Err(e).context("reading a request"),
+            Ok(Ok(_)) if !start() => return Ok(()),
+            Ok(Ok(n)) if n == limits::MAX_REQUEST_BYTES && !request.ends_with(b"\n") => {
+                error(format!("a request is at most {} bytes", limits::MAX_REQUEST_BYTES))
+            }
+            Ok(Ok(_)) => match serde_json::from_slice::<Request>(&request) {
+                Ok(request) => handle(request).await,
+                Err(e) => error(format!("not a request this agent understands: {e}")),
+            },
         },
     };
-    let mut answer = serde_json::to_string(&response).expect("responses serialize");
+    tokio::time::timeout(
+        limits::WRITE_TIMEOUT,
+        write.write_all(line(&response).as_bytes()),
+    )
+    .await
+    .context("the client did not take its answer in time")?
+    .context("answering a request")
+}
+
+fn error(message: String) -> Response {
+    Response::Error {
+        kind: ErrorKind::BadRequest,
+        message,
+    }
+}
+
+fn line(response: &Response) -> String {
+    let mut answer = serde_json::to_string(response).expect("responses serialize");
     answer.push('\n');
-    write.write_all(answer.as_bytes()).await?;
-    Ok(())
+    answer
+}
+
+/// The soft `RLIMIT_NOFILE` (unknown: as if unlimited, the cap then is `MAX_CONNECTIONS`).
+fn fd_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(u64::MAX, |(soft, _)| soft)
 }

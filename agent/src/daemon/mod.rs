@@ -5,11 +5,12 @@
 //! - `vm`: one VM's QEMU connection and status snapshot.
 //! - `adopt`: taking over QEMUs a previous agent left running.
 //! - `restart`, `operator`: restart backoff; persisted operator start/stop.
-//! - `watch`: config directory watch and SIGHUP.
+//! - `watch`: config directory watch and SIGHUP; `config_file`: reading the config off the runtime.
 //! - `cluster`: the ChainFire session's config and notices.
 
 mod adopt;
 mod cluster;
+mod config_file;
 mod operator;
 mod restart;
 mod supervisor;
@@ -110,7 +111,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     ));
 
     // An invalid config at startup: adopt (watch) what runs, touch nothing until a valid one.
-    let _ = daemon.load_config();
+    let _ = daemon.load_config().await;
     adopt::adopt_running(&daemon).await?;
 
     let listener = server::bind(&run_dir.control_socket())?;
@@ -122,8 +123,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         })
     };
     tokio::spawn(server::serve(listener, handler));
-    let _watcher = match watch::watch_config_dir(&options.config, triggers.clone()) {
-        Ok(watcher) => Some(watcher),
+    let config_watch = match watch::ConfigWatch::start(&options.config, triggers.clone()) {
+        Ok(watch) => Some(watch),
         Err(e) => {
             tracing::warn!("{e:#}; config changes need `plasmavmc reload` or SIGHUP");
             None
@@ -147,7 +148,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     tokio::spawn(async move { daemon.on_vm_event(event).await });
                 }
                 Some(trigger) = trigger_rx.recv() => {
-                    if let Some(reload) = debounce(&daemon, trigger, &mut trigger_rx).await {
+                    if let Some(reload) = debounce(&daemon, config_watch.as_ref(), trigger, &mut trigger_rx).await {
                         let daemon = Arc::clone(&daemon);
                         tokio::spawn(async move { daemon.reconcile_logged(reload).await });
                     }
@@ -185,6 +186,7 @@ async fn follow_may_run(
 /// `reload`), `None` for nothing.
 async fn debounce(
     daemon: &Daemon,
+    config_watch: Option<&watch::ConfigWatch>,
     trigger: Trigger,
     pending: &mut mpsc::UnboundedReceiver<Trigger>,
 ) -> Option<bool> {
@@ -198,7 +200,11 @@ async fn debounce(
                 reload |= matches!(next, Trigger::Reload);
                 reconcile |= matches!(next, Trigger::Reconcile);
             }
-            if reload || daemon.config_changed_on_disk() {
+            // Before comparing: a change made after this is seen by the new watches.
+            if let Some(watch) = config_watch {
+                watch.refresh();
+            }
+            if reload || daemon.config_changed_on_disk().await {
                 tracing::info!("config file changed: reloading");
                 Some(true)
             } else {

@@ -23,12 +23,20 @@ pub struct OperatorIntents {
 }
 
 impl OperatorIntents {
-    /// Loads `<state_dir>/operator.json` (absent: no operator decisions yet).
+    /// Loads `<state_dir>/operator.json` (absent: no operator decisions yet). A corrupt file
+    /// (a crash mid-write on a filesystem that lies, a 0-byte file after a full disk) must not
+    /// keep the agent from starting: it is moved aside with a timestamp, what it held is
+    /// logged, and the agent starts with no operator decisions.
     pub fn load(state_dir: &Path) -> Result<Self> {
         let path = state_dir.join("operator.json");
         let intents = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .with_context(|| format!("{}: not operator intents", path.display()))?,
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(intents) => intents,
+                Err(e) => {
+                    set_aside(&path, &bytes, &e);
+                    BTreeMap::new()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
@@ -39,12 +47,34 @@ impl OperatorIntents {
         self.intents.get(vm).copied()
     }
 
-    /// Records and persists (atomically) the operator's decision for `vm`.
+    /// Persists (atomically) the operator's decision for `vm`, then records it: a decision that
+    /// could not be written (a full disk) takes no effect, so what runs never differs from what
+    /// the next agent will read.
     pub fn set(&mut self, vm: &str, intent: OperatorIntent) -> Result<()> {
-        self.intents.insert(vm.to_owned(), intent);
-        let json = serde_json::to_vec_pretty(&self.intents).expect("intents serialize");
-        crate::files::write_atomically(&self.path, &json)
+        let mut intents = self.intents.clone();
+        intents.insert(vm.to_owned(), intent);
+        let json = serde_json::to_vec_pretty(&intents).expect("intents serialize");
+        crate::files::write_atomically(&self.path, &json)?;
+        self.intents = intents;
+        Ok(())
     }
+}
+
+/// Moves a corrupt intents file to `<path>.corrupt-<UTC time>` and says what was lost.
+fn set_aside(path: &Path, bytes: &[u8], error: &serde_json::Error) {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let aside = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    let content = String::from_utf8_lossy(&bytes[..bytes.len().min(4096)]);
+    let kept = match std::fs::rename(path, &aside) {
+        Ok(()) => format!("moved to {}", aside.display()),
+        Err(e) => format!("could not be moved aside ({e}); the next start or stop replaces it"),
+    };
+    tracing::error!(
+        "{} is corrupt ({error}; {} bytes), {kept}: operator starts/stops recorded there are \
+         lost, every VM follows its autostart until started or stopped again; it held: {content:?}",
+        path.display(),
+        bytes.len()
+    );
 }
 
 #[cfg(test)]
@@ -61,5 +91,35 @@ mod tests {
         let again = OperatorIntents::load(dir.path()).unwrap();
         assert_eq!(again.get("web"), Some(OperatorIntent::Stopped));
         assert_eq!(again.get("db"), Some(OperatorIntent::Started));
+    }
+
+    #[test]
+    fn a_decision_that_cannot_be_written_takes_no_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut intents = OperatorIntents::load(&dir.path().join("missing")).unwrap();
+        assert!(intents.set("web", OperatorIntent::Stopped).is_err());
+        assert_eq!(intents.get("web"), None);
+    }
+
+    #[test]
+    fn a_corrupt_file_is_set_aside_and_the_agent_starts_without_decisions() {
+        let dir = tempfile::tempdir().unwrap();
+        for corrupt in [&b""[..], b"{\"web\": \"stop"] {
+            std::fs::write(dir.path().join("operator.json"), corrupt).unwrap();
+            let intents = OperatorIntents::load(dir.path()).unwrap();
+            assert_eq!(intents.get("web"), None);
+            assert!(!dir.path().join("operator.json").exists());
+        }
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert!(
+            !aside.is_empty()
+                && aside
+                    .iter()
+                    .all(|n| n.starts_with("operator.json.corrupt-")),
+            "{aside:?}"
+        );
     }
 }

@@ -13,6 +13,7 @@ use futures::future::join_all;
 use tokio::sync::mpsc;
 
 use super::cluster;
+use super::config_file;
 use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
 use super::vm::{Exit, Shell, VmEvent, VmSlot};
@@ -25,7 +26,6 @@ use crate::observed::ObservedHost;
 use crate::plan::{plan, RunIntent, RunIntents};
 use crate::spec::{DesiredState, RestartPolicy};
 use crate::status::{ConfigStatus, HostStatus, Stranger};
-use crate::validate::load_desired_state;
 
 /// How long `status` waits for a VM busy with something else before showing its last snapshot.
 const STATUS_WAIT: Duration = Duration::from_millis(500);
@@ -184,11 +184,12 @@ impl Daemon {
         let _ = self.triggers.send(trigger);
     }
 
-    /// Re-reads the config file (fresh, through any symlinks). Invalid: remembered as the
-    /// config's error, and the previous desired state stays in force.
-    pub fn load_config(&self) -> Result<(), String> {
-        *self.config_text.lock().unwrap() = std::fs::read_to_string(&self.config_path).ok();
-        let desired = match load_desired_state(&self.config_path) {
+    /// Re-reads the config file (fresh, through any symlinks). Invalid or unreadable:
+    /// remembered as the config's error, and the previous desired state stays in force.
+    pub async fn load_config(&self) -> Result<(), String> {
+        let (text, desired) = config_file::load(&self.config_path).await;
+        *self.config_text.lock().unwrap() = text;
+        let desired = match desired {
             Ok(desired) => desired,
             Err(e) => {
                 let message = format!("{e}\nnothing was changed");
@@ -226,8 +227,8 @@ impl Daemon {
     }
 
     /// Whether the config file's content differs from what was last loaded.
-    pub fn config_changed_on_disk(&self) -> bool {
-        std::fs::read_to_string(&self.config_path).ok() != *self.config_text.lock().unwrap()
+    pub async fn config_changed_on_disk(&self) -> bool {
+        config_file::read(&self.config_path).await.ok() != *self.config_text.lock().unwrap()
     }
 
     pub fn insert_adopted(&self, slot: Arc<VmSlot>) {
@@ -272,6 +273,7 @@ impl Daemon {
             let _one_load_at_a_time = self.config_lock.lock().await;
             if reload {
                 self.load_config()
+                    .await
                     .map_err(|e| (ErrorKind::InvalidConfig, e))?;
             }
             let Some(desired) = self.desired.lock().unwrap().clone() else {
@@ -479,7 +481,9 @@ impl Daemon {
     async fn plan_only(&self, desired: Option<DesiredState>) -> Result<Plan, Refusal> {
         let desired = match desired {
             Some(desired) => desired,
-            None => load_desired_state(&self.config_path)
+            None => config_file::load(&self.config_path)
+                .await
+                .1
                 .map_err(|e| (ErrorKind::InvalidConfig, e.to_string()))?,
         };
         let (observed, unobservable) = observe_all(&self.slots(), PLAN_WAIT).await;
@@ -505,11 +509,14 @@ impl Daemon {
                 format!("VM {vm} is not declared in {}", self.config_path.display()),
             ));
         }
-        self.operator
-            .lock()
-            .unwrap()
-            .set(vm, intent)
-            .map_err(|e| (ErrorKind::Failed, format!("{e:#}")))?;
+        self.operator.lock().unwrap().set(vm, intent).map_err(|e| {
+            (
+                ErrorKind::Failed,
+                format!(
+                    "{vm}: could not record the operator's decision, so nothing was done: {e:#}"
+                ),
+            )
+        })?;
         if intent == OperatorIntent::Started {
             self.restarts
                 .lock()

@@ -4,12 +4,14 @@
 //! `/etc/plasmavmc/desired.json` is a symlink to `/etc/static/plasmavmc/desired.json` where a
 //! switch replaces only the `/etc/static` symlink. So every link along the path's resolution is
 //! watched by name in its directory (`desired.json` in `/etc/plasmavmc`, `static` in `/etc`, ...).
-//! Events only say "look again"; the event loop debounces them and reloads only if the file's
-//! content changed.
+//! Events only say "look again"; the event loop debounces them, refreshes the watches (a
+//! directory removed and made again needs a new one: each directory is also watched by name in
+//! its parent), and reloads only if the file's content changed.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
@@ -20,36 +22,72 @@ use super::supervisor::Trigger;
 /// Symlinks followed at most while resolving the config path (as the kernel's own limit).
 const MAX_LINKS: usize = 40;
 
-/// Watches the config file and every symlink on its way; keep the returned watcher alive.
-pub fn watch_config_dir(
-    config: &Path,
-    triggers: mpsc::UnboundedSender<Trigger>,
-) -> Result<notify::RecommendedWatcher> {
-    let absolute =
-        std::path::absolute(config).with_context(|| format!("resolving {}", config.display()))?;
-    let watched = watched_entries(&absolute);
-    let dirs: BTreeSet<PathBuf> = watched.iter().map(|(dir, _)| dir.clone()).collect();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Only events naming a watched entry: other files in those directories (logs, editors'
-        // swap files) must not wake the agent.
-        let concerns_config = |e: &notify::Event| {
-            !e.kind.is_access()
-                && e.paths.iter().any(|p| match (p.parent(), p.file_name()) {
-                    (Some(dir), Some(name)) => watched.contains(&(dir.to_owned(), name.to_owned())),
-                    _ => false,
-                })
+/// Watches the config file and every symlink on its way; keep it alive, and `refresh` it on
+/// every event.
+pub struct ConfigWatch {
+    config: PathBuf,
+    /// The entries whose events matter; the callback reads them, `refresh` renews them.
+    watched: Arc<Mutex<BTreeSet<(PathBuf, OsString)>>>,
+    watcher: Mutex<notify::RecommendedWatcher>,
+}
+
+impl ConfigWatch {
+    pub fn start(config: &Path, triggers: mpsc::UnboundedSender<Trigger>) -> Result<Self> {
+        let config = std::path::absolute(config)
+            .with_context(|| format!("resolving {}", config.display()))?;
+        let watched = Arc::new(Mutex::new(BTreeSet::new()));
+        let entries = Arc::clone(&watched);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Only events naming a watched entry: other files in those directories (logs,
+            // editors' swap files) must not wake the agent.
+            let concerns_config = |e: &notify::Event| {
+                let entries = entries.lock().unwrap();
+                !e.kind.is_access()
+                    && e.paths.iter().any(|p| match (p.parent(), p.file_name()) {
+                        (Some(dir), Some(name)) => {
+                            entries.contains(&(dir.to_owned(), name.to_owned()))
+                        }
+                        _ => false,
+                    })
+            };
+            if event.is_ok_and(|e| concerns_config(&e)) {
+                let _ = triggers.send(Trigger::ConfigTouched);
+            }
+        })
+        .context("creating the config watcher")?;
+        let watch = Self {
+            config,
+            watched,
+            watcher: Mutex::new(watcher),
         };
-        if event.is_ok_and(|e| concerns_config(&e)) {
-            let _ = triggers.send(Trigger::ConfigTouched);
-        }
-    })
-    .context("creating the config watcher")?;
-    for dir in &dirs {
-        watcher
-            .watch(dir, RecursiveMode::NonRecursive)
-            .with_context(|| format!("watching {}", dir.display()))?;
+        watch.refresh();
+        Ok(watch)
     }
-    Ok(watcher)
+
+    /// Re-resolves the config path and watches every directory on it that exists now, and
+    /// each one's parent for the directory itself: a directory removed and made again (or
+    /// missing at start) is watched again as soon as it is back.
+    pub fn refresh(&self) {
+        let entries = with_directories(watched_entries(&self.config));
+        let dirs: BTreeSet<PathBuf> = entries.iter().map(|(dir, _)| dir.clone()).collect();
+        *self.watched.lock().unwrap() = entries;
+        let mut watcher = self.watcher.lock().unwrap();
+        for dir in dirs.iter().filter(|dir| dir.is_dir()) {
+            // Watching a directory again is harmless; a new one (same path) gets its watch.
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!("watching {} for config changes: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// `entries` plus each entry's directory as an entry of its parent.
+fn with_directories(entries: BTreeSet<(PathBuf, OsString)>) -> BTreeSet<(PathBuf, OsString)> {
+    let dirs: Vec<(PathBuf, OsString)> = entries
+        .iter()
+        .filter_map(|(dir, _)| Some((dir.parent()?.to_owned(), dir.file_name()?.to_owned())))
+        .collect();
+    entries.into_iter().chain(dirs).collect()
 }
 
 /// `(directory, name)` of the config file and of every symlink met while resolving `path`
@@ -141,6 +179,18 @@ mod tests {
         .map(|(dir, name)| (dir, OsString::from(name)))
         .collect();
         assert_eq!(entries, expected);
+    }
+
+    #[test]
+    fn each_watched_directory_is_watched_by_name_in_its_parent() {
+        let entries = BTreeSet::from([(PathBuf::from("/etc/plasmavmc"), OsString::from("d.json"))]);
+        assert_eq!(
+            with_directories(entries),
+            BTreeSet::from([
+                (PathBuf::from("/etc/plasmavmc"), OsString::from("d.json")),
+                (PathBuf::from("/etc"), OsString::from("plasmavmc")),
+            ])
+        );
     }
 
     #[test]

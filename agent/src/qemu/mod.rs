@@ -3,6 +3,7 @@
 //! Everything here executes decisions made by the pure core (`plan`, `argv`); nothing here
 //! decides what the VM should look like.
 
+pub mod backing;
 pub mod guard;
 pub mod lifecycle;
 pub mod live;

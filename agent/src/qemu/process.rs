@@ -53,7 +53,7 @@ pub fn launch(
     qemu: &Path,
     guard: Option<&Guard>,
 ) -> Result<u32> {
-    let args = argv::qemu_argv(name, spec, vm_dir);
+    let args = argv::qemu_argv(name, spec, vm_dir, &super::backing::block_devices(spec));
     launch_with_argv(name, spec, vm_dir, qemu, &args, guard)
 }
 

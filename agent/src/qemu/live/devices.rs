@@ -22,7 +22,9 @@ pub(super) async fn add_disk(
 ) -> Result<(), LiveError> {
     let device_id = ids::disk_device(id);
     let bus = hotplug_bus(qmp, boot_spec, &device_id).await?;
-    qmp.blockdev_add(devices::disk_file_node(id, disk)).await?;
+    let backing = crate::qemu::backing::disk_backing(&disk.path);
+    qmp.blockdev_add(devices::disk_file_node(id, disk, backing))
+        .await?;
     let boot = boot_spec.boot_disk.as_deref() == Some(id);
     let plugged = async {
         qmp.blockdev_add(devices::disk_format_node(id, disk))
