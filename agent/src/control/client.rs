@@ -50,7 +50,15 @@ pub fn timeout_for(request: &Request) -> Duration {
 /// Sends one request to the agent listening on `socket` and waits for its answer, at most
 /// `timeout_for(request)` in all (connecting included).
 pub fn request(socket: &Path, request: &Request) -> Result<Response, ClientError> {
-    let timeout = timeout_for(request);
+    request_within(socket, request, timeout_for(request))
+}
+
+/// `request`, waiting at most `timeout`.
+pub fn request_within(
+    socket: &Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, ClientError> {
     let (done, answer) = std::sync::mpsc::channel();
     let (path, request) = (socket.to_owned(), request.clone());
     // A thread, so the deadline covers a `connect` that blocks on a full listen backlog too;
@@ -98,4 +106,23 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
         path: socket.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_that_never_answers_is_a_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("control.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let error =
+            request_within(&socket, &Request::Status, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(error, ClientError::TimedOut { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains("did not answer within 200ms"),
+            "{error}"
+        );
+    }
 }

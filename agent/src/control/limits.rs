@@ -31,7 +31,8 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one warning per this interval about failing accepts or refused connections.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Open connections allowed with `fd_limit` descriptors (the soft `RLIMIT_NOFILE`).
+/// Open connections allowed with `fd_limit` descriptors (the soft `RLIMIT_NOFILE`, read again
+/// at every connection).
 pub fn connection_cap(fd_limit: u64) -> usize {
     let quarter = usize::try_from(fd_limit / 4).unwrap_or(usize::MAX);
     quarter.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
@@ -64,6 +65,16 @@ impl Connections {
             idle: BTreeMap::new(),
             busy: 0,
         }
+    }
+
+    /// A new cap (the fd limit can be changed while the agent runs: `prlimit`); connections
+    /// over it are not closed, only no more are let in.
+    pub fn set_cap(&mut self, cap: usize) {
+        self.cap = cap;
+    }
+
+    pub fn cap(&self) -> usize {
+        self.cap
     }
 
     pub fn open(&self) -> usize {

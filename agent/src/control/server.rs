@@ -52,7 +52,7 @@ impl Registry {
 }
 
 /// Serves requests forever with `handle`, keeping at most `limits::connection_cap` connections
-/// open (from the process's soft fd limit).
+/// open (from the process's soft fd limit at the time).
 pub async fn serve<H, F>(listener: UnixListener, handle: Arc<H>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
@@ -85,6 +85,10 @@ where
         };
         let (evicted_rx, id) = {
             let mut registry = registry.lock().unwrap();
+            registry
+                .connections
+                .set_cap(limits::connection_cap(fd_limit()));
+            let cap = registry.connections.cap();
             let (id, admission) = registry.connections.admit(Instant::now());
             match admission {
                 Admission::Admit => {}
