@@ -5,9 +5,10 @@
 //!   file descriptors, at most `MAX_CONNECTIONS`, so QMP sockets, pidfiles and QEMU launches
 //!   (a crashed VM's restart) always find descriptors left.
 //! - A connection is *idle* until its request line has arrived in full. At the cap, a new
-//!   connection evicts the oldest idle one, so `status` still gets in behind thousands of
-//!   clients that connected and said nothing; only when every open connection is busy with a
-//!   request is the new one refused (with an answer saying so).
+//!   connection evicts the oldest idle one that has been idle for `EVICTABLE_AFTER` (a real
+//!   client sends its request at once), so `status` still gets in behind thousands of clients
+//!   that connected and said nothing. When every open connection is busy with a request, new
+//!   ones wait in the listen backlog until one closes: slower, never refused.
 //! - A request line is at most `MAX_REQUEST_BYTES`, must arrive within `IDLE_TIMEOUT`, and the
 //!   answer must be taken within `WRITE_TIMEOUT`.
 //! - A failing `accept` (out of descriptors) is retried after `ACCEPT_BACKOFF`, never in a
@@ -22,6 +23,8 @@ pub const MAX_CONNECTIONS: usize = 128;
 const MIN_CONNECTIONS: usize = 4;
 /// One request line, newline included (a `plan` request carries a whole desired state).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+/// An idle connection younger than this is never evicted.
+pub const EVICTABLE_AFTER: Duration = Duration::from_millis(100);
 /// How long a connection may take to send its request.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to read its answer.
@@ -36,16 +39,6 @@ pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub fn connection_cap(fd_limit: u64) -> usize {
     let quarter = usize::try_from(fd_limit / 4).unwrap_or(usize::MAX);
     quarter.clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
-}
-
-/// What to do with a connection just accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    Admit,
-    /// Admit it and close idle connection `id` (the oldest) to make room.
-    AdmitEvicting(u64),
-    /// Every open connection is busy with a request: answer that the agent is busy, close.
-    Refuse,
 }
 
 /// The open connections: each idle one with when it was accepted, and how many are busy.
@@ -81,21 +74,35 @@ impl Connections {
         self.idle.len() + self.busy
     }
 
-    /// Decides on a new connection accepted at `now`; an admitted one is idle under the
-    /// returned id (with `Refuse`, the id is unused).
-    pub fn admit(&mut self, now: Instant) -> (u64, Admission) {
+    /// Whether to accept a connection at `now`: below the cap, or when an idle connection can
+    /// make room. Else `Err(when)` to look again: when the oldest idle one becomes evictable, or
+    /// (`None`) when a connection closes. Meanwhile new clients wait in the listen backlog.
+    pub fn may_accept(&self, now: Instant) -> Result<(), Option<Instant>> {
+        if self.open() < self.cap {
+            return Ok(());
+        }
+        match self.oldest_idle() {
+            Some((_, since)) if now >= since + EVICTABLE_AFTER => Ok(()),
+            Some((_, since)) => Err(Some(since + EVICTABLE_AFTER)),
+            None => Err(None),
+        }
+    }
+
+    /// Admits a connection accepted at `now` as idle: its id, and at the cap the idle connection
+    /// to close to make room (the oldest, if idle for `EVICTABLE_AFTER`; if none is, this one
+    /// is let in over the cap: `may_accept` said yes a moment ago).
+    pub fn admit(&mut self, now: Instant) -> (u64, Option<u64>) {
         let id = self.next_id;
         self.next_id += 1;
-        let admission = if self.open() < self.cap {
-            Admission::Admit
-        } else if let Some(oldest) = self.oldest_idle() {
-            self.idle.remove(&oldest);
-            Admission::AdmitEvicting(oldest)
-        } else {
-            return (id, Admission::Refuse);
+        let evict = match self.oldest_idle() {
+            Some((oldest, since)) if self.open() >= self.cap && now >= since + EVICTABLE_AFTER => {
+                self.idle.remove(&oldest);
+                Some(oldest)
+            }
+            _ => None,
         };
         self.idle.insert(id, now);
-        (id, admission)
+        (id, evict)
     }
 
     /// Idle connection `id` sent its request: it can no longer be evicted. False if it was
@@ -117,11 +124,11 @@ impl Connections {
         }
     }
 
-    fn oldest_idle(&self) -> Option<u64> {
+    fn oldest_idle(&self) -> Option<(u64, Instant)> {
         self.idle
             .iter()
             .min_by_key(|(id, accepted)| (**accepted, **id))
-            .map(|(id, _)| *id)
+            .map(|(id, accepted)| (*id, *accepted))
     }
 }
 
@@ -161,7 +168,7 @@ mod tests {
     }
 
     #[test]
-    fn at_the_cap_the_oldest_idle_connection_makes_room() {
+    fn at_the_cap_the_oldest_idle_connection_makes_room_once_old_enough() {
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut connections = Connections::new(3);
@@ -169,30 +176,31 @@ mod tests {
         let (b, _) = connections.admit(at(1));
         let (c, _) = connections.admit(at(2));
         assert!(connections.start_request(a));
-        // a is busy: b, the oldest idle one, goes.
-        assert_eq!(connections.admit(at(3)).1, Admission::AdmitEvicting(b));
+        // b, the oldest idle one, is too young to be evicted yet: wait until it is not.
+        assert_eq!(connections.may_accept(at(50)), Err(Some(at(101))));
+        assert_eq!(connections.may_accept(at(101)), Ok(()));
+        assert_eq!(connections.admit(at(101)).1, Some(b));
         assert!(
             !connections.start_request(b),
             "an evicted connection is not served"
         );
         assert_eq!(connections.open(), 3);
-        let (_, next) = connections.admit(at(4));
-        assert_eq!(next, Admission::AdmitEvicting(c));
+        assert_eq!(connections.admit(at(200)).1, Some(c));
     }
 
     #[test]
-    fn when_every_connection_is_busy_a_new_one_is_refused() {
+    fn when_every_connection_is_busy_new_ones_wait_for_a_close() {
         let now = Instant::now();
         let mut connections = Connections::new(2);
         for _ in 0..2 {
-            let (id, admission) = connections.admit(now);
-            assert_eq!(admission, Admission::Admit);
+            let (id, evicted) = connections.admit(now);
+            assert_eq!(evicted, None);
             assert!(connections.start_request(id));
         }
-        assert_eq!(connections.admit(now).1, Admission::Refuse);
+        assert_eq!(connections.may_accept(now), Err(None));
         connections.close(0, true);
         assert_eq!(connections.open(), 1);
-        assert_eq!(connections.admit(now).1, Admission::Admit);
+        assert_eq!(connections.may_accept(now), Ok(()));
     }
 
     #[test]
@@ -200,9 +208,13 @@ mod tests {
         let now = Instant::now();
         let mut connections = Connections::new(1);
         let (id, _) = connections.admit(now);
+        assert_eq!(
+            connections.may_accept(now),
+            Err(Some(now + EVICTABLE_AFTER))
+        );
         connections.close(id, false);
         assert_eq!(connections.open(), 0);
-        assert_eq!(connections.admit(now).1, Admission::Admit);
+        assert_eq!(connections.may_accept(now), Ok(()));
     }
 
     #[test]

@@ -12,9 +12,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 
-use super::limits::{self, Admission, Connections, LogThrottle};
+use super::limits::{self, Connections, LogThrottle};
 use super::protocol::{ErrorKind, Request, Response};
 
 /// Binds `socket` (mode 0600, replacing a stale one left by a killed agent).
@@ -70,7 +70,30 @@ where
         evict: HashMap::new(),
         throttle: LogThrottle::default(),
     }));
+    let closed = Arc::new(Notify::new());
     loop {
+        // At the cap, wait (clients queue in the listen backlog) until there is room.
+        let wait = {
+            let mut registry = registry.lock().unwrap();
+            registry
+                .connections
+                .set_cap(limits::connection_cap(fd_limit()));
+            registry.connections.may_accept(Instant::now())
+        };
+        match wait {
+            Ok(()) => {}
+            Err(Some(evictable)) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(evictable.into()) => {}
+                    () = closed.notified() => {}
+                }
+                continue;
+            }
+            Err(None) => {
+                closed.notified().await;
+                continue;
+            }
+        }
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -85,26 +108,13 @@ where
         };
         let (evicted_rx, id) = {
             let mut registry = registry.lock().unwrap();
-            registry
-                .connections
-                .set_cap(limits::connection_cap(fd_limit()));
-            let cap = registry.connections.cap();
-            let (id, admission) = registry.connections.admit(Instant::now());
-            match admission {
-                Admission::Admit => {}
-                Admission::AdmitEvicting(oldest) => {
-                    registry.evict.remove(&oldest); // dropping the sender closes it
-                    registry.warn(format_args!(
-                        "{cap} connections open: closing the oldest that sent no request"
-                    ));
-                }
-                Admission::Refuse => {
-                    registry.warn(format_args!(
-                        "{cap} connections open, each busy with a request: refusing new ones"
-                    ));
-                    refuse(&stream, cap);
-                    continue;
-                }
+            let (id, evict) = registry.connections.admit(Instant::now());
+            if let Some(oldest) = evict {
+                registry.evict.remove(&oldest); // dropping the sender closes it
+                let cap = registry.connections.cap();
+                registry.warn(format_args!(
+                    "{cap} connections open: closing the oldest that sent no request"
+                ));
             }
             let (evict, evicted_rx) = oneshot::channel();
             registry.evict.insert(id, evict);
@@ -112,6 +122,7 @@ where
         };
         let handle = handle.clone();
         let registry = registry.clone();
+        let closed = closed.clone();
         tokio::spawn(async move {
             let mut busy = false;
             let outcome = connection(stream, handle.as_ref(), evicted_rx, || {
@@ -124,22 +135,12 @@ where
             let mut registry = registry.lock().unwrap();
             registry.connections.close(id, busy);
             registry.evict.remove(&id);
+            closed.notify_one();
             if let Err(e) = outcome {
                 registry.warn(format!("{e:#}"));
             }
         });
     }
-}
-
-/// Tells a refused client why, if its socket takes the answer at once; never waits.
-fn refuse(stream: &UnixStream, cap: usize) {
-    let answer = line(&Response::Error {
-        kind: ErrorKind::Failed,
-        message: format!(
-            "the agent is busy: all {cap} control connections are serving requests; try again"
-        ),
-    });
-    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// Serves one connection: reads its request line (within the limits), then, if `start` agrees

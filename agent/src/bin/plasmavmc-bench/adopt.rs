@@ -27,7 +27,8 @@ pub fn run(vms: usize, work: &Path) -> Result<Adoption> {
     let (state_dir, run_dir) = (dir.join("state"), dir.join("run"));
     std::fs::create_dir_all(&state_dir)?;
     std::fs::create_dir_all(&run_dir)?;
-    let config = write_config(&dir, vms)?;
+    let names: Vec<String> = (0..vms).map(|i| format!("adopt{i}")).collect();
+    let config = write_config(&dir, &names)?;
 
     let all_running = |status: &serde_json::Value| pids_in_state(status, "running").len() == vms;
     let first = Agent::spawn(&binary, &config, &state_dir, &run_dir, None, &[])?;
@@ -57,18 +58,19 @@ pub fn run(vms: usize, work: &Path) -> Result<Adoption> {
     })
 }
 
-/// N small guest-less VMs sharing one read-only blank boot disk.
-fn write_config(dir: &Path, vms: usize) -> Result<std::path::PathBuf> {
+/// Small guest-less VMs named `names`, sharing one read-only blank boot disk.
+pub fn write_config(dir: &Path, names: &[String]) -> Result<std::path::PathBuf> {
     let blank = dir.join("blank.raw");
     std::fs::File::create(&blank)?.set_len(1 << 20)?;
-    let declared: serde_json::Map<String, serde_json::Value> = (0..vms)
-        .map(|i| {
+    let declared: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .map(|name| {
             let vm = serde_json::json!({
                 "vcpus": 1, "memoryMiB": 32, "machine": "pc", "accel": "tcg",
                 "bootDisk": "blank", "consoleLog": false, "restartPolicy": "never",
                 "disks": {"blank": {"path": blank, "format": "raw", "readOnly": true}},
             });
-            (format!("adopt{i}"), vm)
+            (name.clone(), vm)
         })
         .collect();
     let config = dir.join("desired.json");

@@ -12,6 +12,7 @@ mod hotplug;
 mod local_etcd;
 mod plan;
 mod stats;
+mod status;
 
 use std::path::PathBuf;
 
@@ -20,7 +21,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",
-    about = "Measure plasmavmc: planning, adoption, live changes, ChainFire and HA failover"
+    about = "Measure plasmavmc: planning, adoption, live changes, ChainFire, HA failover and \
+             status under load"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -95,6 +97,24 @@ enum Bench {
         #[arg(long)]
         etcd: Option<PathBuf>,
     },
+    /// `status` latency (median, p99) for N healthy guest-less VMs: with no fault, with one
+    /// more VM's QEMU stalled (SIGSTOP), behind idle connections, and with concurrent clients.
+    /// Runs real QEMUs (TCG); needs root for 20,000 connections (the fd limit is raised).
+    Status {
+        #[arg(long, default_value_t = 4)]
+        vms: usize,
+        /// Requests measured per scenario (shared among the concurrent clients, at least 5 each).
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+        /// Idle connections held open during the second scenario.
+        #[arg(long, default_value_t = 20_000)]
+        idle: usize,
+        /// Clients asking at once in the third scenario.
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -129,6 +149,19 @@ fn main() -> anyhow::Result<()> {
             work_dir,
             etcd,
         } => ha::report(etcd.as_deref(), &ttls, rounds, &work_dir)?,
+        Bench::Status {
+            vms,
+            samples,
+            idle,
+            clients,
+            work_dir,
+        } => status::report(&status::Options {
+            vms,
+            samples,
+            idle,
+            clients,
+            work_dir,
+        })?,
         Bench::Hotplug {
             guest_dir,
             work_dir,

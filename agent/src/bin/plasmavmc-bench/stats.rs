@@ -9,6 +9,7 @@ pub struct Summary {
     pub min: Duration,
     pub median: Duration,
     pub p95: Duration,
+    pub p99: Duration,
     pub max: Duration,
 }
 
@@ -22,6 +23,7 @@ impl Summary {
             min: samples[0],
             median: at(0.5),
             p95: at(0.95),
+            p99: at(0.99),
             max: samples[samples.len() - 1],
         }
     }

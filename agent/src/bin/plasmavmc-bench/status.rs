@@ -1,0 +1,189 @@
+//! `status` latency under load: N healthy guest-less VMs answer `status` while one more VM's QEMU
+//! is stalled (SIGSTOP), while 20,000 idle connections sit on the control socket, and while 200
+//! clients ask at once. Requests go through the client library (`control::client`), so the
+//! figures are the agent's, not a CLI process start's. Every answer must show every healthy VM
+//! running; the agent must be alive at the end of each scenario.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use plasmavmc_agent::control::client;
+use plasmavmc_agent::control::protocol::{Request, Response};
+
+use crate::agent::{pids_in_state, plasmavmc_binary, Agent};
+use crate::stats::{ms, Summary};
+
+pub struct Options {
+    pub vms: usize,
+    pub samples: usize,
+    pub idle: usize,
+    pub clients: usize,
+    pub work_dir: PathBuf,
+}
+
+const HEALTHY: &str = "vm";
+const STALLED: &str = "stalled";
+
+pub fn report(options: &Options) -> Result<()> {
+    raise_fd_limit(options.idle as u64 + 1024)?;
+    let binary = plasmavmc_binary()?;
+    let dir = options.work_dir.join("status");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (state_dir, run_dir) = (dir.join("state"), dir.join("run"));
+    std::fs::create_dir_all(&state_dir)?;
+    std::fs::create_dir_all(&run_dir)?;
+    let mut names: Vec<String> = (0..options.vms).map(|i| format!("{HEALTHY}{i}")).collect();
+    names.push(STALLED.into());
+    let config = crate::adopt::write_config(&dir, &names)?;
+    let agent = Agent::spawn(&binary, &config, &state_dir, &run_dir, None, &[])?;
+    let everything_runs =
+        |s: &serde_json::Value| pids_in_state(s, "running").len() == options.vms + 1;
+    let booted = agent.wait_for(
+        Duration::from_secs(60 + 3 * options.vms as u64),
+        everything_runs,
+    )?;
+    let pids: Vec<u64> = pids_in_state(&booted, "running")
+        .iter()
+        .map(|(_, p)| *p)
+        .collect();
+    let socket = run_dir.join("control.sock");
+    let bench = Bench {
+        socket: &socket,
+        healthy: options.vms,
+        agent: &agent,
+    };
+
+    let line = |what: &str, summary: Summary| {
+        println!(
+            "status, {} healthy VMs, {what}: median {}, p99 {} ({} requests)",
+            options.vms,
+            ms(summary.median),
+            ms(summary.p99),
+            summary.samples
+        )
+    };
+    let result = (|| -> Result<()> {
+        line("no fault", bench.sequential(options.samples)?);
+
+        let stalled_pid = booted["vms"][STALLED]["pid"]
+            .as_u64()
+            .context("stalled VM's pid")?;
+        let stalled_pid = Pid::from_raw(stalled_pid as i32);
+        kill(stalled_pid, Signal::SIGSTOP)?;
+        let stalled = bench.sequential(options.samples);
+        kill(stalled_pid, Signal::SIGCONT)?;
+        line("one more VM's QEMU stalled (SIGSTOP)", stalled?);
+
+        let idle = open_idle(&socket, options.idle)?;
+        let held = open_fds(agent.pid())?;
+        let summary = bench.sequential(options.samples)?;
+        line(
+            &format!(
+                "{} idle connections (the agent holds {held} descriptors)",
+                idle.len()
+            ),
+            summary,
+        );
+        drop(idle);
+
+        line(
+            &format!("{} concurrent clients", options.clients),
+            bench.concurrent(options.clients, options.samples)?,
+        );
+        Ok(())
+    })();
+
+    drop(agent);
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+struct Bench<'a> {
+    socket: &'a Path,
+    healthy: usize,
+    agent: &'a Agent,
+}
+
+impl Bench<'_> {
+    /// One `status`: how long it took; an error unless every healthy VM shows running.
+    fn status(&self) -> Result<Duration> {
+        let start = Instant::now();
+        let answer = client::request(self.socket, &Request::Status);
+        let took = start.elapsed();
+        let Ok(Response::Status { status }) = answer else {
+            bail!(
+                "status failed after {took:?}: {answer:?} (agent {})",
+                if is_alive(self.agent.pid()) {
+                    "alive"
+                } else {
+                    "DEAD"
+                }
+            );
+        };
+        let running = status
+            .vms
+            .iter()
+            .filter(|(name, vm)| name.starts_with(HEALTHY) && vm.pid.is_some())
+            .count();
+        if running != self.healthy {
+            bail!(
+                "status shows {running} of {} healthy VMs running",
+                self.healthy
+            );
+        }
+        Ok(took)
+    }
+
+    fn sequential(&self, samples: usize) -> Result<Summary> {
+        let took = (0..samples).map(|_| self.status()).collect::<Result<_>>()?;
+        Ok(Summary::of(took))
+    }
+
+    /// `clients` threads, each asking `samples / clients` times (at least 5), all at once.
+    fn concurrent(&self, clients: usize, samples: usize) -> Result<Summary> {
+        let each = (samples / clients).max(5);
+        let took = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..clients)
+                .map(|_| scope.spawn(|| (0..each).map(|_| self.status()).collect::<Vec<_>>()))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().expect("a client thread panicked"))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        Ok(Summary::of(took))
+    }
+}
+
+/// `n` connections that never send anything.
+fn open_idle(socket: &Path, n: usize) -> Result<Vec<UnixStream>> {
+    (0..n)
+        .map(|i| UnixStream::connect(socket).with_context(|| format!("idle connection {i}")))
+        .collect()
+}
+
+fn open_fds(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+}
+
+fn is_alive(pid: u32) -> bool {
+    plasmavmc_agent::qemu::process::is_alive(pid)
+}
+
+/// Enough descriptors for the idle connections (raising the hard limit needs root).
+fn raise_fd_limit(wanted: u64) -> Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= wanted {
+        return Ok(());
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, wanted, hard.max(wanted))
+        .with_context(|| format!("raising the fd limit to {wanted} (run as root, or lower --idle)"))
+}
