@@ -2,11 +2,16 @@
 //! trust, or to the complete list of what is wrong with it, each problem with its JSON path
 //! (`vms.web.nics.eth0.mac: not a unicast MAC address`).
 //!
-//! Two passes. `structure` runs serde and keeps going after an error, so typos, wrong types and
-//! unknown keys are all reported at once. `rules` checks what serde cannot express (names, ranges,
-//! references, uniqueness across VMs). A VM with structural errors is reported with those only:
-//! its semantic checks would be guesses about a VM that did not parse.
+//! Two passes. `structure` runs serde and keeps going after an error, so typos, wrong types,
+//! unknown keys, keys given twice and a byte order mark are all reported at once. `rules` checks
+//! what serde cannot express (names, ranges, references, uniqueness across VMs). A VM with
+//! structural errors is reported with those only: its semantic checks would be guesses about a
+//! VM that did not parse.
+//!
+//! Whether two disk paths reach one image is a question for the host's filesystem: the caller
+//! answers it through `ResolvePaths` (`HostPaths` in the agent and the CLI), so the checks stay pure.
 
+mod duplicates;
 mod names;
 mod rules;
 mod structure;
@@ -18,8 +23,8 @@ use crate::spec::DesiredState;
 
 pub use names::{is_valid_device_id, is_valid_ifname, is_valid_vm_name};
 pub use rules::{
-    MAX_DEVICES_PC, MAX_DEVICES_Q35, MAX_HOTPLUG_SLOTS, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
-    VIRTIO_MEM_BLOCK_MIB,
+    MAX_CMDLINE_BYTES, MAX_DEVICES_PC, MAX_DEVICES_Q35, MAX_HOTPLUG_SLOTS, MAX_MEMORY_MIB,
+    MAX_VCPUS, MIN_MEMORY_MIB, VIRTIO_MEM_BLOCK_MIB,
 };
 
 /// One thing wrong with the file, where it is.
@@ -66,12 +71,45 @@ impl fmt::Display for ValidationErrors {
 
 impl std::error::Error for ValidationErrors {}
 
-/// Parses and validates a desired-state document.
+/// Where a declared host path really leads, so that two spellings of one image are caught.
+pub trait ResolvePaths {
+    /// The path with symlinks, `.` and `..` resolved; None when that cannot be known (the file
+    /// does not exist yet): the path is then compared as written.
+    fn canonical(&self, path: &Path) -> Option<PathBuf>;
+}
+
+/// Paths compared as written: for documents that are not about this host's files.
+pub struct AsWritten;
+
+impl ResolvePaths for AsWritten {
+    fn canonical(&self, _: &Path) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// This host's filesystem.
+pub struct HostPaths;
+
+impl ResolvePaths for HostPaths {
+    fn canonical(&self, path: &Path) -> Option<PathBuf> {
+        std::fs::canonicalize(path).ok()
+    }
+}
+
+/// Parses and validates a desired-state document, comparing disk paths as written.
 pub fn parse_desired_state(json: &str) -> Result<DesiredState, ValidationErrors> {
+    parse_desired_state_on(json, &AsWritten)
+}
+
+/// Parses and validates a desired-state document for a host whose paths `paths` resolves.
+pub fn parse_desired_state_on(
+    json: &str,
+    paths: &dyn ResolvePaths,
+) -> Result<DesiredState, ValidationErrors> {
     let parsed = structure::deserialize(json);
     let mut problems = parsed.problems;
     if let Some(state) = &parsed.state {
-        rules::check(state, &parsed.broken_vms, &mut problems);
+        rules::check(state, &parsed.broken_vms, paths, &mut problems);
     }
     match parsed.state {
         Some(state) if problems.is_empty() => Ok(state),
@@ -96,13 +134,13 @@ pub enum LoadError {
     },
 }
 
-/// Reads and validates the desired-state file at `path`.
+/// Reads and validates the desired-state file at `path`, for this host.
 pub fn load_desired_state(path: &Path) -> Result<DesiredState, LoadError> {
     let text = crate::files::read_regular(path).map_err(|error| LoadError::Read {
         path: path.to_owned(),
         error,
     })?;
-    parse_desired_state(&text).map_err(|errors| LoadError::Invalid {
+    parse_desired_state_on(&text, &HostPaths).map_err(|errors| LoadError::Invalid {
         path: path.to_owned(),
         errors,
     })

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use super::{EXIT_FAILED, EXIT_INVALID, EXIT_UNREACHABLE};
 use crate::action::{Action, PendingChange, Plan};
 use crate::control::client::{self, ClientError};
+use crate::control::document::DesiredDocument;
 use crate::control::protocol::{ApplyReport, ErrorKind, Request, Response, StepOutcome};
 use crate::daemon::AgentOptions;
 use crate::observed::ObservedHost;
@@ -50,7 +51,7 @@ pub fn plan(config: Option<&Path>, run_dir: &Path, json: bool) -> ExitCode {
     let plan = match ask(
         run_dir,
         Request::Plan {
-            desired: desired.clone(),
+            desired: desired.as_ref().map(DesiredDocument::from_state),
         },
     ) {
         Ok(Response::Planned { plan }) => plan,
@@ -204,6 +205,8 @@ fn init_logging() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour codes are noise in the journal and in log files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

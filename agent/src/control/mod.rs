@@ -4,6 +4,7 @@
 //! `protocol` are shared by the server (in the daemon) and the client (in the CLI).
 
 pub mod client;
+pub mod document;
 pub mod limits;
 pub mod protocol;
 pub mod server;

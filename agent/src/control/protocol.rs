@@ -2,8 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::document::DesiredDocument;
 use crate::action::{Action, PendingChange, Plan};
-use crate::spec::DesiredState;
 use crate::status::HostStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -13,9 +13,9 @@ pub enum Request {
     Status,
     /// Re-read the config file, apply it, answer with what was applied.
     Reload,
-    /// What would change (read-only): against `desired` if given, else against the config file
-    /// as it is on disk now.
-    Plan { desired: Option<DesiredState> },
+    /// What would change (read-only): against `desired` if given (validated exactly as the
+    /// config file is), else against the config file as it is on disk now.
+    Plan { desired: Option<DesiredDocument> },
     /// Operator start: run the VM and forget an operator stop or a restart backoff.
     Start { vm: String },
     /// Operator stop: take the VM down and keep it down (across agent restarts) until `Start`.

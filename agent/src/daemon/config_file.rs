@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::spec::DesiredState;
-use crate::validate::{parse_desired_state, LoadError};
+use crate::validate::{parse_desired_state_on, HostPaths, LoadError, ValidationErrors};
 
 /// How long reading the config file may take before the reload is refused.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -15,30 +15,46 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// The file's text, or why it could not be read (in time).
 pub async fn read(path: &Path) -> Result<String, LoadError> {
     let owned = path.to_owned();
-    let read = tokio::task::spawn_blocking(move || crate::files::read_regular(&owned));
-    let error = match tokio::time::timeout(READ_TIMEOUT, read).await {
-        Ok(Ok(result)) => return result.map_err(|error| read_error(path, error)),
-        Ok(Err(panicked)) => std::io::Error::other(panicked.to_string()),
-        // The blocked thread is left behind; the runtime does not wait for it on exit.
-        Err(_) => std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!("no answer within {READ_TIMEOUT:?} (a hung network filesystem?)"),
-        ),
-    };
-    Err(read_error(path, error))
+    off_runtime(move || crate::files::read_regular(&owned))
+        .await
+        .and_then(|read| read)
+        .map_err(|error| read_error(path, error))
+}
+
+/// Validates `text` for this host. Whether two disk paths reach one image is a question for
+/// the filesystem (`HostPaths`), asked off the runtime under the same deadline.
+pub async fn validate(text: String) -> std::io::Result<Result<DesiredState, ValidationErrors>> {
+    off_runtime(move || parse_desired_state_on(&text, &HostPaths)).await
 }
 
 /// The file's text (as read) and the desired state it holds, or why not.
 pub async fn load(path: &Path) -> (Option<String>, Result<DesiredState, LoadError>) {
-    match read(path).await {
-        Ok(text) => {
-            let desired = parse_desired_state(&text).map_err(|errors| LoadError::Invalid {
-                path: path.to_owned(),
-                errors,
-            });
-            (Some(text), desired)
-        }
-        Err(e) => (None, Err(e)),
+    let text = match read(path).await {
+        Ok(text) => text,
+        Err(e) => return (None, Err(e)),
+    };
+    let desired = match validate(text.clone()).await {
+        Ok(checked) => checked.map_err(|errors| LoadError::Invalid {
+            path: path.to_owned(),
+            errors,
+        }),
+        Err(error) => Err(read_error(path, error)),
+    };
+    (Some(text), desired)
+}
+
+/// Runs blocking filesystem `work` on a blocking thread, giving up after `READ_TIMEOUT`.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    match tokio::time::timeout(READ_TIMEOUT, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(done)) => Ok(done),
+        Ok(Err(panicked)) => Err(std::io::Error::other(panicked.to_string())),
+        // The blocked thread is left behind; the runtime does not wait for it on exit.
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {READ_TIMEOUT:?} (a hung network filesystem?)"),
+        )),
     }
 }
 

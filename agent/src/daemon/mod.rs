@@ -7,10 +7,12 @@
 //! - `restart`, `operator`: restart backoff; persisted operator start/stop.
 //! - `watch`: config directory watch and SIGHUP; `config_file`: reading the config off the runtime.
 //! - `cluster`: the ChainFire session's config and notices.
+//! - `handover`: disk images moving from one VM to another in one reconcile.
 
 mod adopt;
 mod cluster;
 mod config_file;
+mod handover;
 mod operator;
 mod restart;
 mod supervisor;

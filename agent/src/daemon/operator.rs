@@ -53,6 +53,31 @@ impl OperatorIntents {
     pub fn set(&mut self, vm: &str, intent: OperatorIntent) -> Result<()> {
         let mut intents = self.intents.clone();
         intents.insert(vm.to_owned(), intent);
+        self.replace(intents)
+    }
+
+    /// Forgets the operator `start` of every VM `declared` rejects: a VM taken out of the config
+    /// and declared again later is a new declaration, and its `autostart` decides. (An operator
+    /// `stop` is kept: keeping a VM down is the safe side.) Like `set`, only once persisted.
+    pub fn forget_starts_of_undeclared(
+        &mut self,
+        declared: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>> {
+        let mut kept = self.intents.clone();
+        kept.retain(|vm, intent| *intent != OperatorIntent::Started || declared(vm));
+        let forgotten: Vec<String> = self
+            .intents
+            .keys()
+            .filter(|vm| !kept.contains_key(*vm))
+            .cloned()
+            .collect();
+        if !forgotten.is_empty() {
+            self.replace(kept)?;
+        }
+        Ok(forgotten)
+    }
+
+    fn replace(&mut self, intents: BTreeMap<String, OperatorIntent>) -> Result<()> {
         let json = serde_json::to_vec_pretty(&intents).expect("intents serialize");
         crate::files::write_atomically(&self.path, &json)?;
         self.intents = intents;
@@ -121,5 +146,22 @@ mod tests {
                     .all(|n| n.starts_with("operator.json.corrupt-")),
             "{aside:?}"
         );
+    }
+
+    #[test]
+    fn an_undeclared_vm_loses_its_operator_start_but_not_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut intents = OperatorIntents::load(dir.path()).unwrap();
+        intents.set("gone", OperatorIntent::Started).unwrap();
+        intents.set("down", OperatorIntent::Stopped).unwrap();
+        intents.set("kept", OperatorIntent::Started).unwrap();
+        let forgotten = intents
+            .forget_starts_of_undeclared(|vm| vm == "kept")
+            .unwrap();
+        assert_eq!(forgotten, ["gone"]);
+        let again = OperatorIntents::load(dir.path()).unwrap();
+        assert_eq!(again.get("gone"), None);
+        assert_eq!(again.get("down"), Some(OperatorIntent::Stopped));
+        assert_eq!(again.get("kept"), Some(OperatorIntent::Started));
     }
 }

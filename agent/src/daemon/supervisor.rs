@@ -2,7 +2,8 @@
 //! execute), applies the restart policy, answers control requests.
 //!
 //! Each VM is reconciled on its own, under its own lock (observe → plan → execute, its steps in
-//! order); VMs never wait for each other.
+//! order); VMs never wait for each other, except that a VM taking a disk image another VM holds
+//! waits for that VM's removals (`handover`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -14,11 +15,13 @@ use tokio::sync::mpsc;
 
 use super::cluster;
 use super::config_file;
+use super::handover::{self, Handover};
 use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
-use super::vm::{Exit, Shell, VmEvent, VmSlot};
+use super::vm::{Exit, Progress, Shell, VmEvent, VmSlot};
 use crate::action::{Action, Plan};
 use crate::chainfire::{HandleRecord, SessionHandle, VmKey};
+use crate::control::document::DesiredDocument;
 use crate::control::protocol::{
     ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport,
 };
@@ -199,6 +202,7 @@ impl Daemon {
             }
         };
         *self.config_error.lock().unwrap() = None;
+        self.forget_starts_of_undeclared(&desired);
         let mut current = self.desired.lock().unwrap();
         let mut restarts = self.restarts.lock().unwrap();
         for (name, spec) in &desired.vms {
@@ -224,6 +228,24 @@ impl Daemon {
         }
         *current = Some(desired);
         Ok(())
+    }
+
+    fn forget_starts_of_undeclared(&self, desired: &DesiredState) {
+        let declared = |vm: &str| desired.vms.contains_key(vm);
+        match self
+            .operator
+            .lock()
+            .unwrap()
+            .forget_starts_of_undeclared(declared)
+        {
+            Ok(forgotten) => {
+                for vm in forgotten {
+                    tracing::info!(vm = %vm, "no longer declared: its operator start is forgotten (autostart decides if it is declared again)");
+                }
+            }
+            // Tried again at the next load, while the VM is still undeclared.
+            Err(e) => tracing::error!("forgetting operator starts of undeclared VMs: {e:#}"),
+        }
     }
 
     /// Whether the config file's content differs from what was last loaded.
@@ -292,7 +314,15 @@ impl Daemon {
         };
         let mut slots = self.slots();
         slots.retain(|slot| only.map_or(true, |vm| slot.name == vm));
-        let per_vm = slots.iter().map(|slot| self.reconcile_vm(slot, &desired));
+        let held = slots
+            .iter()
+            .map(|slot| (slot.name.clone(), slot.held_images()))
+            .collect();
+        let names: Vec<String> = slots.iter().map(|slot| slot.name.clone()).collect();
+        let handover = Handover::new(&names, handover::givers(&held, &desired));
+        let per_vm = slots
+            .iter()
+            .map(|slot| self.reconcile_vm(slot, &desired, &handover));
         let mut report = ApplyReport::default();
         for vm_report in join_all(per_vm).await {
             report.steps.extend(vm_report.steps);
@@ -309,7 +339,16 @@ impl Daemon {
     /// One VM: observe → plan → execute, holding the VM's own reconcile lock so two reconciles
     /// never act on the same VM at once, while other VMs go on (a guest slow to power down holds
     /// up only its own VM).
-    async fn reconcile_vm(&self, slot: &VmSlot, desired: &DesiredState) -> ApplyReport {
+    ///
+    /// Images moving between VMs: see `handover`. This VM's releasing steps (removals, a stop)
+    /// run first; then it waits for the VMs holding images it takes.
+    async fn reconcile_vm(
+        &self,
+        slot: &VmSlot,
+        desired: &DesiredState,
+        handover: &Handover,
+    ) -> ApplyReport {
+        let released = handover.releasing(&slot.name);
         let _this_vm = slot.reconciling.lock().await;
         let name = &slot.name;
         let (observed, unobservable) = match slot.observe(RECONCILE_WAIT).await {
@@ -342,8 +381,20 @@ impl Daemon {
                 })
                 .collect(),
             None if actions.is_empty() => Vec::new(),
-            None => slot.execute(&self.shell, &actions).await,
+            None => {
+                let (releasing, taking) =
+                    actions.split_at(actions.iter().take_while(|action| releases(action)).count());
+                let mut progress = Progress::default();
+                let mut outcomes = slot.execute(&self.shell, releasing, &mut progress).await;
+                released.done();
+                handover.wait_for_givers(name).await;
+                outcomes.extend(slot.execute(&self.shell, taking, &mut progress).await);
+                outcomes
+            }
         };
+        if applied_in_full(&actions, &outcomes) {
+            slot.update_status(|s| s.last_error = None);
+        }
         let mut report = ApplyReport {
             steps: Vec::with_capacity(actions.len()),
             pending: plan.pending,
@@ -478,9 +529,26 @@ impl Daemon {
         }
     }
 
-    async fn plan_only(&self, desired: Option<DesiredState>) -> Result<Plan, Refusal> {
+    async fn plan_only(&self, desired: Option<DesiredDocument>) -> Result<Plan, Refusal> {
         let desired = match desired {
-            Some(desired) => desired,
+            Some(document) => match config_file::validate(document.text().to_owned()).await {
+                Ok(Ok(desired)) => desired,
+                Ok(Err(errors)) => {
+                    return Err((
+                        ErrorKind::InvalidConfig,
+                        format!(
+                            "invalid desired state in the plan request:
+{errors}"
+                        ),
+                    ))
+                }
+                Err(e) => {
+                    return Err((
+                        ErrorKind::Failed,
+                        format!("checking the plan request's disk paths: {e}"),
+                    ))
+                }
+            },
             None => config_file::load(&self.config_path)
                 .await
                 .1
@@ -681,6 +749,28 @@ impl Daemon {
     }
 }
 
+/// Steps that let go of something another VM may take next (they come first in a VM's plan).
+fn releases(action: &Action) -> bool {
+    matches!(
+        action,
+        Action::StopVm { .. }
+            | Action::RemoveDisk { .. }
+            | Action::RemoveNic { .. }
+            | Action::RemoveOrphanBlockNode { .. }
+            | Action::RemoveOrphanNetdev { .. }
+    )
+}
+
+/// A VM's reconcile that counts as a success, which clears its last error: a start or a live
+/// change went through and every step of it did. (A stop alone does not: why the VM failed
+/// before it was stopped is still worth reading.)
+fn applied_in_full(actions: &[Action], outcomes: &[StepOutcome]) -> bool {
+    actions
+        .iter()
+        .any(|action| !matches!(action, Action::StopVm { .. }))
+        && outcomes.iter().all(|outcome| *outcome == StepOutcome::Done)
+}
+
 /// Every VM as QEMU reports it; VMs that could not be read are listed with the error (the
 /// planner must not see them as absent, or it would start a second QEMU beside a live one).
 async fn observe_all(
@@ -702,4 +792,28 @@ async fn observe_all(
         }
     }
     (observed, unobservable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_start_or_a_live_apply_done_in_full_is_a_success_a_stop_is_not() {
+        let remove = Action::RemoveNic { id: "eth0".into() };
+        let stop = Action::StopVm {
+            reason: "operator".into(),
+        };
+        let done = StepOutcome::Done;
+        let failed = StepOutcome::Failed {
+            error: "boom".into(),
+        };
+        assert!(applied_in_full(&[remove.clone()], &[done.clone()]));
+        assert!(!applied_in_full(
+            &[remove.clone(), remove],
+            &[done.clone(), failed]
+        ));
+        assert!(!applied_in_full(&[stop], &[done]));
+        assert!(!applied_in_full(&[], &[]));
+    }
 }

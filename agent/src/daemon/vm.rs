@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use futures::future::join_all;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
@@ -20,7 +21,7 @@ use crate::ids;
 use crate::observed::ObservedVm;
 use crate::paths::RunDir;
 use crate::qemu::lifecycle::{self, ResetOutcome};
-use crate::qemu::live::{apply_live, LiveOutcome};
+use crate::qemu::live::{apply_live, LiveError, LiveOutcome};
 use crate::qemu::{observe, process, Guard, QemuEvent, Qmp, RunningQemu};
 use crate::spec::VmSpec;
 use crate::status::{Device, VmState, VmStatus};
@@ -93,6 +94,8 @@ pub struct VmSlot {
     pub reconciling: tokio::sync::Mutex<()>,
     runtime: tokio::sync::Mutex<Runtime>,
     status: Mutex<VmStatus>,
+    /// The disk images its QEMU had attached when last seen (see `handover`).
+    images: Mutex<BTreeSet<PathBuf>>,
 }
 
 #[derive(Default)]
@@ -133,7 +136,17 @@ impl VmSlot {
             reconciling: Default::default(),
             runtime: Default::default(),
             status: Mutex::new(VmStatus::stopped(declared)),
+            images: Default::default(),
         })
+    }
+
+    /// The disk images its QEMU had attached when last seen.
+    pub fn held_images(&self) -> BTreeSet<PathBuf> {
+        self.images.lock().expect("images lock").clone()
+    }
+
+    fn set_images<'a>(&self, paths: impl IntoIterator<Item = &'a PathBuf>) {
+        *self.images.lock().expect("images lock") = paths.into_iter().cloned().collect();
     }
 
     /// The snapshot, with the uptime as of now.
@@ -177,6 +190,7 @@ impl VmSlot {
         rt.unplugging
             .retain(|device| peripherals.contains_key(device));
         observed.unplugging = rt.unplugging.clone();
+        self.set_images(observed.disks.values().map(|disk| &disk.path));
         self.update_status(|s| {
             s.state = if observed.paused {
                 VmState::Paused
@@ -197,44 +211,89 @@ impl VmSlot {
 
     /// Executes this VM's steps in order. A removal that fails or waits for the guest blocks the
     /// add of the same id after it (a replacement); a failed start/stop ends the sequence.
-    pub async fn execute(&self, shell: &Shell, actions: &[Action]) -> Vec<StepOutcome> {
+    /// Consecutive disk and NIC removals run together, so guests that ignore their unplugs cost
+    /// one unplug timeout, not one per device.
+    /// `progress` carries what earlier steps of the same plan decided (a plan may be executed
+    /// in parts).
+    pub async fn execute(
+        &self,
+        shell: &Shell,
+        actions: &[Action],
+        progress: &mut Progress,
+    ) -> Vec<StepOutcome> {
         let mut rt = self.runtime.lock().await;
-        let mut blocked: BTreeSet<String> = BTreeSet::new();
-        let mut halted: Option<String> = None;
         let mut outcomes = Vec::with_capacity(actions.len());
-        for action in actions {
-            let device = device_of(action);
-            if let Some(reason) = &halted {
-                outcomes.push(StepOutcome::Skipped {
-                    reason: reason.clone(),
-                });
+        for batch in removal_batches(actions) {
+            if batch.len() > 1 && batch.iter().all(|action| progress.skip(action).is_none()) {
+                let results = self.remove_devices(&mut rt, shell, batch).await;
+                for (action, result) in batch.iter().zip(results) {
+                    outcomes.push(self.settle(progress, action, result));
+                }
                 continue;
             }
-            if let Some(device) = device.as_ref().filter(|d| blocked.contains(*d)) {
-                outcomes.push(StepOutcome::Skipped {
-                    reason: format!("the removal of {device} has not completed"),
-                });
-                continue;
-            }
-            let outcome = match self.execute_one(&mut rt, shell, action).await {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    let error = format!("{e:#}");
-                    tracing::warn!(vm = %self.name, ?action, "step failed: {error}");
-                    self.update_status(|s| s.last_error = Some(error.clone()));
-                    StepOutcome::Failed { error }
+            for action in batch {
+                if let Some(reason) = progress.skip(action) {
+                    outcomes.push(StepOutcome::Skipped { reason });
+                    continue;
                 }
-            };
-            match (&outcome, action) {
-                (StepOutcome::Done, _) => {}
-                (_, Action::StartVm { .. } | Action::StopVm { .. } | Action::RestartVm { .. }) => {
-                    halted = Some("an earlier lifecycle step failed".into())
-                }
-                _ => blocked.extend(device),
+                let result = self.execute_one(&mut rt, shell, action).await;
+                outcomes.push(self.settle(progress, action, result));
             }
-            outcomes.push(outcome);
         }
         outcomes
+    }
+
+    /// A step's result as reported, and what it means for the steps after it.
+    fn settle(
+        &self,
+        progress: &mut Progress,
+        action: &Action,
+        result: Result<StepOutcome>,
+    ) -> StepOutcome {
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let error = format!("{e:#}");
+                tracing::warn!(vm = %self.name, ?action, "step failed: {error}");
+                self.update_status(|s| s.last_error = Some(error.clone()));
+                StepOutcome::Failed { error }
+            }
+        };
+        match (&outcome, action) {
+            (StepOutcome::Done, _) => {}
+            (_, Action::StartVm { .. } | Action::StopVm { .. } | Action::RestartVm { .. }) => {
+                progress.halted = Some("an earlier lifecycle step failed".into())
+            }
+            _ => progress.blocked.extend(device_of(action)),
+        }
+        outcome
+    }
+
+    /// Disk and NIC removals at once: every `device_del` goes out, then the guests' answers are
+    /// awaited together.
+    async fn remove_devices(
+        &self,
+        rt: &mut Runtime,
+        shell: &Shell,
+        removals: &[Action],
+    ) -> Vec<Result<StepOutcome>> {
+        let Some(conn) = rt.conn.as_ref() else {
+            return removals
+                .iter()
+                .map(|_| Err(anyhow::anyhow!("VM is not running")))
+                .collect();
+        };
+        let (qmp, boot_spec) = (conn.qmp.clone(), conn.boot_spec.clone());
+        let results =
+            join_all(removals.iter().map(|action| {
+                apply_live(&qmp, &self.name, &boot_spec, action, shell.unplug_timeout)
+            }))
+            .await;
+        removals
+            .iter()
+            .zip(results)
+            .map(|(action, result)| record_live(rt, action, result))
+            .collect()
     }
 
     async fn execute_one(
@@ -252,25 +311,15 @@ impl VmSlot {
             }
             live => {
                 let conn = rt.conn.as_ref().context("VM is not running")?;
-                match apply_live(
+                let result = apply_live(
                     &conn.qmp,
                     &self.name,
                     &conn.boot_spec,
                     live,
                     shell.unplug_timeout,
                 )
-                .await?
-                {
-                    LiveOutcome::Done => {
-                        if let Some(device) = device_of(live) {
-                            rt.unplugging.remove(&device);
-                        }
-                    }
-                    LiveOutcome::Unplugging { device } => {
-                        rt.unplugging.insert(device.clone());
-                        return Ok(StepOutcome::Unplugging { device });
-                    }
-                }
+                .await;
+                return record_live(rt, live, result);
             }
         }
         Ok(StepOutcome::Done)
@@ -457,6 +506,7 @@ impl VmSlot {
         if boot_spec.ha.enable && shell.fencing.is_some() && fence_guard.is_none() {
             tracing::warn!(vm = %self.name, pid, "HA VM runs without a fence guard (it was started standalone or by an older agent): only this agent fences it; restart it to guard it");
         }
+        self.set_images(boot_spec.disks.values().map(|disk| &disk.path));
         rt.conn = Some(Conn {
             qmp,
             pid,
@@ -475,6 +525,7 @@ impl VmSlot {
     /// After QEMU is gone: delete the taps the agent made for it and its pidfile and socket.
     fn forget_process(&self, rt: &mut Runtime, shell: &Shell, boot_spec: &VmSpec) {
         rt.unplugging.clear();
+        self.set_images([]);
         if let Err(e) = lifecycle::release_host_devices(&self.name, boot_spec) {
             tracing::warn!(vm = %self.name, "releasing host devices: {e:#}");
         }
@@ -535,6 +586,61 @@ async fn watch_events(
     }
 }
 
+/// What the steps so far mean for the next ones.
+#[derive(Default)]
+pub struct Progress {
+    /// Devices whose removal did not complete: their add (a replacement) waits.
+    blocked: BTreeSet<String>,
+    /// Why every remaining step is skipped, after a lifecycle step failed.
+    halted: Option<String>,
+}
+
+impl Progress {
+    fn skip(&self, action: &Action) -> Option<String> {
+        if let Some(reason) = &self.halted {
+            return Some(reason.clone());
+        }
+        device_of(action)
+            .filter(|device| self.blocked.contains(device))
+            .map(|device| format!("the removal of {device} has not completed"))
+    }
+}
+
+/// The actions in order, cut so that consecutive disk and NIC removals share a batch and every
+/// other action is a batch of its own.
+fn removal_batches(actions: &[Action]) -> Vec<&[Action]> {
+    let is_removal = |a: &Action| matches!(a, Action::RemoveDisk { .. } | Action::RemoveNic { .. });
+    let mut batches = Vec::new();
+    let mut rest = actions;
+    while !rest.is_empty() {
+        let len = rest.iter().take_while(|a| is_removal(a)).count().max(1);
+        let (batch, tail) = rest.split_at(len);
+        batches.push(batch);
+        rest = tail;
+    }
+    batches
+}
+
+/// A live action's result, with the VM's list of devices still being unplugged kept up to date.
+fn record_live(
+    rt: &mut Runtime,
+    action: &Action,
+    result: Result<LiveOutcome, LiveError>,
+) -> Result<StepOutcome> {
+    match result? {
+        LiveOutcome::Done => {
+            if let Some(device) = device_of(action) {
+                rt.unplugging.remove(&device);
+            }
+            Ok(StepOutcome::Done)
+        }
+        LiveOutcome::Unplugging { device } => {
+            rt.unplugging.insert(device.clone());
+            Ok(StepOutcome::Unplugging { device })
+        }
+    }
+}
+
 /// The QEMU device a disk/NIC action is about (to block the add of a failed replacement).
 fn device_of(action: &Action) -> Option<String> {
     match action {
@@ -565,6 +671,24 @@ mod tests {
         let uptime = process_uptime(std::process::id()).expect("uptime of this test");
         assert!(uptime < Duration::from_secs(3600), "{uptime:?}");
         assert_eq!(process_uptime(u32::MAX), None);
+    }
+
+    #[test]
+    fn consecutive_removals_share_a_batch() {
+        let remove_disk = |id: &str| Action::RemoveDisk { id: id.into() };
+        let actions = [
+            Action::RemoveOrphanNetdev {
+                netdev: "net-x".into(),
+            },
+            remove_disk("a"),
+            Action::RemoveNic { id: "eth1".into() },
+            remove_disk("b"),
+            Action::SetVcpus { from: 2, to: 1 },
+            remove_disk("c"),
+        ];
+        let sizes: Vec<usize> = removal_batches(&actions).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [1, 3, 1, 1]);
+        assert!(removal_batches(&[]).is_empty());
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Semantic rules serde cannot express: names, ranges, references, and uniqueness across VMs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::names::{is_valid_device_id, is_valid_ifname, is_valid_vm_name, parse_mac};
 use super::structure::render_path;
-use super::Problem;
+use super::{Problem, ResolvePaths};
 use crate::ids;
 use crate::spec::{DesiredState, DiskSpec, Machine, NicSpec, VmSpec, SCHEMA_VERSION};
 
@@ -26,8 +26,15 @@ pub const MAX_DEVICES_Q35: usize = 64;
 pub const MAX_DEVICES_PC: usize = 28;
 /// virtio-blk serial numbers are at most 20 bytes.
 const MAX_SERIAL_LEN: usize = 20;
+/// x86 `COMMAND_LINE_SIZE` (2048) less the final NUL; the agent adds nothing to `cmdline`.
+pub const MAX_CMDLINE_BYTES: usize = 2047;
 
-pub(super) fn check(state: &DesiredState, broken_vms: &BTreeSet<String>, out: &mut Vec<Problem>) {
+pub(super) fn check(
+    state: &DesiredState,
+    broken_vms: &BTreeSet<String>,
+    paths: &dyn ResolvePaths,
+    out: &mut Vec<Problem>,
+) {
     let mut report = Report { out };
     if state.version != SCHEMA_VERSION {
         report.at(
@@ -48,7 +55,7 @@ pub(super) fn check(state: &DesiredState, broken_vms: &BTreeSet<String>, out: &m
     }
     check_unique_macs(&mut report, &sound);
     check_unique_taps(&mut report, &sound);
-    check_exclusive_images(&mut report, &sound);
+    check_exclusive_images(&mut report, &sound, paths);
 }
 
 struct Report<'a> {
@@ -78,6 +85,7 @@ fn check_vm(report: &mut Report, name: &str, vm: &VmSpec) {
     for (id, disk) in &vm.disks {
         check_disk(report, &["vms", name, "disks", id], disk);
     }
+    check_unique_serials(report, name, vm);
     for (id, nic) in &vm.nics {
         check_nic(report, &["vms", name, "nics", id], nic);
     }
@@ -201,12 +209,20 @@ fn check_boot(report: &mut Report, name: &str, vm: &VmSpec) {
             check_host_path(report, &at(field), path);
         }
     }
-    if vm
-        .cmdline
-        .as_deref()
-        .is_some_and(|c| c.chars().any(char::is_control))
-    {
-        report.at(&at("cmdline"), "must not contain control characters");
+    if let Some(cmdline) = &vm.cmdline {
+        if cmdline.chars().any(char::is_control) {
+            report.at(&at("cmdline"), "must not contain control characters");
+        }
+        if cmdline.len() > MAX_CMDLINE_BYTES {
+            report.at(
+                &at("cmdline"),
+                format!(
+                    "{} bytes; the kernel takes at most {MAX_CMDLINE_BYTES} \
+                     (x86 COMMAND_LINE_SIZE, 2048 with the final NUL)",
+                    cmdline.len()
+                ),
+            );
+        }
     }
 }
 
@@ -287,6 +303,28 @@ fn check_host_path(report: &mut Report, at: &[&str], path: &Path) {
     }
 }
 
+/// The guest finds disks by serial (`/dev/disk/by-id/virtio-<serial>`): one serial, one disk.
+fn check_unique_serials(report: &mut Report, name: &str, vm: &VmSpec) {
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (id, disk) in &vm.disks {
+        let Some(serial) = disk.serial.as_deref() else {
+            continue;
+        };
+        match seen.get(serial) {
+            Some(first) => report.at(
+                &["vms", name, "disks", id, "serial"],
+                format!(
+                    "also the serial of {}",
+                    render_path(&["vms", name, "disks", first])
+                ),
+            ),
+            None => {
+                seen.insert(serial, id);
+            }
+        }
+    }
+}
+
 /// Two NICs with one MAC on one segment break both; unique across the whole host.
 fn check_unique_macs(report: &mut Report, vms: &[(&String, &VmSpec)]) {
     let mut seen: BTreeMap<String, String> = BTreeMap::new();
@@ -324,27 +362,46 @@ fn check_unique_taps(report: &mut Report, vms: &[(&String, &VmSpec)]) {
     }
 }
 
-/// A writable image attached twice gets corrupted; read-only images may be shared.
-fn check_exclusive_images(report: &mut Report, vms: &[(&String, &VmSpec)]) {
-    let mut users: BTreeMap<&Path, Vec<(String, bool)>> = BTreeMap::new();
+/// A writable image attached twice gets corrupted; read-only images may be shared. Paths are
+/// compared where they lead (symlinks, `..`), not as written.
+fn check_exclusive_images(
+    report: &mut Report,
+    vms: &[(&String, &VmSpec)],
+    paths: &dyn ResolvePaths,
+) {
+    let mut users: BTreeMap<PathBuf, Vec<(String, &Path, bool)>> = BTreeMap::new();
     for (vm_name, vm) in vms {
         for (id, disk) in &vm.disks {
-            users
-                .entry(disk.path.as_path())
-                .or_default()
-                .push((render_path(&["vms", vm_name, "disks", id]), disk.read_only));
+            let image = paths
+                .canonical(&disk.path)
+                .unwrap_or_else(|| disk.path.clone());
+            users.entry(image).or_default().push((
+                render_path(&["vms", vm_name, "disks", id]),
+                disk.path.as_path(),
+                disk.read_only,
+            ));
         }
     }
-    for (_, users) in users.into_iter().filter(|(_, users)| users.len() > 1) {
-        if users.iter().all(|(_, read_only)| *read_only) {
+    for (image, users) in users.into_iter().filter(|(_, users)| users.len() > 1) {
+        if users.iter().all(|(_, _, read_only)| *read_only) {
             continue;
         }
-        let (first, _) = &users[0];
-        for (other, _) in &users[1..] {
+        let (first, first_path, _) = &users[0];
+        for (other, other_path, _) in &users[1..] {
+            let via = if other_path == first_path {
+                String::new()
+            } else {
+                format!(
+                    " ({} and {} are both {})",
+                    first_path.display(),
+                    other_path.display(),
+                    image.display()
+                )
+            };
             report.out.push(Problem {
                 path: format!("{other}.path"),
                 message: format!(
-                    "image also used by {first}; a writable image can be attached only once"
+                    "image also used by {first}{via}; a writable image can be attached only once"
                 ),
             });
         }

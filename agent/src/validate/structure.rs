@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use serde_json::Value;
 use serde_path_to_error::Segment;
 
-use super::Problem;
+use super::{duplicates, Problem};
 use crate::spec::DesiredState;
 
 /// Bounds the retry loop; a document with more structural errors than this has bigger problems.
@@ -30,6 +30,19 @@ pub(super) fn deserialize(json: &str) -> Structured {
         problems: Vec::new(),
         broken_vms: BTreeSet::new(),
     };
+    // A BOM is reported, then looked past, so the rest of the file is checked too.
+    let json = match json.strip_prefix('\u{feff}') {
+        Some(rest) => {
+            out.problems.push(Problem {
+                path: String::new(),
+                message: "the file starts with a UTF-8 BOM (byte order mark EF BB BF), which \
+                          JSON does not allow: save it without one"
+                    .into(),
+            });
+            rest
+        }
+        None => json,
+    };
     let mut tree: Value = match serde_json::from_str(json) {
         Ok(tree) => tree,
         Err(error) => {
@@ -40,6 +53,13 @@ pub(super) fn deserialize(json: &str) -> Structured {
             return out;
         }
     };
+    for path in duplicates::repeated_keys(json) {
+        mark_broken(&mut out.broken_vms, &path);
+        out.problems.push(Problem {
+            path: render_path(&path),
+            message: "key given twice in one object (JSON keeps only the last; say it once)".into(),
+        });
+    }
     let mut reported = BTreeSet::new();
     for _ in 0..MAX_STRUCTURAL_ERRORS {
         let error = match serde_path_to_error::deserialize::<_, DesiredState>(&tree) {
@@ -51,11 +71,7 @@ pub(super) fn deserialize(json: &str) -> Structured {
         };
         let path: Vec<String> = error.path().iter().map(segment_key).collect();
         let message = error.into_inner().to_string();
-        if let [first, name, ..] = path.as_slice() {
-            if first == "vms" {
-                out.broken_vms.insert(name.clone());
-            }
-        }
+        mark_broken(&mut out.broken_vms, &path);
         // "missing field `x`" after `x` was cut out for a bad value: already reported.
         let missing = missing_field(&message).map(|field| child(&path, field));
         if !matches!(&missing, Some(full) if reported.contains(full)) {
@@ -70,6 +86,15 @@ pub(super) fn deserialize(json: &str) -> Structured {
         }
     }
     out
+}
+
+/// A VM with a structural problem inside gets no semantic checks (they would be guesses).
+fn mark_broken(broken_vms: &mut BTreeSet<String>, path: &[String]) {
+    if let [first, name, ..] = path {
+        if first == "vms" {
+            broken_vms.insert(name.clone());
+        }
+    }
 }
 
 fn segment_key(segment: &Segment) -> String {

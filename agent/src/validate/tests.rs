@@ -446,3 +446,109 @@ fn load_names_the_invalid_file_and_its_problems() {
     std::fs::write(&path, base().to_string()).unwrap();
     assert!(load_desired_state(&path).is_ok());
 }
+
+#[test]
+fn keys_given_twice_are_refused_with_their_path() {
+    let text = base()
+        .to_string()
+        .replacen(r#""vcpus":2"#, r#""vcpus":2,"vcpus":64"#, 1);
+    let errors = parse_desired_state(&text).unwrap_err();
+    let found: Vec<String> = errors.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("vms.web.vcpus: key given twice"),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn a_byte_order_mark_is_named_and_the_rest_still_checked() {
+    let mut doc = base();
+    doc["version"] = json!(3);
+    let errors = parse_desired_state(&format!("\u{feff}{doc}")).unwrap_err();
+    let text = errors.to_string();
+    assert!(text.contains("UTF-8 BOM"), "{text}");
+    assert!(text.contains("version: unsupported version 3"), "{text}");
+}
+
+#[test]
+fn serials_are_unique_within_a_vm_not_across_vms() {
+    let mut doc = base();
+    web(&mut doc)["disks"]["data"]["serial"] = json!("S1");
+    web(&mut doc)["disks"]["logs"] =
+        json!({"path": "/var/lib/vms/logs.qcow2", "format": "qcow2", "serial": "S1"});
+    assert_problem(
+        &doc,
+        "vms.web.disks.logs.serial",
+        "also the serial of vms.web.disks.data",
+    );
+
+    let mut doc = base();
+    web(&mut doc)["disks"]["data"]["serial"] = json!("S1");
+    let mut db = web(&mut doc).clone();
+    db["disks"]["data"]["path"] = json!("/var/lib/vms/db.qcow2");
+    db["nics"]["eth0"]["mac"] = json!("52:54:00:12:34:57");
+    doc["vms"]["db"] = db;
+    assert!(problems(&doc).is_empty());
+}
+
+#[test]
+fn cmdline_fits_the_kernel_buffer() {
+    let mut doc = base();
+    web(&mut doc)["cmdline"] = json!("x".repeat(MAX_CMDLINE_BYTES));
+    assert!(problems(&doc).is_empty());
+    web(&mut doc)["cmdline"] = json!("x".repeat(MAX_CMDLINE_BYTES + 1));
+    assert_problem(&doc, "vms.web.cmdline", "COMMAND_LINE_SIZE");
+}
+
+/// Resolves the way a host with `/var/lib/vms -> /srv/vms` would.
+struct SymlinkedDir;
+
+impl ResolvePaths for SymlinkedDir {
+    fn canonical(&self, path: &Path) -> Option<PathBuf> {
+        let rest = path.strip_prefix("/var/lib/vms").ok()?;
+        Some(Path::new("/srv/vms").join(rest))
+    }
+}
+
+#[test]
+fn one_image_through_two_paths_is_one_image() {
+    let mut doc = base();
+    web(&mut doc)["disks"]["alias"] = json!({"path": "/srv/vms/web.qcow2", "format": "qcow2"});
+    let text = doc.to_string();
+    assert!(parse_desired_state(&text).is_ok(), "as written they differ");
+    let errors = parse_desired_state_on(&text, &SymlinkedDir).unwrap_err();
+    let found: Vec<String> = errors.problems().iter().map(ToString::to_string).collect();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(
+        found[0].starts_with("vms.web.disks.data.path: image also used by vms.web.disks.alias")
+            && found[0].contains("are both /srv/vms/web.qcow2"),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn the_host_resolves_symlinks_across_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("shared.img");
+    std::fs::write(&image, b"").unwrap();
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&image, &link).unwrap();
+    let mut doc = base();
+    web(&mut doc)["disks"]["data"]["path"] = json!(image);
+    let mut db = web(&mut doc).clone();
+    db["disks"]["data"]["path"] = json!(format!(
+        "{}/../{}/link.img",
+        dir.path().display(),
+        dir.path().file_name().unwrap().to_string_lossy()
+    ));
+    db["nics"]["eth0"]["mac"] = json!("52:54:00:12:34:57");
+    doc["vms"]["db"] = db;
+    let path = dir.path().join("desired.json");
+    std::fs::write(&path, doc.to_string()).unwrap();
+    let text = load_desired_state(&path).unwrap_err().to_string();
+    assert!(
+        text.contains("vms.web.disks.data.path: image also used by vms.db.disks.data"),
+        "{text}"
+    );
+}
