@@ -808,7 +808,8 @@ mod tests {
         let failed = StepOutcome::Failed {
             error: "boom".into(),
         };
-        assert!(applied_in_full(&[remove.clone()], &[done.clone()]));
+        let both = [remove.clone(), remove.clone()];
+        assert!(applied_in_full(&both, &[done.clone(), done.clone()]));
         assert!(!applied_in_full(
             &[remove.clone(), remove],
             &[done.clone(), failed]
