@@ -60,6 +60,25 @@ pub(super) fn deserialize(json: &str) -> Structured {
             message: "key given twice in one object (JSON keeps only the last; say it once)".into(),
         });
     }
+    if !tree.is_object() {
+        out.problems.push(Problem {
+            path: String::new(),
+            message: format!(
+                "the document must be a JSON object ({{\"version\": 1, \"vms\": {{...}}}}), not {}",
+                kind(&tree)
+            ),
+        });
+        return out;
+    }
+    // serde would take a struct from an array of its fields in order: nobody means that.
+    for path in arrays_for_objects(&tree) {
+        mark_broken(&mut out.broken_vms, &path);
+        out.problems.push(Problem {
+            path: render_path(&path),
+            message: "must be an object, not an array".into(),
+        });
+        remove(&mut tree, &path);
+    }
     let mut reported = BTreeSet::new();
     for _ in 0..MAX_STRUCTURAL_ERRORS {
         let error = match serde_path_to_error::deserialize::<_, DesiredState>(&tree) {
@@ -86,6 +105,44 @@ pub(super) fn deserialize(json: &str) -> Structured {
         }
     }
     out
+}
+
+/// The places where the schema has a struct (a VM, a disk, a NIC, `ha`) that hold an array.
+fn arrays_for_objects(tree: &Value) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    let Some(vms) = tree.get("vms").and_then(Value::as_object) else {
+        return found;
+    };
+    let path = |keys: &[&str]| keys.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+    for (name, vm) in vms {
+        if vm.is_array() {
+            found.push(path(&["vms", name]));
+            continue;
+        }
+        if vm.get("ha").is_some_and(Value::is_array) {
+            found.push(path(&["vms", name, "ha"]));
+        }
+        for devices in ["disks", "nics"] {
+            let Some(map) = vm.get(devices).and_then(Value::as_object) else {
+                continue;
+            };
+            for (id, device) in map.iter().filter(|(_, d)| d.is_array()) {
+                found.push(path(&["vms", name, devices, id]));
+            }
+        }
+    }
+    found
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// A VM with a structural problem inside gets no semantic checks (they would be guesses).

@@ -552,3 +552,23 @@ fn the_host_resolves_symlinks_across_vms() {
         "{text}"
     );
 }
+
+#[test]
+fn arrays_are_not_taken_for_objects() {
+    let errors = parse_desired_state("[1, {}]").unwrap_err().to_string();
+    assert!(
+        errors.starts_with("the document must be a JSON object"),
+        "{errors}"
+    );
+    let mut doc = base();
+    doc["vms"]["db"] = json!([1, 64]);
+    web(&mut doc)["disks"]["data"] = json!(["/var/lib/vms/web.qcow2", "qcow2"]);
+    let found = problems(&doc);
+    assert_eq!(
+        found,
+        [
+            "vms.db: must be an object, not an array",
+            "vms.web.disks.data: must be an object, not an array"
+        ]
+    );
+}
