@@ -126,7 +126,7 @@ fn arrays_for_objects(tree: &Value) -> Vec<Vec<String>> {
             let Some(map) = vm.get(devices).and_then(Value::as_object) else {
                 continue;
             };
-            for (id, device) in map.iter().filter(|(_, d)| d.is_array()) {
+            for (id, _) in map.iter().filter(|(_, device)| device.is_array()) {
                 found.push(path(&["vms", name, devices, id]));
             }
         }
