@@ -212,8 +212,7 @@ impl VmSlot {
     /// Executes this VM's steps in order. A removal that fails or waits for the guest blocks the
     /// add of the same id after it (a replacement); a failed start/stop ends the sequence.
     /// Consecutive disk and NIC removals run together, so guests that ignore their unplugs cost
-    /// one unplug timeout, not one per device.
-    /// `progress` carries what earlier steps of the same plan decided (a plan may be executed
+    /// one unplug timeout, not one per device. `progress` carries what earlier steps of the same plan decided (a plan may be executed
     /// in parts).
     pub async fn execute(
         &self,
