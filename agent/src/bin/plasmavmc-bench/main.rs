@@ -6,11 +6,14 @@
 mod adopt;
 mod agent;
 mod chainfire;
+mod faults;
 mod ha;
 mod hotplug;
 #[path = "../../../tests/support/local_etcd.rs"]
 mod local_etcd;
 mod plan;
+#[path = "../../../tests/support/procs.rs"]
+mod procs;
 mod stats;
 mod status;
 
@@ -97,6 +100,19 @@ enum Bench {
         #[arg(long)]
         etcd: Option<PathBuf>,
     },
+    /// The fault matrix: inject each fault the agent must survive (agent kill -9 mid-apply,
+    /// corrupt operator.json, FIFO config, full state filesystem) a few times into a real agent
+    /// with guest-less QEMUs, count every VM's QEMU processes in /proc throughout, and print
+    /// fault, tried, duplicates, VMs lost. Needs root (the state dir is a small tmpfs).
+    Faults {
+        #[arg(long, default_value_t = 3)]
+        vms: usize,
+        /// Injections per fault.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+    },
     /// `status` latency (median, p99) for N healthy guest-less VMs: with no fault, with one
     /// more VM's QEMU stalled (SIGSTOP), behind idle connections, and with concurrent clients.
     /// Runs real QEMUs (TCG); needs root for 20,000 connections (the fd limit is raised).
@@ -160,6 +176,15 @@ fn main() -> anyhow::Result<()> {
             samples,
             idle,
             clients,
+            work_dir,
+        })?,
+        Bench::Faults {
+            vms,
+            rounds,
+            work_dir,
+        } => faults::report(&faults::Options {
+            vms,
+            rounds,
             work_dir,
         })?,
         Bench::Hotplug {
