@@ -114,7 +114,11 @@ struct Lab {
 impl Lab {
     fn new(options: &Options) -> Result<Self> {
         let dir = options.work_dir.join("faults");
-        let _ = Command::new("umount").arg(dir.join("state")).status();
+        // A tmpfs left mounted by an interrupted run.
+        let _ = Command::new("umount")
+            .arg(dir.join("state"))
+            .stderr(Stdio::null())
+            .status();
         let _ = std::fs::remove_dir_all(&dir);
         let (state_dir, run_dir) = (dir.join("state"), dir.join("run"));
         std::fs::create_dir_all(&state_dir)?;
