@@ -90,6 +90,11 @@ let
         message = "${p}: initrd and cmdline are for direct kernel boot; set ${p}.kernel or remove them.";
       }
       {
+        # x86 COMMAND_LINE_SIZE (2048) less the final NUL, as the agent checks it.
+        assertion = vm.cmdline == null || builtins.stringLength vm.cmdline <= 2047;
+        message = "${p}.cmdline is ${toString (builtins.stringLength vm.cmdline)} bytes; the kernel takes at most 2047 (x86 COMMAND_LINE_SIZE, 2048 with the final NUL).";
+      }
+      {
         assertion = !vm.ha.enable || cfg.chainfire.endpoints != [ ];
         message = "${p}.ha.enable needs ChainFire: set ${opt}.chainfire.endpoints.";
       }
@@ -100,7 +105,18 @@ let
       assertion = d.serial == null || names.isSerial d.serial;
       message = "${p}.disks.${disk}.serial must be 1 to 20 printable ASCII characters without ','.";
     }) vm.disks
+    ++ serialAssertions p vm.disks
     ++ lib.concatLists (lib.mapAttrsToList (nicAssertions "${p}.nics") vm.nics);
+
+  # The guest finds disks by serial (/dev/disk/by-id/virtio-<serial>): one serial, one disk.
+  serialAssertions = p: disks: let
+    withSerial = lib.filterAttrs (_: d: d.serial != null) disks;
+    holders = serial: builtins.attrNames (lib.filterAttrs (_: d: d.serial == serial) withSerial);
+    serials = lib.unique (lib.mapAttrsToList (_: d: d.serial) withSerial);
+  in map (serial: {
+    assertion = builtins.length (holders serial) == 1;
+    message = "${p}.disks: serial \"${serial}\" is given to more than one disk (${lib.concatStringsSep ", " (holders serial)}).";
+  }) serials;
 
   nicAssertions = nicsPath: nic: n: let np = "${nicsPath}.${nic}"; in [
     {

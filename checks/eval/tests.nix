@@ -512,6 +512,23 @@ in
     expected = [ "${vmA}.disks.root.serial must be 1 to 20 printable ASCII characters without ','." ];
   };
 
+  assertSerialsUniqueWithinAVm = {
+    expr = failuresOfVm {
+      disks.root.serial = "same";
+      disks.data = { path = "/var/lib/vms/a-data.qcow2"; format = "qcow2"; serial = "same"; };
+    };
+    expected = [ "${vmA}.disks: serial \"same\" is given to more than one disk (data, root)." ];
+  };
+
+  assertCmdlineFitsTheKernel = {
+    expr = failuresOfVm {
+      bootDisk = null;
+      kernel = "/boot/bzImage";
+      cmdline = lib.concatStrings (lib.genList (_: "x") 2048);
+    };
+    expected = [ "${vmA}.cmdline is 2048 bytes; the kernel takes at most 2047 (x86 COMMAND_LINE_SIZE, 2048 with the final NUL)." ];
+  };
+
   assertVmName = {
     expr = failuresOf [ (withVms { Web_1 = minimalVm; }) ];
     expected = [ "services.plasmavmc.vms.Web_1: VM name must match ^[a-z][a-z0-9-]{0,31}$ (it becomes part of paths and QEMU ids)." ];
