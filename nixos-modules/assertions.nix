@@ -74,6 +74,12 @@ let
         message = "${p}.memoryMiB and ${p}.maxMemoryMiB must be multiples of 2 MiB (the virtio-mem block size).";
       }
       {
+        assertion =
+          vm.limits.memoryMaxMiB == null
+          || vm.limits.memoryMaxMiB > lib.max vm.memoryMiB (if vm.maxMemoryMiB == null then 0 else vm.maxMemoryMiB);
+        message = "${p}.limits.memoryMaxMiB (${toString vm.limits.memoryMaxMiB}) leaves no room for the guest's RAM plus QEMU's own memory: make it larger than ${p}.memoryMiB and ${p}.maxMemoryMiB.";
+      }
+      {
         assertion = vm.kernel != null || vm.bootDisk != null;
         message = "${p}: nothing to boot: set ${p}.kernel (direct kernel boot) or ${p}.bootDisk.";
       }

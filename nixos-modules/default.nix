@@ -7,5 +7,6 @@
     ./activation.nix
     ./assertions.nix
     ./host.nix
+    ./qemu-user.nix
   ];
 }

@@ -19,6 +19,10 @@ let
     inherit (n) mac bridge tap;
   };
 
+  limits = l: withoutNulls {
+    inherit (l) cpuWeight cpuQuotaPercent memoryMaxMiB;
+  };
+
   vm =
     v:
     withoutNulls {
@@ -47,7 +51,8 @@ let
       ha = {
         inherit (v.ha) enable;
       };
-    };
+    }
+    // lib.optionalAttrs (limits v.limits != { }) { limits = limits v.limits; };
 in
 vms: {
   version = schemaVersion;

@@ -15,10 +15,10 @@
   CapabilityBoundingSet = [
     "CAP_NET_ADMIN" # create taps, attach them to bridges
     "CAP_DAC_OVERRIDE" # open disk images owned by other users
-    "CAP_CHOWN"
+    "CAP_CHOWN" # give disk images, block devices and VM directories to qemuUser
     "CAP_FOWNER"
     "CAP_KILL"
-    "CAP_SETUID" # QEMU's -run-with user= drops to an unprivileged user
+    "CAP_SETUID" # systemd-run --uid drops QEMU to qemuUser (HA VMs: the fence guard does)
     "CAP_SETGID"
     "CAP_SYS_RESOURCE" # raise RLIMIT_MEMLOCK / RLIMIT_NOFILE for guests with many devices
     "CAP_IPC_LOCK" # locked guest memory (mem-lock=on)

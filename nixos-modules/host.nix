@@ -6,8 +6,8 @@ in
 {
   config = lib.mkIf cfg.enable {
     # tun: taps; bridge: the agent attaches taps to bridges; vhost_net: in-kernel virtio-net.
-    # The agent runs as root with CAP_NET_ADMIN, so /dev/net/tun and the taps need no extra
-    # permissions; KVM itself comes from the hardware profile (kvm-intel / kvm-amd).
+    # The agent (root, CAP_NET_ADMIN) creates each tap owned by qemuUser, which may then open it
+    # through /dev/net/tun; KVM itself comes from the hardware profile (kvm-intel / kvm-amd).
     boot.kernelModules = [
       "tun"
       "bridge"

@@ -23,6 +23,27 @@ in
 
     qemuPackage = mkPackageOption pkgs "QEMU" { default = [ "qemu_kvm" ]; };
 
+    qemuUser = mkOption {
+      type = types.nullOr types.str;
+      default = "plasmavmc-qemu";
+      example = null;
+      description = ''
+        The unprivileged user every QEMU runs as. The default user is created (a system user in
+        `qemuGroup` and `kvm`); another must exist. The agent gives it the VMs' writable disk
+        images and block devices and their taps; read-only disks, kernels and initrds must be
+        readable by it. `null` runs QEMU as root: a guest that breaks out of QEMU then owns the
+        host (see docs/security.md).
+      '';
+    };
+
+    qemuGroup = mkOption {
+      type = types.str;
+      default = "plasmavmc-qemu";
+      description = ''
+        The group QEMU runs as; it may enter the run directory. The default group is created.
+      '';
+    };
+
     hostId = mkOption {
       type = types.nullOr (types.strMatching names.vmNamePattern);
       default = null;

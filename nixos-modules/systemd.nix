@@ -37,6 +37,13 @@ let
     )
   );
 
+  qemuUserArgs = lib.optionals (cfg.qemuUser != null) [
+    "--qemu-user"
+    cfg.qemuUser
+    "--qemu-group"
+    cfg.qemuGroup
+  ];
+
   agentArgs = [
     "agent"
     "--config"
@@ -46,6 +53,7 @@ let
     "--run-dir"
     cfg.runDir
   ]
+  ++ qemuUserArgs
   ++ chainfireArgs;
 in
 {
@@ -56,9 +64,15 @@ in
 
     # tmpfiles rather than StateDirectory/RuntimeDirectory: systemd removes a RuntimeDirectory
     # when the agent stops, and the sockets and pidfiles in it belong to the VMs, which go on.
+    # With an unprivileged QEMU its group may enter the run dir (to its VM directories), not list it.
     systemd.tmpfiles.rules = [
       "d ${cfg.stateDir} 0700 root root - -"
-      "d ${cfg.runDir} 0700 root root - -"
+      (
+        if cfg.qemuUser == null then
+          "d ${cfg.runDir} 0700 root root - -"
+        else
+          "d ${cfg.runDir} 0710 root ${cfg.qemuGroup} - -"
+      )
     ];
 
     systemd.services.plasmavmc = {

@@ -237,5 +237,35 @@ in
       high availability across hosts: the VM fails over to another host when this one stops
       renewing its ChainFire lease. Needs `services.plasmavmc.chainfire` and shared storage
     '';
+    limits = {
+      cpuWeight = mkOption {
+        type = types.nullOr (types.ints.between 1 10000);
+        default = null;
+        example = 200;
+        description = ''
+          The VM's share of host CPU against other VMs when the host is busy (cgroup
+          `cpu.weight`; the kernel's default is 100). Changed live.
+        '';
+      };
+      cpuQuotaPercent = mkOption {
+        type = types.nullOr (types.ints.between 1 102400);
+        default = null;
+        example = 150;
+        description = ''
+          Host CPU time the VM may use, in percent of one CPU (150 = one and a half CPUs),
+          busy host or not (cgroup `cpu.max`). Changed live.
+        '';
+      };
+      memoryMaxMiB = mkOption {
+        type = types.nullOr types.ints.positive;
+        default = null;
+        example = 4608;
+        description = ''
+          Host memory QEMU may use, guest RAM and QEMU's own overhead together (cgroup
+          `memory.max`; beyond it the kernel reclaims, then kills QEMU). Must exceed
+          `maxMemoryMiB` (or `memoryMiB`); leave room for QEMU itself. Changed live.
+        '';
+      };
+    };
   };
 }

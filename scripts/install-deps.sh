@@ -17,13 +17,19 @@ have cpio || need+=(cpio)
 dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
 
+sudo=()
+[ "$(id -u)" -eq 0 ] || sudo=(sudo)
+
+# The unprivileged user the tests run confined QEMUs as (agent/tests/support/qemu_harness.rs).
+if ! id plasmavmc-test >/dev/null 2>&1; then
+  echo "install-deps: adding the system user plasmavmc-test"
+  "${sudo[@]}" useradd --system --no-create-home --shell /usr/sbin/nologin plasmavmc-test
+fi
+
 if ((${#need[@]} == 0)); then
   echo "install-deps: everything is present"
   exit 0
 fi
-
-sudo=()
-[ "$(id -u)" -eq 0 ] || sudo=(sudo)
 echo "install-deps: installing ${need[*]}"
 "${sudo[@]}" apt-get update -qq
 pkgs=("${need[@]}")

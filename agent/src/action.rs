@@ -6,7 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{DiskSpec, NicSpec, VmSpec};
+use crate::spec::{DiskSpec, Limits, NicSpec, VmSpec};
 
 /// The whole plan for a host: per-VM steps in execution order, and what must wait for a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +75,11 @@ pub enum Action {
         from_mib: u64,
         #[serde(rename = "toMiB")]
         to_mib: u64,
+    },
+    /// Write the VM cgroup's limits (or set its scope's properties): takes effect at once.
+    SetLimits {
+        from: Limits,
+        to: Limits,
     },
 }
 

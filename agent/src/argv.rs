@@ -13,6 +13,8 @@
 //! - Firmware is loaded with `-bios` (works for SeaBIOS and for OVMF images with built-in
 //!   variables; variables do not persist).
 //! - No `-daemonize`, no `-pidfile`: the shell detaches QEMU and writes the pidfile itself.
+//! - QEMU's seccomp filter (`SANDBOX`) is always on: no exec, no fork, no set*id, no scheduler
+//!   or priority changes, no obsolete syscalls, whatever a guest makes QEMU do.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -28,6 +30,10 @@ use crate::spec::{Accel, Machine, VmSpec};
 const PORTS_PER_SLOT: u32 = 8;
 /// First slot of pcie.0 used for root ports (0 is the host bridge, 1 is left to QEMU).
 const FIRST_PORT_SLOT: u32 = 2;
+
+/// `-sandbox`: QEMU's seccomp filter. Hotplug of disks, NICs (on pre-made taps, `script=no`),
+/// vCPUs and memory needs none of what it denies.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// QEMU's arguments (without the program itself) to boot `spec` as VM `name`; disks whose path
 /// is in `block_devices` are opened as block devices (the shell `stat`s the paths).
@@ -49,6 +55,7 @@ pub fn qemu_argv(
     };
     argv.push("-machine", format!("{machine},accel={accel}"));
     argv.flags(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    argv.push("-sandbox", SANDBOX);
     argv.push("-cpu", cpu);
     let max_vcpus = spec.effective_max_vcpus();
     argv.push(

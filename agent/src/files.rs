@@ -8,7 +8,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 /// Writes `bytes` to `<path>.tmp` (mode 0600), syncs it, and renames it over `path`. On any
-/// failure (a full filesystem, say) `path` keeps its old content and no `.tmp` is left behind.
+/// failure (a full filesystem, say) `path` keeps its old content and no `.tmp` is left behind. A symlink
+/// planted at `<path>.tmp` is refused, never followed (VM directories are open to QEMU while it
+/// starts).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -30,6 +32,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()

@@ -3,6 +3,7 @@
 
 pub mod action;
 pub mod argv;
+pub mod cgroup;
 pub mod chainfire;
 pub mod cli;
 pub mod control;
@@ -14,6 +15,7 @@ pub mod observed;
 pub mod paths;
 pub mod plan;
 pub mod qemu;
+pub mod runas;
 pub mod spec;
 pub mod status;
 pub mod validate;

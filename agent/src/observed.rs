@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::devices::nic_tap;
-use crate::spec::{DiskCache, DiskFormat, DiskSpec, NicSpec, VmSpec};
+use crate::spec::{DiskCache, DiskFormat, DiskSpec, Limits, NicSpec, VmSpec};
 
 /// Everything the agent observed on this host, keyed by VM name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +41,10 @@ pub struct ObservedVm {
     /// Devices the agent asked the guest to release that are still present, by QEMU device id
     /// (`disk-<id>`, `nic-<id>`).
     pub unplugging: BTreeSet<String>,
+    /// The limits QEMU's own cgroup has now (normalized, see `Limits::normalized`); `None` when
+    /// QEMU is in no cgroup of its own (started by an agent that made none), where changing a
+    /// limit waits for the next start.
+    pub limits: Option<Limits>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +121,7 @@ impl ObservedVm {
                 plugged_mib: 0,
             },
             unplugging: BTreeSet::new(),
+            limits: Some(spec.limits.normalized()),
         }
     }
 }

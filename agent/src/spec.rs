@@ -80,6 +80,9 @@ pub struct VmSpec {
     /// High availability across hosts (needs ChainFire and shared storage).
     #[serde(default)]
     pub ha: HaSpec,
+    /// Host resources QEMU may use (its cgroup); changed live.
+    #[serde(default)]
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +116,24 @@ pub struct NicSpec {
 pub struct HaSpec {
     #[serde(default)]
     pub enable: bool,
+}
+
+/// Limits on the VM's cgroup (QEMU and, for HA VMs, its fence guard). Absent: no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// CPU share against other VMs when the host is busy (cgroup `cpu.weight`, 1..10000; the
+    /// kernel's default is 100).
+    #[serde(default)]
+    pub cpu_weight: Option<u32>,
+    /// CPU time QEMU may use, in percent of one host CPU (150 = one and a half CPUs), whether
+    /// the host is busy or not (cgroup `cpu.max`).
+    #[serde(default)]
+    pub cpu_quota_percent: Option<u32>,
+    /// Host memory QEMU may use, guest RAM and QEMU's own overhead together, in MiB (cgroup
+    /// `memory.max`; beyond it the kernel reclaims, then kills QEMU).
+    #[serde(rename = "memoryMaxMiB", default)]
+    pub memory_max_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
@@ -184,5 +205,46 @@ fn default_hotplug_slots() -> u32 {
 impl VmSpec {
     pub fn effective_max_vcpus(&self) -> u32 {
         self.max_vcpus.unwrap_or(self.vcpus)
+    }
+
+    /// The most guest RAM this boot can reach, in MiB.
+    pub fn effective_max_memory_mib(&self) -> u64 {
+        self.max_memory_mib
+            .unwrap_or(self.memory_mib)
+            .max(self.memory_mib)
+    }
+}
+
+/// `cpuWeight=200 memoryMaxMiB=4096`, or `no limits`: for plans, logs and status.
+impl std::fmt::Display for Limits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set: Vec<String> = [
+            self.cpu_weight.map(|v| format!("cpuWeight={v}")),
+            self.cpu_quota_percent
+                .map(|v| format!("cpuQuotaPercent={v}")),
+            self.memory_max_mib.map(|v| format!("memoryMaxMiB={v}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if set.is_empty() {
+            f.write_str("no limits")
+        } else {
+            f.write_str(&set.join(" "))
+        }
+    }
+}
+
+/// The kernel's CPU weight of a cgroup nobody set one for.
+pub const DEFAULT_CPU_WEIGHT: u32 = 100;
+
+impl Limits {
+    /// The same limits with defaults spelled as absent, so "declared 100" equals "not declared"
+    /// (both read back from the cgroup as the kernel's default).
+    pub fn normalized(self) -> Limits {
+        Limits {
+            cpu_weight: self.cpu_weight.filter(|&w| w != DEFAULT_CPU_WEIGHT),
+            ..self
+        }
     }
 }

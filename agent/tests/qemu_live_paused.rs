@@ -31,7 +31,7 @@ struct PausedVm {
 
 async fn launch_paused(run: &TempRun, name: &str, spec: VmSpec) -> PausedVm {
     let vm = run.vm(name);
-    lifecycle::prepare_host_devices(name, &spec).expect("taps");
+    lifecycle::prepare_host_devices(name, &spec, None).expect("taps");
     let mut argv = qemu_argv(name, &spec, &vm, &Default::default());
     argv.push("-S".into());
     let pid = launch_with_argv(name, &spec, &vm, &qemu(), &argv, None).expect("launch");
@@ -47,7 +47,7 @@ async fn launch_paused(run: &TempRun, name: &str, spec: VmSpec) -> PausedVm {
 
 impl PausedVm {
     async fn apply(&self, action: Action) -> Result<LiveOutcome, LiveError> {
-        apply_live(&self.qmp, "web", &self.spec, &action, SHORT_UNPLUG).await
+        apply_live(&self.qmp, "web", &self.spec, &action, SHORT_UNPLUG, None).await
     }
 }
 
@@ -183,7 +183,7 @@ fn leftovers_of_an_interrupted_apply_are_observed_and_removed() {
         let nic: NicSpec =
             serde_json::from_value(json!({"mac": "52:54:00:00:00:03", "bridge": "br0"})).unwrap();
         let tap = ids::agent_tap("web", "half");
-        plasmavmc_agent::qemu::tap::ensure_tap(&tap, "br0").unwrap();
+        plasmavmc_agent::qemu::tap::ensure_tap(&tap, "br0", None).unwrap();
         vm.qmp
             .netdev_add(plasmavmc_agent::devices::nic_netdev("web", "half", &nic))
             .await

@@ -79,6 +79,21 @@ let
     };
   };
 
+  user = {
+    options = {
+      isSystemUser = bool false;
+      group = mkOption {
+        type = types.str;
+        default = "";
+      };
+      extraGroups = listOf types.str;
+      description = mkOption {
+        type = types.str;
+        default = "";
+      };
+    };
+  };
+
   activationScript = {
     options = {
       text = mkOption { type = types.lines; };
@@ -126,6 +141,15 @@ in
           };
         }
       );
+      default = { };
+    };
+
+    users.users = mkOption {
+      type = types.attrsOf (types.submodule user);
+      default = { };
+    };
+    users.groups = mkOption {
+      type = types.attrsOf (types.submodule { });
       default = { };
     };
 

@@ -90,6 +90,11 @@ in
         hotplugSlots = 4;
         initrd = "/boot/initrd.img";
         kernel = "/boot/vmlinuz";
+        limits = {
+          cpuQuotaPercent = 150;
+          cpuWeight = 50;
+          memoryMaxMiB = 1536;
+        };
         machine = "pc";
         maxMemoryMiB = 1024;
         maxVcpus = 4;
@@ -196,7 +201,11 @@ in
 
   agentCommandLine = {
     expr = unit.serviceConfig.ExecStart;
-    expected = "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json --state-dir /var/lib/plasmavmc --run-dir /run/plasmavmc";
+    expected = lib.concatStringsSep " " [
+      "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json"
+      "--state-dir /var/lib/plasmavmc --run-dir /run/plasmavmc"
+      "--qemu-user plasmavmc-qemu --qemu-group plasmavmc-qemu"
+    ];
   };
 
   agentCommandLineWithChainfire = {
@@ -204,6 +213,7 @@ in
     expected = lib.concatStringsSep " " [
       "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json"
       "--state-dir /srv/plasmavmc/state --run-dir /run/pvmc"
+      "--qemu-user vmrunner --qemu-group vmrunners"
       "--chainfire https://10.0.0.1:2379,https://10.0.0.2:2379 --host-id hv-01 --lease-ttl 15"
       "--chainfire-ca /etc/plasmavmc/ca.pem --chainfire-cert /etc/plasmavmc/client.pem"
       "--chainfire-key /run/keys/plasmavmc.key --chainfire-password-file /run/keys/plasmavmc.password"
@@ -285,11 +295,54 @@ in
     expected = {
       rules = [
         "d /srv/plasmavmc/state 0700 root root - -"
-        "d /run/pvmc 0700 root root - -"
+        "d /run/pvmc 0710 root vmrunners - -"
       ];
       runtimeDirectory = false;
     };
   };
+
+  # ---- the QEMU user -------------------------------------------------------------------------
+
+  defaultQemuUserIsCreatedInKvm = {
+    expr = {
+      user = minimal.config.users.users.plasmavmc-qemu;
+      groups = builtins.attrNames minimal.config.users.groups;
+    };
+    expected = {
+      user = {
+        isSystemUser = true;
+        group = "plasmavmc-qemu";
+        extraGroups = [ "kvm" ];
+        description = "plasmavmc's QEMU processes";
+      };
+      groups = [ "plasmavmc-qemu" ];
+    };
+  };
+
+  ownQemuUserIsUsedNotCreated = {
+    expr = builtins.attrNames everyField.config.users.users;
+    expected = [ "vmrunner" ];
+  };
+
+  qemuAsRootWhenNull =
+    let
+      asRoot = hostWith [
+        (withVms { a = minimalVm; })
+        { services.plasmavmc.qemuUser = null; }
+      ];
+    in
+    {
+      expr = {
+        args = lib.hasInfix "--qemu-user" asRoot.config.systemd.services.plasmavmc.serviceConfig.ExecStart;
+        users = asRoot.config.users.users;
+        runDir = builtins.elemAt asRoot.config.systemd.tmpfiles.rules 1;
+      };
+      expected = {
+        args = false;
+        users = { };
+        runDir = "d /run/plasmavmc 0700 root root - -";
+      };
+    };
 
   kernelModulesForTapsBridgesVhost = {
     expr = minimal.config.boot.kernelModules;
@@ -579,6 +632,45 @@ in
     expected = [ "${vmA}.ha.enable needs ChainFire: set services.plasmavmc.chainfire.endpoints." ];
   };
 
+  assertQemuUserRoot = {
+    expr = failuresOf [
+      (withVms { a = minimalVm; })
+      { services.plasmavmc.qemuUser = "root"; }
+    ];
+    expected = [
+      "services.plasmavmc.qemuUser = \"root\" is not an unprivileged user; set it to null to run QEMU as root (not recommended)."
+    ];
+  };
+
+  assertUndeclaredQemuUserAndGroup = {
+    expr = failuresOf [
+      (withVms { a = minimalVm; })
+      {
+        services.plasmavmc.qemuUser = "ghost";
+        services.plasmavmc.qemuGroup = "ghosts";
+      }
+    ];
+    expected = [
+      "services.plasmavmc.qemuUser: user ghost is not declared in users.users (only plasmavmc-qemu is created by this module)."
+      "services.plasmavmc.qemuGroup: group ghosts is not declared in users.groups (only plasmavmc-qemu is created by this module)."
+    ];
+  };
+
+  assertMemoryMaxLeavesRoomForTheGuest = {
+    expr = failuresOfVm {
+      maxMemoryMiB = 1024;
+      limits.memoryMaxMiB = 1024;
+    };
+    expected = [ "${vmA}.limits.memoryMaxMiB (1024) leaves no room for the guest's RAM plus QEMU's own memory: make it larger than ${vmA}.memoryMiB and ${vmA}.maxMemoryMiB." ];
+  };
+
+  limitsAreWrittenOnlyWhenSet = {
+    expr = (hostWith [ (withVms { a = minimalVm // { limits.cpuWeight = 300; }; }) ]).desired.vms.a.limits;
+    expected = {
+      cpuWeight = 300;
+    };
+  };
+
   # ---- option types reject bad values at their definition -------------------------------------
 
   typeRejectsZeroVcpus.throws = (hostWith [ (withVms { a = minimalVm // { vcpus = 0; }; }) ]).desired;
@@ -594,5 +686,8 @@ in
   typeRequiresVcpus.throws = (hostWith [ (withVms { a = builtins.removeAttrs minimalVm [ "vcpus" ]; }) ]).desired;
   typeRequiresDiskFormat.throws = (hostWith [ (withVms { a = minimalVm // { disks.root.path = "/a.qcow2"; }; }) ]).desired;
   typeRejectsShortLeaseTtl.throws = (hostWith [ (withVms { a = minimalVm; }) { services.plasmavmc.chainfire.leaseTtl = 2; } ]).config.services.plasmavmc.chainfire.leaseTtl;
+  typeRejectsZeroCpuWeight.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuWeight = 0; }; }) ]).desired;
+  typeRejectsHugeCpuWeight.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuWeight = 10001; }; }) ]).desired;
+  typeRejectsZeroCpuQuota.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuQuotaPercent = 0; }; }) ]).desired;
   typeRejectsUnknownOption.throws = (hostWith [ (withVms { a = minimalVm // { cpus = 2; }; }) ]).desired;
 }

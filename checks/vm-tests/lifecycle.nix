@@ -1,7 +1,8 @@
 # A NixOS host running services.plasmavmc, driven the way an operator drives it: a declared VM
-# boots; `switch-to-configuration` to a specialisation that adds a disk and a NIC hot-plugs them
-# into the same QEMU process; restarting the agent leaves that QEMU running; a specialisation
-# without the VM stops it.
+# boots, its QEMU confined (the module's unprivileged user, seccomp, its own scope with the
+# declared limits); `switch-to-configuration` to a specialisation that adds a disk and a NIC
+# hot-plugs them into the same QEMU process and changes its limits live; restarting the agent
+# leaves that QEMU running; a specialisation without the VM stops it.
 { plasmavmcModule }:
 { lib, ... }:
 {
@@ -30,10 +31,15 @@
           memoryMiB = 128;
           accel = "tcg"; # no nested KVM in the test VM
           inherit (guest) kernel initrd cmdline;
+          limits = {
+            cpuWeight = 200;
+            memoryMaxMiB = 1536;
+          };
         };
       };
 
       specialisation.hotplug.configuration.services.plasmavmc.vms.tiny = {
+        limits.cpuWeight = lib.mkForce 300;
         disks.data = {
           path = "/var/lib/vms/tiny-data.qcow2";
           format = "qcow2";
@@ -78,6 +84,21 @@
         cgroup = host.succeed(f"cat /proc/{pid}/cgroup")
         assert "plasmavmc.service" not in cgroup, cgroup
 
+    with subtest("QEMU runs confined: unprivileged, seccomp on, its own scope with the limits"):
+        status = host.succeed(f"cat /proc/{pid}/status")
+        uid = host.succeed("id -u plasmavmc-qemu").strip()
+        assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}" in status, status
+        assert "Seccomp:\t2" in status, status
+        assert "CapEff:\t0000000000000000" in status, status
+        scope = host.succeed(f"cat /proc/{pid}/cgroup").strip().split("::")[-1]
+        assert scope.endswith("/plasmavmc-vm-tiny.scope"), scope
+        assert host.succeed(f"cat /sys/fs/cgroup{scope}/cpu.weight").strip() == "200"
+        assert host.succeed(f"cat /sys/fs/cgroup{scope}/memory.max").strip() == str(1536 << 20)
+        # The agent's control socket stays root's; QEMU's files are QEMU's.
+        assert host.succeed("stat -c '%U %a' /run/plasmavmc/control.sock").strip() == "root 600"
+        assert host.succeed("stat -c '%U %a' /run/plasmavmc/vms/tiny/qmp.sock").strip() == "plasmavmc-qemu 600"
+        assert host.succeed("stat -c '%U %G %a' /run/plasmavmc/vms/tiny").strip() == "root plasmavmc-qemu 710"
+
     with subtest("a switch adding a disk and a NIC hot-plugs them into the same QEMU"):
         host.succeed("mkdir -p /var/lib/vms")
         host.succeed("qemu-img create -f qcow2 /var/lib/vms/tiny-data.qcow2 64M")
@@ -87,6 +108,11 @@
         assert qemu_pid() == pid, "the VM was restarted"
         host.succeed(f"kill -0 {pid}")
         host.succeed("ip -o link show master br0 | grep -q ' pv'")
+        # The hot-plugged disk and tap are the QEMU user's; the new limit is live.
+        assert host.succeed("stat -c '%U' /var/lib/vms/tiny-data.qcow2").strip() == "plasmavmc-qemu"
+        assert "plasmavmc-qemu" in host.succeed("ip -d -j link show master br0")
+        scope = host.succeed(f"cat /proc/{pid}/cgroup").strip().split("::")[-1]
+        assert host.succeed(f"cat /sys/fs/cgroup{scope}/cpu.weight").strip() == "300"
         host.succeed("journalctl -u plasmavmc.service | grep -q 'Reloading'")
 
     with subtest("dry-activate previews without changing anything"):

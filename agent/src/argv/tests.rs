@@ -45,6 +45,10 @@ fn identity_machine_and_isolation_flags() {
         assert!(a.iter().any(|x| x == flag), "{flag}");
     }
     assert_eq!(value(&a, "-display"), "none");
+    assert_eq!(
+        value(&a, "-sandbox"),
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    );
     for absent in ["-daemonize", "-pidfile", "-nographic"] {
         assert!(!a.iter().any(|x| x == absent), "{absent}");
     }

@@ -273,5 +273,6 @@ pub fn describe(action: &Action) -> String {
         Action::RemoveOrphanNetdev { netdev } => format!("remove leftover netdev {netdev}"),
         Action::SetVcpus { from, to } => format!("vCPUs {from} -> {to}"),
         Action::SetMemory { from_mib, to_mib } => format!("memory {from_mib} MiB -> {to_mib} MiB"),
+        Action::SetLimits { from, to } => format!("limits {from} -> {to}"),
     }
 }

@@ -151,6 +151,9 @@ struct FenceGuardArgs {
     /// The VM's directory (<run-dir>/vms/NAME): why a fence happened goes to its `fenced`.
     #[arg(long, value_name = "DIR")]
     vm_dir: PathBuf,
+    /// Start QEMU as this unprivileged identity (the guard itself stays root).
+    #[arg(long, value_name = "UID:GID[:GROUPS]")]
+    run_as: Option<crate::runas::RunAs>,
     /// QEMU and its arguments.
     #[arg(last = true, required = true, value_name = "QEMU ARGS")]
     command: Vec<std::ffi::OsString>,
@@ -177,6 +180,14 @@ struct AgentArgs {
     /// `unplugging` (the removal is retried on the next reconcile).
     #[arg(long, value_name = "SECS", default_value_t = 5)]
     unplug_timeout: u64,
+    /// Run every QEMU as this unprivileged user (with its supplementary groups, e.g. kvm);
+    /// disk images, block devices and taps are given to it. Without it QEMU runs as root.
+    #[arg(long, value_name = "USER")]
+    qemu_user: Option<String>,
+    /// The group QEMU runs as, and that gets the run directory [default: the user's primary
+    /// group].
+    #[arg(long, value_name = "GROUP", requires = "qemu_user")]
+    qemu_group: Option<String>,
     #[command(flatten)]
     chainfire: ChainfireArgs,
 }
@@ -234,6 +245,7 @@ pub fn run() -> ExitCode {
             trust_file: args.trust_file,
             lease: args.lease,
             vm_dir: args.vm_dir,
+            run_as: args.run_as,
             command: args.command,
         }),
     }
@@ -247,6 +259,8 @@ impl AgentArgs {
             state_dir: self.state_dir,
             run_dir: self.run_dir,
             qemu: self.qemu,
+            qemu_user: self.qemu_user,
+            qemu_group: self.qemu_group,
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
             unplug_timeout: std::time::Duration::from_secs(self.unplug_timeout),
             chainfire: (!c.chainfire.is_empty()).then_some(ChainfireOptions {
@@ -283,13 +297,20 @@ mod tests {
         let vm_dir = crate::paths::RunDir::new("/run/plasmavmc").vm("ha1");
         let qemu_args = ["-name".to_owned(), "guest=ha1".to_owned()];
         let mut argv = vec![std::ffi::OsString::from("plasmavmc")];
-        argv.extend(guard.args(&vm_dir, std::path::Path::new("/bin/qemu"), &qemu_args));
+        let run_as: crate::runas::RunAs = "990:991:78".parse().unwrap();
+        argv.extend(guard.args(
+            &vm_dir,
+            std::path::Path::new("/bin/qemu"),
+            &qemu_args,
+            Some(&run_as),
+        ));
         let Command::FenceGuard(args) = Cli::try_parse_from(argv).unwrap().command else {
             panic!("not fence-guard")
         };
         assert_eq!(args.lease, 7);
         assert_eq!(args.vm_dir, vm_dir.dir());
         assert_eq!(args.trust_file, guard.trust_file);
+        assert_eq!(args.run_as, Some(run_as));
         assert_eq!(args.command, ["/bin/qemu", "-name", "guest=ha1"]);
     }
 

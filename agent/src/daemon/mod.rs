@@ -30,6 +30,8 @@ use tokio::sync::mpsc;
 use crate::chainfire::{ChainFireConfig, Session};
 use crate::control::server;
 use crate::paths::RunDir;
+use crate::qemu::cgroup::Cgroups;
+use crate::qemu::confine::{self, Confinement};
 use operator::OperatorIntents;
 use supervisor::{Daemon, Trigger};
 use vm::{Fencing, Shell};
@@ -43,6 +45,9 @@ pub struct AgentOptions {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub qemu: Option<PathBuf>,
+    /// `--qemu-user`, `--qemu-group`: the unprivileged identity QEMU runs as.
+    pub qemu_user: Option<String>,
+    pub qemu_group: Option<String>,
     pub stop_timeout: Duration,
     pub unplug_timeout: Duration,
     pub chainfire: Option<ChainfireOptions>,
@@ -66,6 +71,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     create_dir(run_dir.root(), 0o755)?;
     create_dir(&run_dir.vms_dir(), 0o700)?;
     create_dir(&options.state_dir, 0o700)?;
+    let confinement = Confinement {
+        run_as: match &options.qemu_user {
+            Some(user) => Some(confine::resolve_user(user, options.qemu_group.as_deref())?),
+            None => None,
+        },
+        cgroups: Some(Cgroups::detect(run_dir.root())),
+    };
+    confine::prepare_run_dir(&run_dir, confinement.run_as.as_ref())?;
+    if let Some(run_as) = &confinement.run_as {
+        tracing::info!(uid = run_as.uid, gid = run_as.gid, groups = ?run_as.groups, "QEMU runs unprivileged");
+    } else {
+        tracing::warn!("QEMU runs as root (no --qemu-user)");
+    }
     let trust_file = run_dir.lease_trust();
     let chainfire = match &options.chainfire {
         Some(chainfire) => Some(ChainFireConfig {
@@ -100,6 +118,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         qemu: crate::qemu::process::qemu_binary(options.qemu.as_deref()),
         stop_timeout: options.stop_timeout,
         unplug_timeout: options.unplug_timeout,
+        confinement,
         events: vm_events,
         fencing,
     };

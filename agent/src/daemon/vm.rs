@@ -22,7 +22,7 @@ use crate::observed::ObservedVm;
 use crate::paths::RunDir;
 use crate::qemu::lifecycle::{self, ResetOutcome};
 use crate::qemu::live::{apply_live, LiveError, LiveOutcome};
-use crate::qemu::{observe, process, Guard, QemuEvent, Qmp, RunningQemu};
+use crate::qemu::{cgroup, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu};
 use crate::spec::VmSpec;
 use crate::status::{Device, VmState, VmStatus};
 
@@ -36,6 +36,8 @@ pub struct Shell {
     pub qemu: PathBuf,
     pub stop_timeout: Duration,
     pub unplug_timeout: Duration,
+    /// As whom and in which cgroup every QEMU runs.
+    pub confinement: Confinement,
     pub events: mpsc::UnboundedSender<VmEvent>,
     /// With `--chainfire`: HA VMs start under a fence guard.
     pub fencing: Option<Fencing>,
@@ -185,6 +187,7 @@ impl VmSlot {
             return Ok(None);
         };
         let mut observed = observe::observe(&conn.qmp, conn.pid, conn.boot_spec.clone()).await?;
+        observed.limits = cgroup::read_limits(&self.name, conn.pid);
         let peripherals = observe::peripherals(&conn.qmp).await?;
         let (pid, started) = (conn.pid, conn.started);
         rt.unplugging
@@ -283,11 +286,18 @@ impl VmSlot {
                 .collect();
         };
         let (qmp, boot_spec) = (conn.qmp.clone(), conn.boot_spec.clone());
-        let results =
-            join_all(removals.iter().map(|action| {
-                apply_live(&qmp, &self.name, &boot_spec, action, shell.unplug_timeout)
-            }))
-            .await;
+        let results = join_all(removals.iter().map(|action| {
+            let run_as = shell.confinement.run_as.as_ref();
+            apply_live(
+                &qmp,
+                &self.name,
+                &boot_spec,
+                action,
+                shell.unplug_timeout,
+                run_as,
+            )
+        }))
+        .await;
         removals
             .iter()
             .zip(results)
@@ -308,6 +318,10 @@ impl VmSlot {
                 self.stop(rt, shell, reason).await?;
                 self.start(rt, shell, spec).await?;
             }
+            Action::SetLimits { to, .. } => {
+                let conn = rt.conn.as_ref().context("VM is not running")?;
+                cgroup::set_limits(&self.name, conn.pid, to)?;
+            }
             live => {
                 let conn = rt.conn.as_ref().context("VM is not running")?;
                 let result = apply_live(
@@ -316,6 +330,7 @@ impl VmSlot {
                     &conn.boot_spec,
                     live,
                     shell.unplug_timeout,
+                    shell.confinement.run_as.as_ref(),
                 )
                 .await;
                 return record_live(rt, live, result);
@@ -335,8 +350,16 @@ impl VmSlot {
                 Some(fencing) if spec.ha.enable => Some(fencing.guard(&self.name, spec)?),
                 _ => None,
             };
-            lifecycle::prepare_host_devices(&self.name, spec)?;
-            let pid = crate::qemu::launch(&self.name, spec, &vm_dir, &shell.qemu, guard.as_ref())?;
+            let confinement = &shell.confinement;
+            lifecycle::prepare_host_devices(&self.name, spec, confinement.run_as.as_ref())?;
+            let pid = crate::qemu::launch(
+                &self.name,
+                spec,
+                &vm_dir,
+                &shell.qemu,
+                guard.as_ref(),
+                confinement,
+            )?;
             match process::qmp_after_launch(pid, &vm_dir, LAUNCH_TIMEOUT).await {
                 Ok(qmp) => Ok((pid, qmp)),
                 Err(e) => {
@@ -354,6 +377,9 @@ impl VmSlot {
             }
             Err(e) => {
                 let _ = lifecycle::release_host_devices(&self.name, spec);
+                if let Some(cgroups) = &shell.confinement.cgroups {
+                    cgroups.remove(&self.name);
+                }
                 let _ = process::clear_runtime_files(&vm_dir);
                 self.update_status(|s| {
                     *s = VmStatus {
@@ -521,10 +547,14 @@ impl VmSlot {
         });
     }
 
-    /// After QEMU is gone: delete the taps the agent made for it and its pidfile and socket.
+    /// After QEMU is gone: delete the taps the agent made for it, its cgroup, and its pidfile and
+    /// socket.
     fn forget_process(&self, rt: &mut Runtime, shell: &Shell, boot_spec: &VmSpec) {
         rt.unplugging.clear();
         self.set_images([]);
+        if let Some(cgroups) = &shell.confinement.cgroups {
+            cgroups.remove(&self.name);
+        }
         if let Err(e) = lifecycle::release_host_devices(&self.name, boot_spec) {
             tracing::warn!(vm = %self.name, "releasing host devices: {e:#}");
         }

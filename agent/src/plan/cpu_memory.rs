@@ -11,7 +11,7 @@
 
 use std::ops::RangeInclusive;
 
-use crate::action::Action;
+use crate::action::{Action, PendingChange};
 use crate::observed::ObservedVm;
 use crate::spec::VmSpec;
 
@@ -48,4 +48,28 @@ pub(super) fn plan(actions: &mut Vec<Action>, desired: &VmSpec, vm: &ObservedVm)
 
 fn clamp<T: Ord + Copy>(value: T, range: &RangeInclusive<T>) -> T {
     value.clamp(*range.start(), *range.end())
+}
+
+/// Cgroup limits: live whenever QEMU has a cgroup of its own; pending otherwise.
+pub(super) fn plan_limits(
+    actions: &mut Vec<Action>,
+    pending: &mut Vec<PendingChange>,
+    name: &str,
+    desired: &VmSpec,
+    vm: &ObservedVm,
+) {
+    let to = desired.limits.normalized();
+    match vm.limits {
+        Some(from) if from != to => actions.push(Action::SetLimits { from, to }),
+        Some(_) => {}
+        None if to != vm.boot_spec.limits.normalized() => pending.push(PendingChange {
+            vm: name.to_owned(),
+            field: "limits".to_owned(),
+            from: vm.boot_spec.limits.normalized().to_string(),
+            to: to.to_string(),
+            reason: "QEMU has no cgroup of its own (started before plasmavmc made one per VM)"
+                .to_owned(),
+        }),
+        None => {}
+    }
 }

@@ -10,7 +10,8 @@
 //!   VM's plan into a single `RestartVm`; otherwise the pending changes are reported and
 //!   everything live is applied.
 //! - Live steps, in order: orphan block nodes and netdevs (left by an interrupted apply; their ids
-//!   may be reused by the adds below), removals (frees root ports), adds, vCPUs, memory.
+//!   may be reused by the adds below), removals (frees root ports), adds, vCPUs, memory, cgroup
+//!   limits.
 //! - Disks and NICs: see `devices`. vCPUs and memory: see `cpu_memory`.
 //!
 //! `plan(desired, apply(plan(desired, observed)))` has no steps: every step moves observed state
@@ -89,6 +90,7 @@ fn plan_running(plan: &mut Plan, name: &str, spec: &VmSpec, vm: &ObservedVm) {
     let mut actions = Vec::new();
     devices::plan(&mut actions, &mut pending, name, spec, vm);
     cpu_memory::plan(&mut actions, spec, vm);
+    cpu_memory::plan_limits(&mut actions, &mut pending, name, spec, vm);
 
     if !pending.is_empty() && spec.on_restart_required == OnRestartRequired::Restart {
         let fields: Vec<&str> = pending.iter().map(|change| change.field.as_str()).collect();

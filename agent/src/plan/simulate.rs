@@ -86,6 +86,14 @@ fn apply_live(name: &str, vm: &mut ObservedVm, action: &Action) {
             vm.memory.requested_mib = to_mib - vm.memory.boot_mib;
             vm.memory.plugged_mib = vm.memory.requested_mib;
         }
+        Action::SetLimits { from, to } => {
+            assert_eq!(
+                Some(*from),
+                vm.limits,
+                "limits changed from what was observed"
+            );
+            vm.limits = Some(*to);
+        }
         Action::StartVm { .. } | Action::StopVm { .. } | Action::RestartVm { .. } => unreachable!(),
     }
 }

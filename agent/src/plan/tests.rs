@@ -7,7 +7,7 @@ use super::*;
 use crate::action::PendingChange;
 use crate::ids;
 use crate::observed::{ObservedDisk, ObservedNic};
-use crate::spec::{DiskCache, DiskFormat, DiskSpec, Machine, NicSpec};
+use crate::spec::{DiskCache, DiskFormat, DiskSpec, Limits, Machine, NicSpec};
 
 fn spec(extra: Value) -> VmSpec {
     let mut doc = json!({"vcpus": 2, "memoryMiB": 512, "kernel": "/k/vmlinuz", "accel": "tcg"});
@@ -483,6 +483,44 @@ fn memory_without_virtio_mem_is_pending() {
             reason: "no virtio-mem device at boot (maxMemoryMiB above memoryMiB)".into(),
         }]
     );
+}
+
+#[test]
+fn limits_change_live_and_a_default_weight_equals_none() {
+    let boot = spec(json!({}));
+    let declared = spec(json!({"limits": {"cpuWeight": 300}}));
+    let p = plan_web(&declared, booted("web", &boot));
+    let to = declared.limits;
+    assert_eq!(
+        actions(&p),
+        [&Action::SetLimits {
+            from: Limits::default(),
+            to
+        }]
+    );
+    assert!(p.pending.is_empty());
+
+    let p = plan_web(
+        &spec(json!({"limits": {"cpuWeight": 100}})),
+        booted("web", &boot),
+    );
+    assert!(
+        p.steps.is_empty(),
+        "weight 100 is the kernel's default: {p:?}"
+    );
+}
+
+#[test]
+fn limits_of_a_qemu_without_its_own_cgroup_wait_for_the_next_start() {
+    let boot = spec(json!({}));
+    let mut observed = booted("web", &boot);
+    observed.limits = None;
+    assert!(plan_web(&boot, observed.clone()).pending.is_empty());
+    let p = plan_web(&spec(json!({"limits": {"memoryMaxMiB": 2048}})), observed);
+    assert!(p.steps.is_empty());
+    assert_eq!(fields(&p), ["limits"]);
+    assert_eq!(p.pending[0].to, "memoryMaxMiB=2048");
+    assert!(p.pending[0].reason.contains("no cgroup of its own"));
 }
 
 // ---- pending and restart ----

@@ -7,6 +7,8 @@
 //!   then reads the lease trust file (`chainfire::trust`): renewed, it sleeps on; not, it writes
 //!   why to `<vm-dir>/fenced` and SIGKILLs QEMU, before the lease can expire in the store.
 //! - QEMU exits: the guard exits with QEMU's status.
+//! - The guard stays root; QEMU drops to `--run-as` between fork and exec, so a compromised
+//!   QEMU can neither signal nor trace its guard, nor write the lease file.
 //! - SIGTERM, SIGINT and SIGHUP leave the guard alone; QEMU gets its default handling back, so
 //!   stopping the VM's scope stops QEMU, and the guard follows.
 
@@ -24,10 +26,12 @@ use nix::sys::signal::{signal, SigHandler, Signal};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
+use super::confine;
 use super::process::{qemu_log_tail, stat_field, Pidfd};
 use crate::chainfire::clock::{self, BootTime};
 use crate::chainfire::trust::{self, GuardVerdict};
 use crate::paths::VmDir;
+use crate::runas::RunAs;
 
 /// The guard's own exit code after fencing (QEMU's exits pass through).
 const EXIT_FENCED: u8 = 4;
@@ -50,13 +54,22 @@ pub struct GuardOptions {
     pub trust_file: PathBuf,
     pub lease: i64,
     pub vm_dir: PathBuf,
+    /// The unprivileged identity QEMU runs as; `None`: as the guard (root).
+    pub run_as: Option<RunAs>,
     /// QEMU and its arguments.
     pub command: Vec<OsString>,
 }
 
 impl Guard {
-    /// The arguments after the guard binary that make it run `qemu args` for `vm_dir`.
-    pub fn args(&self, vm_dir: &VmDir, qemu: &Path, qemu_args: &[String]) -> Vec<OsString> {
+    /// The arguments after the guard binary that make it run `qemu args` for `vm_dir`, as
+    /// `run_as` if given.
+    pub fn args(
+        &self,
+        vm_dir: &VmDir,
+        qemu: &Path,
+        qemu_args: &[String],
+        run_as: Option<&RunAs>,
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec![
             "fence-guard".into(),
             "--trust-file".into(),
@@ -65,9 +78,11 @@ impl Guard {
             self.lease.to_string().into(),
             "--vm-dir".into(),
             vm_dir.dir().into(),
-            "--".into(),
-            qemu.into(),
         ];
+        if let Some(run_as) = run_as {
+            args.extend(["--run-as".into(), run_as.to_string().into()]);
+        }
+        args.extend(["--".into(), qemu.into()]);
         args.extend(qemu_args.iter().map(OsString::from));
         args
     }
@@ -144,7 +159,7 @@ fn guard(options: &GuardOptions) -> Result<ExitCode> {
         // SAFETY: installs SIG_IGN; no handler code runs.
         unsafe { signal(stop, SigHandler::SigIgn) }.context("ignoring stop signals")?;
     }
-    let mut qemu = spawn_dying_with_guard(&options.command)?;
+    let mut qemu = spawn_dying_with_guard(&options.command, options.run_as.as_ref())?;
     report_pid(qemu.id())?;
     let exited = Pidfd::open(qemu.id()).context("watching QEMU")?;
     let timer = TimerFd::new(ClockId::CLOCK_BOOTTIME, TimerFlags::TFD_CLOEXEC)
@@ -171,19 +186,26 @@ fn guard(options: &GuardOptions) -> Result<ExitCode> {
 }
 
 /// QEMU, as a child that gets SIGKILL when the guard dies, with default stop signals, its
-/// output in the guard's stderr (the VM's `qemu.log`) and not on the guard's report pipe.
-fn spawn_dying_with_guard(command: &[OsString]) -> Result<Child> {
+/// output in the guard's stderr (the VM's `qemu.log`) and not on the guard's report pipe, as
+/// `run_as` if given.
+fn spawn_dying_with_guard(command: &[OsString], run_as: Option<&RunAs>) -> Result<Child> {
     let (program, args) = command.split_first().context("no QEMU command given")?;
     let log: OwnedFd = std::io::stderr().as_fd().try_clone_to_owned()?;
     let guard_pid = nix::unistd::getpid();
+    let drop_to = run_as.map(|run_as| (run_as.clone(), confine::group_list(run_as)));
     let mut qemu = Command::new(program);
     qemu.args(args)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
-    // SAFETY: only async-signal-safe calls (prctl, getppid, sigaction) between fork and exec.
+    // SAFETY: only async-signal-safe calls (set*id, prctl, getppid, sigaction) between fork and
+    // exec.
     unsafe {
         qemu.pre_exec(move || {
+            if let Some((run_as, groups)) = &drop_to {
+                // First: a change of credentials clears the parent-death signal.
+                confine::drop_privileges(run_as, groups)?;
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
             if nix::unistd::getppid() != guard_pid {
                 // The guard died before the line above: nobody would fence this QEMU.
@@ -275,7 +297,12 @@ mod tests {
             lease: 42,
         };
         let mut argv = vec![OsString::from("/bin/plasmavmc")];
-        argv.extend(guard.args(&vm_dir, Path::new("qemu-system-x86_64"), &["-S".into()]));
+        argv.extend(guard.args(
+            &vm_dir,
+            Path::new("qemu-system-x86_64"),
+            &["-S".into()],
+            None,
+        ));
         let cmdline: Vec<u8> = argv
             .iter()
             .flat_map(|a| [a.as_encoded_bytes(), b"\0"].concat())

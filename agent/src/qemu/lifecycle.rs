@@ -13,6 +13,7 @@ use super::process;
 use super::qmp::{QemuEvent, Qmp};
 use super::tap;
 use crate::ids;
+use crate::runas::RunAs;
 use crate::spec::VmSpec;
 
 /// How long QEMU gets to exit after `quit` or SIGKILL before the stop counts as failed.
@@ -122,11 +123,12 @@ async fn soft_reset_paused(
     Ok(ResetOutcome::Soft)
 }
 
-/// Creates the taps of `spec`'s bridged NICs (before launching QEMU, whose argv names them).
-pub fn prepare_host_devices(vm: &str, spec: &VmSpec) -> Result<()> {
+/// Creates the taps of `spec`'s bridged NICs (before launching QEMU, whose argv names them),
+/// owned by the user QEMU runs as.
+pub fn prepare_host_devices(vm: &str, spec: &VmSpec, run_as: Option<&RunAs>) -> Result<()> {
     for (nic, nic_spec) in &spec.nics {
         if let Some(bridge) = &nic_spec.bridge {
-            tap::ensure_tap(&ids::agent_tap(vm, nic), bridge)
+            tap::ensure_tap(&ids::agent_tap(vm, nic), bridge, run_as)
                 .with_context(|| format!("VM {vm}, NIC {nic}"))?;
         }
     }

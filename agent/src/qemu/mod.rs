@@ -4,6 +4,8 @@
 //! decides what the VM should look like.
 
 pub mod backing;
+pub mod cgroup;
+pub mod confine;
 pub mod guard;
 pub mod lifecycle;
 pub mod live;
@@ -12,6 +14,7 @@ pub mod process;
 pub mod qmp;
 pub mod tap;
 
+pub use confine::Confinement;
 pub use guard::Guard;
 pub use process::{find_running, launch, list_vm_dirs, RunningQemu};
 pub use qmp::{QemuEvent, Qmp, QmpError};

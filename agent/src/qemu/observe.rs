@@ -73,6 +73,7 @@ pub async fn observe(qmp: &Qmp, pid: u32, boot_spec: VmSpec) -> Result<ObservedV
         vcpus,
         memory,
         unplugging: BTreeSet::new(),
+        limits: None, // the cgroup's, read by the caller (`cgroup::read_limits`)
     })
 }
 

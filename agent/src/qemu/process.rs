@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use super::confine::{self, Confinement};
 use super::guard::{self, Guard};
 use super::qmp::Qmp;
 use crate::argv;
@@ -45,24 +46,21 @@ pub fn qemu_binary(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU))
 }
 
-/// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`); see `launch_with_argv`.
+/// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`), confined; see
+/// `launch_confined`.
 pub fn launch(
     name: &str,
     spec: &VmSpec,
     vm_dir: &VmDir,
     qemu: &Path,
     guard: Option<&Guard>,
+    confinement: &Confinement,
 ) -> Result<u32> {
     let args = argv::qemu_argv(name, spec, vm_dir, &super::backing::block_devices(spec));
-    launch_with_argv(name, spec, vm_dir, qemu, &args, guard)
+    launch_confined(name, spec, vm_dir, qemu, &args, guard, confinement)
 }
 
-/// Starts QEMU with `args`, detached, and returns its PID. With `guard`, QEMU runs as the child
-/// of a fence guard, which reports QEMU's PID to the agent. Writes the boot spec and the pidfile;
-/// QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as soon as the process exists: use
-/// `qmp_after_launch` to wait for it to be usable (or to learn why it died). For `find_running`
-/// to recognise the process, `args` must hold `-name guest=NAME` and the QMP chardev
-/// `path=<vm_dir>/qmp.sock` (as `argv::qemu_argv` does).
+/// `launch_confined` with QEMU as the caller's user, in the caller's cgroup.
 pub fn launch_with_argv(
     name: &str,
     spec: &VmSpec,
@@ -71,7 +69,36 @@ pub fn launch_with_argv(
     args: &[String],
     guard: Option<&Guard>,
 ) -> Result<u32> {
+    launch_confined(name, spec, vm_dir, qemu, args, guard, &Confinement::none())
+}
+
+/// Starts QEMU with `args`, detached, and returns its PID. With `guard`, QEMU runs as the child
+/// of a fence guard, which reports QEMU's PID to the agent. Writes the boot spec and the pidfile;
+/// QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as soon as the process exists: use
+/// `qmp_after_launch` to wait for it to be usable (or to learn why it died). For `find_running`
+/// to recognise the process, `args` must hold `-name guest=NAME` and the QMP chardev
+/// `path=<vm_dir>/qmp.sock` (as `argv::qemu_argv` does). `confinement` says as whom QEMU runs
+/// (dropped between fork and exec, by the guard for a guarded QEMU) and in which cgroup (joined
+/// between fork and exec, by the guard and QEMU alike).
+pub fn launch_confined(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    qemu: &Path,
+    args: &[String],
+    guard: Option<&Guard>,
+    confinement: &Confinement,
+) -> Result<u32> {
+    let run_as = confinement.run_as.as_ref();
     prepare_vm_dir(vm_dir)?;
+    confine::open_vm_dir(vm_dir, run_as)?;
+    confine::grant_boot_files(spec, run_as)?;
+    let placement = match &confinement.cgroups {
+        Some(cgroups) => cgroups
+            .place(name, &spec.limits)
+            .with_context(|| format!("VM {name}'s cgroup"))?,
+        None => Default::default(),
+    };
     write_atomically(
         &vm_dir.boot_spec(),
         &serde_json::to_vec_pretty(spec).expect("a VmSpec serializes"),
@@ -81,11 +108,27 @@ pub fn launch_with_argv(
         .write(true)
         .truncate(true)
         .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(qemu_log(vm_dir))
         .with_context(|| format!("opening {}", qemu_log(vm_dir).display()))?;
+    // A guarded QEMU drops privileges in its guard, which stays root (QEMU must not be able to
+    // touch its fence). Under systemd, systemd-run drops them (it must start as root itself).
+    let run_as_here = run_as.filter(|_| guard.is_none());
+    let scope = under_systemd().then(|| Scope {
+        properties: placement.systemd_properties.clone(),
+        run_as: run_as_here.cloned(),
+    });
+    let drop_to = run_as_here
+        .filter(|_| scope.is_none())
+        .map(|run_as| (run_as.clone(), confine::group_list(run_as)));
     let mut command = match guard {
-        Some(guard) => detached_command(name, &guard.exe, &guard.args(vm_dir, qemu, args)),
-        None => detached_command(name, qemu, args),
+        Some(guard) => detached_command(
+            name,
+            &guard.exe,
+            &guard.args(vm_dir, qemu, args, run_as),
+            scope.as_ref(),
+        ),
+        None => detached_command(name, qemu, args, scope.as_ref()),
     };
     let stdout = match guard {
         Some(_) => Stdio::piped(), // the guard reports QEMU's PID there
@@ -95,12 +138,16 @@ pub fn launch_with_argv(
             .into(),
     };
     command.stdin(Stdio::null()).stdout(stdout).stderr(log);
-    // SAFETY: only async-signal-safe calls (setsid, umask) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setsid, umask, write, set*id) between fork and exec.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             nix::unistd::setsid()?;
-            // The QMP socket and console log QEMU creates: 0600, the agent's alone.
+            // The QMP socket and console log QEMU creates: 0600, the agent's (or QEMU's) alone.
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+            placement.join()?;
+            if let Some((run_as, groups)) = &drop_to {
+                confine::drop_privileges(run_as, groups)?;
+            }
             Ok(())
         });
     }
@@ -144,7 +191,10 @@ pub async fn qmp_after_launch(pid: u32, vm_dir: &VmDir, timeout: Duration) -> Re
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match Qmp::connect(&socket, left.min(Duration::from_secs(2))).await {
-            Ok(qmp) => return Ok(qmp),
+            Ok(qmp) => {
+                confine::seal_vm_dir(vm_dir)?;
+                return Ok(qmp);
+            }
             Err(e) if !is_alive(pid) => {
                 bail!(
                     "QEMU exited during startup ({e}): {}",
@@ -301,23 +351,49 @@ pub fn qemu_log_tail(vm_dir: &VmDir) -> String {
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
-/// `program args` (QEMU, or a fence guard with QEMU as its child) in a place of its own.
-fn detached_command(name: &str, program: &Path, args: &[impl AsRef<OsStr>]) -> Command {
-    if Path::new("/run/systemd/system").exists() {
-        // Its own scope: stopping the agent's unit does not take the VMs with it. `--scope` execs
-        // the command in place, so the PID we get is the program's.
-        let mut command = Command::new("systemd-run");
-        command
-            .args(["--scope", "--collect", "--quiet", "--unit"])
-            .arg(format!("plasmavmc-vm-{name}"))
-            .arg("--")
-            .arg(program)
-            .args(args);
-        command
-    } else {
-        let mut command = Command::new(program);
-        command.args(args);
-        command
+/// The transient scope a launch runs in under systemd: its cgroup properties, and the user
+/// `systemd-run` drops to before exec.
+struct Scope {
+    properties: Vec<String>,
+    run_as: Option<crate::runas::RunAs>,
+}
+
+fn under_systemd() -> bool {
+    Path::new("/run/systemd/system").exists()
+}
+
+/// `program args` (QEMU, or a fence guard with QEMU as its child) in a place of its own: its
+/// own `scope` under systemd, else its own session.
+fn detached_command(
+    name: &str,
+    program: &Path,
+    args: &[impl AsRef<OsStr>],
+    scope: Option<&Scope>,
+) -> Command {
+    match scope {
+        Some(scope) => {
+            // Its own scope: stopping the agent's unit does not take the VMs with it. `--scope`
+            // execs the command in place, so the PID we get is the program's.
+            let mut command = Command::new("systemd-run");
+            command
+                .args(["--scope", "--collect", "--quiet", "--unit"])
+                .arg(crate::cgroup::scope_unit(name));
+            for property in &scope.properties {
+                command.arg("-p").arg(property);
+            }
+            if let Some(run_as) = &scope.run_as {
+                command
+                    .arg(format!("--uid={}", run_as.uid))
+                    .arg(format!("--gid={}", run_as.gid));
+            }
+            command.arg("--").arg(program).args(args);
+            command
+        }
+        None => {
+            let mut command = Command::new(program);
+            command.args(args);
+            command
+        }
     }
 }
 

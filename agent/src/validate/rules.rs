@@ -24,6 +24,10 @@ pub const MAX_HOTPLUG_SLOTS: u32 = 32;
 /// not space; pc puts each device on its own slot of pci.0 (32 slots, 2 taken, 1 for virtio-mem).
 pub const MAX_DEVICES_Q35: usize = 64;
 pub const MAX_DEVICES_PC: usize = 28;
+/// cgroup v2's `cpu.weight` range.
+pub const CPU_WEIGHT_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
+/// 1% of one CPU up to 1024 CPUs.
+pub const CPU_QUOTA_PERCENT_RANGE: std::ops::RangeInclusive<u32> = 1..=102_400;
 /// virtio-blk serial numbers are at most 20 bytes.
 const MAX_SERIAL_LEN: usize = 20;
 /// x86 `COMMAND_LINE_SIZE` (2048) less the final NUL; the agent adds nothing to `cmdline`.
@@ -81,6 +85,7 @@ fn check_vm(report: &mut Report, name: &str, vm: &VmSpec) {
     }
     check_cpus(report, name, vm);
     check_memory(report, name, vm);
+    check_limits(report, name, vm);
     check_boot(report, name, vm);
     for (id, disk) in &vm.disks {
         check_disk(report, &["vms", name, "disks", id], disk);
@@ -168,6 +173,52 @@ fn check_memory(report: &mut Report, name: &str, vm: &VmSpec) {
                     "must be a multiple of {VIRTIO_MEM_BLOCK_MIB} MiB when maxMemoryMiB is set \
                      (virtio-mem block size)"
                 ),
+            );
+        }
+    }
+}
+
+fn check_limits(report: &mut Report, name: &str, vm: &VmSpec) {
+    let at = |field| ["vms", name, "limits", field];
+    let limits = &vm.limits;
+    if let Some(weight) = limits.cpu_weight {
+        if !CPU_WEIGHT_RANGE.contains(&weight) {
+            report.at(
+                &at("cpuWeight"),
+                format!(
+                    "must be between {} and {} (cgroup cpu.weight)",
+                    CPU_WEIGHT_RANGE.start(),
+                    CPU_WEIGHT_RANGE.end()
+                ),
+            );
+        }
+    }
+    if let Some(quota) = limits.cpu_quota_percent {
+        if !CPU_QUOTA_PERCENT_RANGE.contains(&quota) {
+            report.at(
+                &at("cpuQuotaPercent"),
+                format!(
+                    "must be between {} and {} (percent of one host CPU)",
+                    CPU_QUOTA_PERCENT_RANGE.start(),
+                    CPU_QUOTA_PERCENT_RANGE.end()
+                ),
+            );
+        }
+    }
+    if let Some(max) = limits.memory_max_mib {
+        let guest = vm.effective_max_memory_mib();
+        if max <= guest {
+            report.at(
+                &at("memoryMaxMiB"),
+                format!(
+                    "{max} MiB leaves no room for the guest's {guest} MiB of RAM plus QEMU's \
+                     own memory: the kernel would kill QEMU once the guest uses its RAM"
+                ),
+            );
+        } else if max > MAX_MEMORY_MIB * 2 {
+            report.at(
+                &at("memoryMaxMiB"),
+                format!("at most {}", MAX_MEMORY_MIB * 2),
             );
         }
     }

@@ -572,3 +572,20 @@ fn arrays_are_not_taken_for_objects() {
         ]
     );
 }
+
+#[test]
+fn limits_are_checked_against_cgroup_ranges_and_the_guest_memory() {
+    let mut doc = base();
+    web(&mut doc)["limits"] =
+        json!({"cpuWeight": 200, "cpuQuotaPercent": 150, "memoryMaxMiB": 4096});
+    assert!(problems(&doc).is_empty(), "{:?}", problems(&doc));
+    web(&mut doc)["limits"] = json!({"cpuWeight": 0});
+    assert_problem(&doc, "vms.web.limits.cpuWeight", "between 1 and 10000");
+    web(&mut doc)["limits"] = json!({"cpuQuotaPercent": 0});
+    assert_problem(&doc, "vms.web.limits.cpuQuotaPercent", "between 1 and");
+    let guest = web(&mut doc)["memoryMiB"].as_u64().unwrap();
+    web(&mut doc)["limits"] = json!({"memoryMaxMiB": guest});
+    assert_problem(&doc, "vms.web.limits.memoryMaxMiB", "no room for the guest");
+    web(&mut doc)["limits"] = json!({"memoryMax": 1});
+    assert_problem(&doc, "vms.web.limits.memoryMax", "unknown field");
+}

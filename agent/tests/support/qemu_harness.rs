@@ -149,3 +149,88 @@ pub fn image(dir: &Path, name: &str, format: &str, size_mib: u32) -> PathBuf {
     assert!(status.success());
     path
 }
+
+/// The unprivileged user confined QEMUs run as in tests (made here if missing; CI's
+/// `scripts/install-deps.sh` makes it too).
+pub const TEST_QEMU_USER: &str = "plasmavmc-test";
+
+pub fn qemu_test_user() -> plasmavmc_agent::runas::RunAs {
+    let exists = |_: ()| {
+        std::process::Command::new("id")
+            .arg(TEST_QEMU_USER)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !exists(()) {
+        // A concurrent test may win the race; whoever made it, it exists afterwards.
+        let _ = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+            ])
+            .arg(TEST_QEMU_USER)
+            .status();
+    }
+    plasmavmc_agent::qemu::confine::resolve_user(TEST_QEMU_USER, None).expect("the test QEMU user")
+}
+
+/// A field of `/proc/PID/status` (`Uid`, `Gid`, `Seccomp`, ...), as the kernel prints it.
+pub fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// The value of the cgroup file holding `controller`'s limit for `pid`, read from the cgroup the
+/// kernel says `pid` is in: the first of `files` that exists there (v2 name, then v1 name), with
+/// the file's name and the cgroup's path.
+pub fn cgroup_file(pid: u32, controller: &str, files: &[&'static str]) -> CgroupFile {
+    let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("cgroup");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mut candidates = Vec::new();
+    for line in membership.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        for mount in mountinfo.lines() {
+            let (left, right) = mount.split_once(" - ").unwrap();
+            let point = left.split(' ').nth(4).unwrap();
+            let fstype = right.split(' ').next().unwrap();
+            let options = right.split(' ').nth(2).unwrap_or_default();
+            let matches = if controllers.is_empty() {
+                fstype == "cgroup2"
+            } else {
+                fstype == "cgroup"
+                    && controllers.split(',').any(|c| c == controller)
+                    && options.split(',').any(|c| c == controller)
+            };
+            if matches {
+                candidates.push((Path::new(point).join(path.trim_start_matches('/')), path));
+            }
+        }
+    }
+    for (dir, path) in &candidates {
+        for file in files {
+            if let Ok(value) = std::fs::read_to_string(dir.join(file)) {
+                return CgroupFile {
+                    file,
+                    value: value.trim().to_owned(),
+                    path: path.to_string(),
+                };
+            }
+        }
+    }
+    panic!("none of {files:?} in the cgroups of {pid}: {candidates:?}");
+}
+
+pub struct CgroupFile {
+    pub file: &'static str,
+    pub value: String,
+    /// The cgroup's path, as `/proc/PID/cgroup` gives it.
+    pub path: String,
+}

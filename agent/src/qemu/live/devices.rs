@@ -11,7 +11,8 @@ use crate::devices::{self, DeviceProps};
 use crate::ids;
 use crate::qemu::observe::{device_path, peripherals};
 use crate::qemu::qmp::{Qmp, QmpError};
-use crate::qemu::tap;
+use crate::qemu::{confine, tap};
+use crate::runas::RunAs;
 use crate::spec::{DiskSpec, Machine, NicSpec, VmSpec};
 
 pub(super) async fn add_disk(
@@ -19,7 +20,9 @@ pub(super) async fn add_disk(
     boot_spec: &VmSpec,
     id: &str,
     disk: &DiskSpec,
+    run_as: Option<&RunAs>,
 ) -> Result<(), LiveError> {
+    confine::grant_disk(&disk.path, disk.read_only, run_as)?;
     let device_id = ids::disk_device(id);
     let bus = hotplug_bus(qmp, boot_spec, &device_id).await?;
     let backing = crate::qemu::backing::disk_backing(&disk.path);
@@ -79,12 +82,13 @@ pub(super) async fn add_nic(
     boot_spec: &VmSpec,
     id: &str,
     nic: &NicSpec,
+    run_as: Option<&RunAs>,
 ) -> Result<(), LiveError> {
     let device_id = ids::nic_device(id);
     let bus = hotplug_bus(qmp, boot_spec, &device_id).await?;
     let tap = devices::nic_tap(vm, id, nic);
     match &nic.bridge {
-        Some(bridge) => tap::ensure_tap(&tap, bridge)?,
+        Some(bridge) => tap::ensure_tap(&tap, bridge, run_as)?,
         None if !tap::interface_exists(&tap) => {
             return Err(anyhow!("NIC {id}: tap {tap} does not exist on this host").into())
         }

@@ -12,6 +12,7 @@ mod unplug;
 use std::time::Duration;
 
 use crate::action::Action;
+use crate::runas::RunAs;
 use crate::spec::VmSpec;
 
 use super::qmp::{Qmp, QmpError};
@@ -33,7 +34,7 @@ pub enum LiveError {
     GuestRefused { device: String },
     #[error("no free hotplug slot (pcie-root-port) for {device}; raise hotplugSlots (takes effect at the next boot)")]
     NoFreeSlot { device: String },
-    #[error("{0} is not a live action")]
+    #[error("{0} is not applied over QMP")]
     NotLive(&'static str),
     #[error("QEMU went away while waiting for {what}")]
     Disconnected { what: String },
@@ -44,20 +45,22 @@ pub enum LiveError {
 }
 
 /// Applies one live `action` to VM `vm`. `boot_spec` is the spec QEMU was launched with (machine
-/// type, boot disk). `unplug_timeout` bounds how long a removal waits for the guest.
+/// type, boot disk). `unplug_timeout` bounds how long a removal waits for the guest. `run_as`:
+/// the user QEMU runs as, who gets added disks and taps (`None`: root).
 pub async fn apply_live(
     qmp: &Qmp,
     vm: &str,
     boot_spec: &VmSpec,
     action: &Action,
     unplug_timeout: Duration,
+    run_as: Option<&RunAs>,
 ) -> Result<LiveOutcome, LiveError> {
     match action {
-        Action::AddDisk { id, disk } => devices::add_disk(qmp, boot_spec, id, disk)
+        Action::AddDisk { id, disk } => devices::add_disk(qmp, boot_spec, id, disk, run_as)
             .await
             .map(|()| LiveOutcome::Done),
         Action::RemoveDisk { id } => devices::remove_disk(qmp, id, unplug_timeout).await,
-        Action::AddNic { id, nic } => devices::add_nic(qmp, vm, boot_spec, id, nic)
+        Action::AddNic { id, nic } => devices::add_nic(qmp, vm, boot_spec, id, nic, run_as)
             .await
             .map(|()| LiveOutcome::Done),
         Action::RemoveNic { id } => devices::remove_nic(qmp, id, unplug_timeout).await,
@@ -74,6 +77,7 @@ pub async fn apply_live(
         Action::StartVm { .. } => Err(LiveError::NotLive("StartVm")),
         Action::StopVm { .. } => Err(LiveError::NotLive("StopVm")),
         Action::RestartVm { .. } => Err(LiveError::NotLive("RestartVm")),
+        Action::SetLimits { .. } => Err(LiveError::NotLive("SetLimits")),
     }
 }
 
