@@ -14,9 +14,10 @@ use plasmavmc_agent::chainfire::clock::{self, BootTime};
 use plasmavmc_agent::chainfire::fence::LeaseStatus;
 use plasmavmc_agent::chainfire::trust::{self, LeaseTrust};
 use plasmavmc_agent::paths::VmDir;
+use plasmavmc_agent::qemu::confine::prepare_run_dir;
 use plasmavmc_agent::qemu::guard::guard_of;
-use plasmavmc_agent::qemu::process::{self, is_alive, launch_with_argv, qmp_after_launch};
-use plasmavmc_agent::qemu::Guard;
+use plasmavmc_agent::qemu::process::{self, is_alive, launch_confined, qmp_after_launch};
+use plasmavmc_agent::qemu::{Confinement, Guard};
 
 const LEASE: i64 = 7;
 /// A 3 s lease: the agent trusts it for 2 s after a keep-alive, the guard for 2.5 s.
@@ -26,6 +27,7 @@ struct Guarded {
     _run: TempRun,
     vm: VmDir,
     trust_file: PathBuf,
+    confinement: Confinement,
 }
 
 impl Guarded {
@@ -37,7 +39,17 @@ impl Guarded {
             _run: run,
             vm,
             trust_file,
+            confinement: Confinement::none(),
         }
+    }
+
+    /// QEMU as the unprivileged test user, dropped to by the guard.
+    fn confined() -> Self {
+        let mut host = Guarded::new();
+        let run_as = qemu_test_user();
+        prepare_run_dir(&host._run.run_dir, Some(&run_as)).expect("run dir");
+        host.confinement.run_as = Some(run_as);
+        host
     }
 
     /// What the agent writes after an acknowledged keep-alive of `lease`, sent now.
@@ -70,7 +82,16 @@ impl Guarded {
             lease: LEASE,
         };
         let argv = bare_argv("ha1", &self.vm);
-        launch_with_argv("ha1", &tiny_spec(), &self.vm, &qemu(), &argv, Some(&guard))
+        let spec = spec(serde_json::json!({"vcpus": 1, "memoryMiB": 64, "accel": "tcg"}));
+        launch_confined(
+            "ha1",
+            &spec,
+            &self.vm,
+            &qemu(),
+            &argv,
+            Some(&guard),
+            &self.confinement,
+        )
     }
 }
 
@@ -134,10 +155,23 @@ async fn the_guard_refuses_to_start_qemu_without_a_trusted_lease() {
     assert!(process::find_running("ha1", &host.vm).unwrap().is_none());
 }
 
+/// Confined: the guard stays root and QEMU runs as the QEMU user, which must not cost the
+/// parent-death signal (a change of credentials clears it).
 #[tokio::test]
 async fn qemu_dies_with_its_guard_but_not_by_a_stop_signal_sent_to_the_guard() {
-    let host = Guarded::new();
+    let host = Guarded::confined();
     let (pid, guard, _kill) = host.running().await;
+    let user = host.confinement.run_as.clone().unwrap();
+    assert_eq!(
+        proc_status(pid, "Uid").split_whitespace().next(),
+        Some(user.uid.to_string().as_str())
+    );
+    assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
+    assert_eq!(
+        proc_status(guard, "Uid").split_whitespace().next(),
+        Some("0"),
+        "the guard stays root"
+    );
     let signal = |pid: u32, signal| kill(Pid::from_raw(pid as i32), signal).unwrap();
 
     signal(guard, Signal::SIGTERM);
