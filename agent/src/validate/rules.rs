@@ -181,26 +181,28 @@ fn check_memory(report: &mut Report, name: &str, vm: &VmSpec) {
 fn check_limits(report: &mut Report, name: &str, vm: &VmSpec) {
     let at = |field| ["vms", name, "limits", field];
     let limits = &vm.limits;
-    if let Some(weight) = limits.cpu_weight {
-        if !CPU_WEIGHT_RANGE.contains(&weight) {
+    let ranges = [
+        (
+            "cpuWeight",
+            limits.cpu_weight,
+            CPU_WEIGHT_RANGE,
+            "cgroup cpu.weight",
+        ),
+        (
+            "cpuQuotaPercent",
+            limits.cpu_quota_percent,
+            CPU_QUOTA_PERCENT_RANGE,
+            "percent of one host CPU",
+        ),
+    ];
+    for (field, value, range, what) in ranges {
+        if value.is_some_and(|v| !range.contains(&v)) {
             report.at(
-                &at("cpuWeight"),
+                &at(field),
                 format!(
-                    "must be between {} and {} (cgroup cpu.weight)",
-                    CPU_WEIGHT_RANGE.start(),
-                    CPU_WEIGHT_RANGE.end()
-                ),
-            );
-        }
-    }
-    if let Some(quota) = limits.cpu_quota_percent {
-        if !CPU_QUOTA_PERCENT_RANGE.contains(&quota) {
-            report.at(
-                &at("cpuQuotaPercent"),
-                format!(
-                    "must be between {} and {} (percent of one host CPU)",
-                    CPU_QUOTA_PERCENT_RANGE.start(),
-                    CPU_QUOTA_PERCENT_RANGE.end()
+                    "must be between {} and {} ({what})",
+                    range.start(),
+                    range.end()
                 ),
             );
         }
