@@ -92,32 +92,19 @@ impl Cgroups {
             Mode::Direct {
                 controllers,
                 unified,
-            } => {
-                let mut procs = Vec::new();
-                let mut dirs: Vec<PathBuf> = Vec::new();
-                for (controller, (version, base)) in controllers {
-                    let dir = make_dir(base, vm, *version == Version::V2)?;
-                    write_settings(&dir, cgroup::settings(*controller, *version, limits))?;
-                    dirs.push(dir);
-                }
-                if let Some(base) = unified {
-                    dirs.push(make_dir(base, vm, false)?);
-                }
-                refuse_unplaceable(limits, controllers)?;
-                dirs.dedup();
-                for dir in dirs {
-                    let path = dir.join("cgroup.procs");
-                    let file = File::options()
-                        .write(true)
-                        .open(&path)
-                        .with_context(|| format!("opening {}", path.display()))?;
-                    procs.push(file.into());
-                }
-                Ok(Placement {
+            } => match place_directly(vm, limits, controllers, unified.as_deref()) {
+                Ok(procs) => Ok(Placement {
                     systemd_properties: Vec::new(),
                     procs,
-                })
-            }
+                }),
+                // Without limits to enforce, a host that will not let the agent make cgroups
+                // (an unprivileged container) still runs the VM, in the agent's cgroup.
+                Err(e) if limits.normalized() == Limits::default() => {
+                    tracing::warn!(vm, "no cgroup of its own for this VM: {e:#}");
+                    Ok(Placement::default())
+                }
+                Err(e) => Err(e),
+            },
             Mode::Unavailable => {
                 refuse_unplaceable(limits, &BTreeMap::new())?;
                 Ok(Placement::default())
@@ -215,6 +202,36 @@ fn own_dirs(
         }
     }
     (unified.is_some() || !dirs.is_empty()).then_some((dirs, versions))
+}
+
+/// Makes VM `vm`'s cgroups with `limits` (see `Mode::Direct`); their `cgroup.procs`, open.
+fn place_directly(
+    vm: &str,
+    limits: &Limits,
+    controllers: &BTreeMap<Controller, (Version, PathBuf)>,
+    unified: Option<&Path>,
+) -> Result<Vec<OwnedFd>> {
+    refuse_unplaceable(limits, controllers)?;
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (controller, (version, base)) in controllers {
+        let dir = make_dir(base, vm, *version == Version::V2)?;
+        write_settings(&dir, cgroup::settings(*controller, *version, limits))?;
+        dirs.push(dir);
+    }
+    if let Some(base) = unified {
+        dirs.push(make_dir(base, vm, false)?);
+    }
+    dirs.dedup();
+    dirs.iter()
+        .map(|dir| {
+            let path = dir.join("cgroup.procs");
+            let file = File::options()
+                .write(true)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            Ok(file.into())
+        })
+        .collect()
 }
 
 /// `plasmavmc` for the default run dir; `plasmavmc-<hash>` for any other, so two agents on one
