@@ -168,14 +168,17 @@ fn root_port(n: u32) -> String {
     )
 }
 
+/// The serial console: a socket the agent connects to (`plasmavmc console`), logged by QEMU
+/// itself, appending, so the log holds every byte whether anyone is attached or not and can be
+/// rotated under QEMU (see `console`).
 fn push_console_and_monitor(argv: &mut Argv, spec: &VmSpec, vm_dir: &VmDir) {
     if spec.console_log {
-        let log = vm_dir.console_log();
         argv.push(
             "-chardev",
             format!(
-                "file,id=console,path={}",
-                escape(&log.display().to_string())
+                "socket,id=console,path={},server=on,wait=off,logfile={},logappend=on",
+                escape(&vm_dir.console_socket().display().to_string()),
+                escape(&vm_dir.console_log().display().to_string())
             ),
         );
         argv.push("-serial", "chardev:console");

@@ -6,6 +6,7 @@ pub mod argv;
 pub mod cgroup;
 pub mod chainfire;
 pub mod cli;
+pub mod console;
 pub mod control;
 pub mod daemon;
 pub mod devices;

@@ -76,8 +76,20 @@ impl VmDir {
         self.dir.join("spec.json")
     }
 
+    /// Every byte the guest printed on its serial console (QEMU writes it, attached or not).
     pub fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
+    }
+
+    /// The console log's previous part, after a rotation by size.
+    pub fn console_log_rotated(&self) -> PathBuf {
+        self.dir.join("console.log.1")
+    }
+
+    /// The serial console's socket; the agent is its only client and fans it out to
+    /// `plasmavmc console`. Absent for a VM booted by an agent older than the interactive console.
+    pub fn console_socket(&self) -> PathBuf {
+        self.dir.join("console.sock")
     }
 
     /// Why the fence guard killed this VM's QEMU; written by the guard, read by the agent.

@@ -74,7 +74,8 @@ pub struct VmSpec {
     pub org_id: String,
     #[serde(default = "default_scope")]
     pub project_id: String,
-    /// Write the serial console to `<run-dir>/vms/NAME/console.log`.
+    /// Log the serial console to `<run-dir>/vms/NAME/console.log` and serve it to
+    /// `plasmavmc console`; false: no serial console at all.
     #[serde(default = "default_true")]
     pub console_log: bool,
     /// High availability across hosts (needs ChainFire and shared storage).

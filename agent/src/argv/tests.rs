@@ -209,12 +209,13 @@ fn pc_has_no_root_ports_and_lets_qemu_place_devices() {
 }
 
 #[test]
-fn console_log_and_qmp_live_in_the_vm_dir() {
+fn console_socket_and_log_and_qmp_live_in_the_vm_dir() {
     let a = argv(&spec(json!({})));
     assert_eq!(
         values(&a, "-chardev"),
         [
-            "file,id=console,path=/run/pv/vms/web/console.log",
+            "socket,id=console,path=/run/pv/vms/web/console.sock,server=on,wait=off,\
+             logfile=/run/pv/vms/web/console.log,logappend=on",
             "socket,id=qmp,path=/run/pv/vms/web/qmp.sock,server=on,wait=off",
         ]
     );
@@ -236,5 +237,6 @@ fn commas_in_values_are_doubled() {
         &BTreeSet::new(),
     );
     assert!(values(&a, "-blockdev")[0].contains("filename=/img/a,,b.raw,"));
-    assert!(values(&a, "-chardev")[0].ends_with("path=/run/p,,v/vms/web/console.log"));
+    assert!(values(&a, "-chardev")[0].contains("path=/run/p,,v/vms/web/console.sock,"));
+    assert!(values(&a, "-chardev")[0].contains("logfile=/run/p,,v/vms/web/console.log,"));
 }

@@ -167,7 +167,7 @@ fn applied(answer: Result<Response, ClientError>, json: bool) -> ExitCode {
     }
 }
 
-fn unexpected(response: Response) -> ExitCode {
+pub(super) fn unexpected(response: Response) -> ExitCode {
     match response {
         Response::Error { kind, message } => {
             eprintln!("{message}");
@@ -180,7 +180,7 @@ fn unexpected(response: Response) -> ExitCode {
     }
 }
 
-fn client_failed(e: ClientError) -> ExitCode {
+pub(super) fn client_failed(e: ClientError) -> ExitCode {
     eprintln!("{e}");
     ExitCode::from(match e {
         ClientError::Unreachable { .. } | ClientError::PermissionDenied { .. } => EXIT_UNREACHABLE,

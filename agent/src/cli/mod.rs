@@ -7,6 +7,7 @@
 //! `status` and `plan`, 10 min for commands that may wait for guests).
 
 mod commands;
+mod console;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -131,6 +132,32 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// Attach to a VM's serial console; Ctrl-] detaches.
+    ///
+    /// On a terminal it is interactive (raw mode, like `virsh console`). Piped, it copies the
+    /// console to stdout and stdin to the guest, and ends once stdin ended and the console was
+    /// quiet for --linger seconds. Any number of clients may read; one at a time may type (a
+    /// second is refused and told who holds it, unless --force). The log
+    /// <run-dir>/vms/NAME/console.log holds everything the guest printed, attached or not.
+    ///
+    /// Exits 0 when detached or when the console closes (the VM stopped), 1 when refused.
+    Console {
+        vm: String,
+        /// Read only: never type, never take the writer seat; follow until the console closes.
+        #[arg(long)]
+        no_stdin: bool,
+        /// Take the writer seat over from whoever holds it (they are told and detached).
+        #[arg(long, conflicts_with = "no_stdin")]
+        force: bool,
+        /// Print the last N lines of the console log first.
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        tail: usize,
+        /// Piped: after stdin ends, wait until the console was quiet this long, then end.
+        #[arg(long, value_name = "SECS", default_value_t = 2.0)]
+        linger: f64,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
     /// (Started by the agent.) Run an HA VM's QEMU as this process's child and kill it when the
     /// agent stops renewing the ChainFire lease its lock is bound to.
     ///
@@ -241,6 +268,23 @@ pub fn run() -> ExitCode {
         Command::Start { vm, run_dir } => commands::start(&run_dir.run_dir, vm),
         Command::Stop { vm, run_dir } => commands::stop(&run_dir.run_dir, vm),
         Command::Reset { vm, soft, run_dir } => commands::reset(&run_dir.run_dir, vm, soft),
+        Command::Console {
+            vm,
+            no_stdin,
+            force,
+            tail,
+            linger,
+            run_dir,
+        } => console::console(
+            &run_dir.run_dir,
+            vm,
+            console::ConsoleOptions {
+                no_stdin,
+                force,
+                tail,
+                linger: std::time::Duration::from_secs_f64(linger.max(0.0)),
+            },
+        ),
         Command::FenceGuard(args) => crate::qemu::guard::run(GuardOptions {
             trust_file: args.trust_file,
             lease: args.lease,

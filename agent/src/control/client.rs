@@ -40,7 +40,11 @@ pub enum ClientError {
 /// is reported rather than waited for forever.
 pub fn timeout_for(request: &Request) -> Duration {
     match request {
-        Request::Status | Request::Plan { .. } | Request::ClusterStatus => Duration::from_secs(30),
+        // Console: until the attach is answered; the stream that follows has no deadline.
+        Request::Status
+        | Request::Plan { .. }
+        | Request::ClusterStatus
+        | Request::Console { .. } => Duration::from_secs(30),
         Request::Reload | Request::Start { .. } | Request::Stop { .. } | Request::Reset { .. } => {
             Duration::from_secs(600)
         }

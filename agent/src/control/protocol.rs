@@ -24,6 +24,20 @@ pub enum Request {
     Reset { vm: String, soft: bool },
     /// Every host's VMs as ChainFire has them (refused when the agent runs standalone).
     ClusterStatus,
+    /// Attach to the VM's serial console. Answered with `ConsoleAttached` (or `Error`), then the
+    /// connection carries raw bytes: console output to the client, and with `write` the
+    /// client's bytes to the guest. The client detaches by closing it.
+    Console {
+        vm: String,
+        /// Ask for the one writer seat (refused while another client holds it, unless `force`).
+        write: bool,
+        /// Take the writer seat over; the previous writer is told and detached.
+        force: bool,
+        /// Send the last `tail` lines of the console log first.
+        tail: usize,
+        /// The client's terminal, to tell a refused writer who holds the console.
+        tty: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +62,10 @@ pub enum Response {
     },
     Error {
         kind: ErrorKind,
+        message: String,
+    },
+    /// The console stream follows on this connection.
+    ConsoleAttached {
         message: String,
     },
 }

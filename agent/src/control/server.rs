@@ -1,6 +1,8 @@
 //! The server side of the control socket: accepts connections and hands each request to a
 //! handler, one task per connection, so a slow request (a reload waiting for a guest) never
-//! blocks `status`. The limits and who gets in at the cap are `limits`' rules.
+//! blocks `status`. The limits and who gets in at the cap are `limits`' rules. A request that
+//! takes the connection over (`Request::Console`) goes to the `attach` handler with the
+//! connection instead.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf, UCred};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, Notify};
 
@@ -51,12 +54,26 @@ impl Registry {
     }
 }
 
-/// Serves requests forever with `handle`, keeping at most `limits::connection_cap` connections
-/// open (from the process's soft fd limit at the time).
-pub async fn serve<H, F>(listener: UnixListener, handle: Arc<H>)
+/// A request that takes its connection over, with the connection: the attach handler answers
+/// on `write` and then streams both ways.
+pub struct Attached {
+    pub request: Request,
+    /// Who connected (from the kernel, not from the client's word).
+    pub peer: Option<UCred>,
+    /// What the client sends after its request line (bytes already read included).
+    pub read: tokio::io::Chain<std::io::Cursor<Vec<u8>>, OwnedReadHalf>,
+    pub write: OwnedWriteHalf,
+}
+
+/// Serves requests forever with `handle`, and connections taken over with `attach`, keeping at
+/// most `limits::connection_cap` connections open (from the process's soft fd limit at the time;
+/// an attached console counts as a busy connection).
+pub async fn serve<H, F, A, G>(listener: UnixListener, handle: Arc<H>, attach: Arc<A>)
 where
     H: Fn(Request) -> F + Send + Sync + 'static,
     F: Future<Output = Response> + Send + 'static,
+    A: Fn(Attached) -> G + Send + Sync + 'static,
+    G: Future<Output = ()> + Send + 'static,
 {
     let cap = limits::connection_cap(fd_limit());
     tracing::info!(
@@ -121,11 +138,12 @@ where
             (evicted_rx, id)
         };
         let handle = handle.clone();
+        let attach = attach.clone();
         let registry = registry.clone();
         let closed = closed.clone();
         tokio::spawn(async move {
             let mut busy = false;
-            let outcome = connection(stream, handle.as_ref(), evicted_rx, || {
+            let outcome = connection(stream, handle.as_ref(), attach.as_ref(), evicted_rx, || {
                 let mut registry = registry.lock().unwrap();
                 registry.evict.remove(&id);
                 busy = registry.connections.start_request(id);
@@ -145,36 +163,52 @@ where
 
 /// Serves one connection: reads its request line (within the limits), then, if `start` agrees
 /// (the connection was not evicted meanwhile), answers it.
-async fn connection<H, F>(
+async fn connection<H, F, A, G>(
     stream: UnixStream,
     handle: &H,
+    attach: &A,
     mut evicted: oneshot::Receiver<()>,
     start: impl FnOnce() -> bool,
 ) -> Result<()>
 where
     H: Fn(Request) -> F,
     F: Future<Output = Response>,
+    A: Fn(Attached) -> G,
+    G: Future<Output = ()>,
 {
-    let (read, mut write) = stream.into_split();
+    let peer = stream.peer_cred().ok();
+    let (read_half, mut write) = stream.into_split();
     let mut request = Vec::new();
-    let mut reader = BufReader::new(read.take(limits::MAX_REQUEST_BYTES as u64));
+    let mut reader = BufReader::new(read_half.take(limits::MAX_REQUEST_BYTES as u64));
     let read = tokio::time::timeout(limits::IDLE_TIMEOUT, reader.read_until(b'\n', &mut request));
-    let response = tokio::select! {
+    let parsed = tokio::select! {
         _ = &mut evicted => return Ok(()),
         read = read => match read {
-            Err(_) => {
-                error(format!("no request within {:?}: closing", limits::IDLE_TIMEOUT))
-            }
+            Err(_) => Err(error(format!("no request within {:?}: closing", limits::IDLE_TIMEOUT))),
             Ok(Err(e)) => return Err(e).context("reading a request"),
             Ok(Ok(_)) if !start() => return Ok(()),
             Ok(Ok(n)) if n == limits::MAX_REQUEST_BYTES && !request.ends_with(b"\n") => {
-                error(format!("a request is at most {} bytes", limits::MAX_REQUEST_BYTES))
+                Err(error(format!("a request is at most {} bytes", limits::MAX_REQUEST_BYTES)))
             }
-            Ok(Ok(_)) => match serde_json::from_slice::<Request>(&request) {
-                Ok(request) => handle(request).await,
-                Err(e) => error(format!("not a request this agent understands: {e}")),
-            },
+            Ok(Ok(_)) => serde_json::from_slice::<Request>(&request)
+                .map_err(|e| error(format!("not a request this agent understands: {e}"))),
         },
+    };
+    let response = match parsed {
+        Ok(request @ Request::Console { .. }) => {
+            let early = reader.buffer().to_vec();
+            let read = std::io::Cursor::new(early).chain(reader.into_inner().into_inner());
+            attach(Attached {
+                request,
+                peer,
+                read,
+                write,
+            })
+            .await;
+            return Ok(());
+        }
+        Ok(request) => handle(request).await,
+        Err(response) => response,
     };
     tokio::time::timeout(
         limits::WRITE_TIMEOUT,
@@ -190,6 +224,11 @@ fn error(message: String) -> Response {
         kind: ErrorKind::BadRequest,
         message,
     }
+}
+
+/// Writes one response line (on a connection taken over).
+pub async fn send(write: &mut OwnedWriteHalf, response: &Response) -> std::io::Result<()> {
+    write.write_all(line(response).as_bytes()).await
 }
 
 fn line(response: &Response) -> String {

@@ -7,11 +7,13 @@
 //! - `restart`, `operator`: restart backoff; persisted operator start/stop.
 //! - `watch`: config directory watch and SIGHUP; `config_file`: reading the config off the runtime.
 //! - `cluster`: the ChainFire session's config and notices.
+//! - `console`: `plasmavmc console` (QEMU's console socket fanned out) and console log rotation.
 //! - `handover`: disk images moving from one VM to another in one reconcile.
 
 mod adopt;
 mod cluster;
 mod config_file;
+mod console;
 mod handover;
 mod operator;
 mod restart;
@@ -143,7 +145,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             async move { daemon.handle(request).await }
         })
     };
-    tokio::spawn(server::serve(listener, handler));
+    let consoles = console::Consoles::new(run_dir.clone());
+    let attach = Arc::new(move |attached| Arc::clone(&consoles).attach(attached));
+    tokio::spawn(server::serve(listener, handler, attach));
+    tokio::spawn(console::rotate_logs(run_dir.clone()));
     let config_watch = match watch::ConfigWatch::start(&options.config, triggers.clone()) {
         Ok(watch) => Some(watch),
         Err(e) => {

@@ -437,6 +437,11 @@ impl Daemon {
                 None => Err((ErrorKind::BadRequest, format!("no VM named {vm}"))),
             },
             Request::ClusterStatus => self.cluster_status(),
+            // The control server hands console connections to `console::Consoles`.
+            Request::Console { .. } => Err((
+                ErrorKind::BadRequest,
+                "a console request needs its own connection".into(),
+            )),
         };
         result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
     }
