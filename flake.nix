@@ -28,6 +28,7 @@
           lib,
           rustPlatform,
           protobuf,
+          installShellFiles,
         }:
         rustPlatform.buildRustPackage {
           pname = "plasmavmc";
@@ -50,7 +51,20 @@
             "plasmavmc"
           ];
           # etcd-client compiles etcd's protobuf definitions with protoc at build time.
-          nativeBuildInputs = [ protobuf ];
+          nativeBuildInputs = [
+            protobuf
+            installShellFiles
+          ];
+          # Completions and man pages come from the clap definitions (`plasmavmc completions`,
+          # `plasmavmc manpages`), so they always match the binary.
+          postInstall = ''
+            installShellCompletion --cmd plasmavmc \
+              --bash <($out/bin/plasmavmc completions bash) \
+              --zsh <($out/bin/plasmavmc completions zsh) \
+              --fish <($out/bin/plasmavmc completions fish)
+            $out/bin/plasmavmc manpages man
+            installManPage man/*.1
+          '';
           # The agent's tests boot real QEMU guests and start a real etcd: they cannot run in the
           # build sandbox. They run in CI (scripts/test.sh) and in the NixOS VM tests (checks).
           doCheck = false;

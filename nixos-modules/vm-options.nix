@@ -231,7 +231,11 @@ in
     consoleLog = mkOption {
       type = types.bool;
       default = true;
-      description = "Write the serial console to `<runDir>/vms/<name>/console.log`.";
+      description = ''
+        Give the VM a serial console: `plasmavmc console <name>` attaches to it, and QEMU logs
+        everything the guest prints to `<runDir>/vms/<name>/console.log`. False: no serial
+        console at all.
+      '';
     };
     ha.enable = mkEnableOption ''
       high availability across hosts: the VM fails over to another host when this one stops

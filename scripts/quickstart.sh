@@ -45,6 +45,8 @@ echo "--- last lines of $console"
 tail -n 5 "$console" || true
 cat <<EOM
 
+Get into the guest (a root shell; Ctrl-] detaches):
+  $plasmavmc console demo --run-dir $run_dir
 Try a live change: edit examples/demo.json (raise "vcpus" to 2, add a disk), then
   $plasmavmc plan --config examples/demo.json --run-dir $run_dir
   $plasmavmc reload --wait --run-dir $run_dir

@@ -8,6 +8,7 @@
 
 mod commands;
 mod console;
+mod generate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,6 +159,17 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// Print the completion script for a shell (the Nix package installs them).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (plasmavmc.1, plasmavmc-COMMAND.1) into a directory (the Nix package
+    /// installs them).
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// (Started by the agent.) Run an HA VM's QEMU as this process's child and kill it when the
     /// agent stops renewing the ChainFire lease its lock is bound to.
     ///
@@ -285,6 +297,8 @@ pub fn run() -> ExitCode {
                 linger: std::time::Duration::from_secs_f64(linger.max(0.0)),
             },
         ),
+        Command::Completions { shell } => generate::print(&generate::completions(shell)),
+        Command::Manpages { dir } => generate::manpages(&dir),
         Command::FenceGuard(args) => crate::qemu::guard::run(GuardOptions {
             trust_file: args.trust_file,
             lease: args.lease,
