@@ -6,6 +6,7 @@
 mod adopt;
 mod agent;
 mod chainfire;
+mod console;
 mod faults;
 mod ha;
 mod hotplug;
@@ -24,8 +25,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",
-    about = "Measure plasmavmc: planning, adoption, live changes, ChainFire, HA failover and \
-             status under load"
+    about = "Measure plasmavmc: planning, adoption, live changes, console, ChainFire, HA failover \
+             and status under load"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,6 +63,18 @@ enum Bench {
         /// Live applications per change (each followed by a revert).
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+    },
+    /// Console round trip: a key typed into `plasmavmc console` until the guest's echo comes
+    /// back out of it, on one real guest's shell (TCG).
+    Console {
+        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/test-guest")]
+        guest_dir: PathBuf,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+        /// Keys typed (each one timed).
+        #[arg(long, default_value_t = 200)]
+        keys: usize,
     },
     /// ChainFire against loopback etcd: host-failure detection and HA failover after a kill -9
     /// per TTL, store writes per minute in steady state, publish latency of a state change.
@@ -186,6 +199,15 @@ fn main() -> anyhow::Result<()> {
             vms,
             rounds,
             work_dir,
+        })?,
+        Bench::Console {
+            guest_dir,
+            work_dir,
+            keys,
+        } => console::report(&console::Options {
+            guest_dir: std::path::absolute(guest_dir)?,
+            work_dir,
+            keys,
         })?,
         Bench::Hotplug {
             guest_dir,
