@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::*;
-use nix::sys::termios::{tcgetattr, LocalFlags};
+use nix::sys::termios::{tcgetattr, LocalFlags, Termios};
 use serde_json::json;
 
 /// The guest's shell answers a line in well under a second; generous for a loaded TCG host.
@@ -30,6 +30,8 @@ struct Terminal {
     master: File,
     /// The slave side, kept open to look at its modes after the client ends.
     slave: OwnedFd,
+    /// The slave's modes before the client started.
+    cooked: Termios,
     screen: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -37,6 +39,7 @@ impl Terminal {
     fn attach(host: &Host, vm: &str) -> Terminal {
         let pty = nix::pty::openpty(None, None).expect("openpty");
         let slave = File::from(pty.slave);
+        let cooked = tcgetattr(slave.as_fd()).unwrap();
         let child = plasmavmc()
             .args(["console", vm, "--run-dir"])
             .arg(&host.run_dir)
@@ -63,6 +66,7 @@ impl Terminal {
             child,
             master,
             slave: slave.into(),
+            cooked,
             screen,
         }
     }
@@ -146,7 +150,6 @@ fn console_types_into_the_guest_one_writer_at_a_time_and_survives_an_agent_resta
 
     let mut terminal = Terminal::attach(&host, "web");
     terminal.wait_for("attached to the console of web");
-    let modes_before = tcgetattr(terminal.slave.as_fd()).unwrap();
     // The shell computes the answer, so it cannot be the echo of what was typed.
     terminal.type_keys(b"echo typed-$((6*7))\r");
     terminal.wait_for("typed-42");
@@ -187,7 +190,7 @@ fn console_types_into_the_guest_one_writer_at_a_time_and_survives_an_agent_resta
     assert_eq!(terminal.wait_exit(), 0, "{}", terminal.screen());
     let modes_after = tcgetattr(terminal.slave.as_fd()).unwrap();
     assert_eq!(
-        modes_after.local_flags, modes_before.local_flags,
+        modes_after.local_flags, terminal.cooked.local_flags,
         "the terminal is restored after the detach"
     );
     assert!(
