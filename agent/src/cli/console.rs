@@ -5,7 +5,7 @@
 //! copied to stdout and stdin to the guest; when stdin ends, the command waits until the console
 //! has been quiet for `--linger` seconds (so the answer to the last line is printed), then ends.
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{BufReader, ErrorKind, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -111,27 +111,14 @@ type Attachment = (UnixStream, BufReader<UnixStream>, String);
 
 /// Sends the request; the stream and the agent's message, or the agent's refusal.
 fn attach(socket: &Path, request: &Request) -> Result<Result<Attachment, Response>, ClientError> {
-    let io = |source| ClientError::Io {
-        path: socket.to_owned(),
-        source,
-    };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
-        path: socket.to_owned(),
-        source,
-    })?;
-    let mut line = serde_json::to_string(request).expect("requests serialize");
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(io)?;
-    stream
-        .set_read_timeout(Some(client::timeout_for(request)))
-        .map_err(io)?;
-    let mut output = BufReader::new(stream.try_clone().map_err(io)?);
-    let mut answer = String::new();
-    output.read_line(&mut answer).map_err(io)?;
-    let response = serde_json::from_str(&answer).map_err(|source| ClientError::Protocol {
-        path: socket.to_owned(),
-        source,
-    })?;
+    let (output, response) = client::ask(socket, request)?;
+    let stream = output
+        .get_ref()
+        .try_clone()
+        .map_err(|source| ClientError::Io {
+            path: socket.to_owned(),
+            source,
+        })?;
     Ok(match response {
         Response::ConsoleAttached { message } => Ok((stream, output, message)),
         other => Err(other),

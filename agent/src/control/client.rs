@@ -79,6 +79,15 @@ pub fn request_within(
 }
 
 fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
+    ask(socket, request).map(|(_, response)| response)
+}
+
+/// Connects, sends `request`, reads the answer line (waiting at most `timeout_for(request)`);
+/// the connection stays open for what follows it (a console stream).
+pub fn ask(
+    socket: &Path,
+    request: &Request,
+) -> Result<(BufReader<UnixStream>, Response), ClientError> {
     let io = |source| ClientError::Io {
         path: socket.to_owned(),
         source,
@@ -98,18 +107,23 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
     let mut line = serde_json::to_string(request).expect("requests serialize");
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
+    stream
+        .set_read_timeout(Some(timeout_for(request)))
+        .map_err(io)?;
     let mut answer = String::new();
-    BufReader::new(stream).read_line(&mut answer).map_err(io)?;
+    let mut reader = BufReader::new(stream);
+    reader.read_line(&mut answer).map_err(io)?;
     if answer.is_empty() {
         return Err(io(std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             "the agent closed the connection without answering",
         )));
     }
-    serde_json::from_str(&answer).map_err(|source| ClientError::Protocol {
+    let response = serde_json::from_str(&answer).map_err(|source| ClientError::Protocol {
         path: socket.to_owned(),
         source,
-    })
+    })?;
+    Ok((reader, response))
 }
 
 #[cfg(test)]
