@@ -209,8 +209,12 @@ fn console_types_into_the_guest_one_writer_at_a_time_and_survives_an_agent_resta
     holder.wait_for("taken over by");
     holder.wait_exit();
 
-    // What a VM booted by an older agent looks like: a console log, no console socket.
+    // What a VM booted by an older agent looks like to the agent that adopts it: a console
+    // log, no console socket.
     std::fs::remove_file(host.run_dir.join("vms/web/console.sock")).unwrap();
+    host.kill_agent();
+    host.start_agent();
+    assert_eq!(host.wait_running("web"), pid);
     let old = host.cli(&["console", "web", "--no-stdin"]);
     assert_eq!(old.code, 1, "{old:?}");
     assert!(
