@@ -383,7 +383,9 @@ fn the_control_server_answers_garbage_with_a_clear_error_and_keeps_serving() {
             message: format!("{request:?}"),
         }
     };
-    runtime.spawn(server::serve(listener, Arc::new(echo)));
+    // Console requests take the connection over; here they are simply closed.
+    let attach = |_: server::Attached| async {};
+    runtime.spawn(server::serve(listener, Arc::new(echo), Arc::new(attach)));
 
     // One line per request: bytes without a newline, which the framing would split.
     let garbage = prop::collection::vec(
