@@ -130,15 +130,23 @@ enum Bench {
     /// more VM's QEMU stalled (SIGSTOP), behind idle connections, and with concurrent clients.
     /// Runs real QEMUs (TCG); needs root for 20,000 connections (the fd limit is raised).
     Status {
+        /// Comma-separated, run in this order.
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "no-fault,stalled,idle,concurrent"
+        )]
+        scenarios: Vec<status::Scenario>,
         #[arg(long, default_value_t = 4)]
         vms: usize,
         /// Requests measured per scenario (shared among the concurrent clients, at least 5 each).
         #[arg(long, default_value_t = 200)]
         samples: usize,
-        /// Idle connections held open during the second scenario.
+        /// Idle connections held open in the `idle` scenario.
         #[arg(long, default_value_t = 20_000)]
         idle: usize,
-        /// Clients asking at once in the third scenario.
+        /// Clients asking at once in the `concurrent` scenario.
         #[arg(long, default_value_t = 200)]
         clients: usize,
         #[arg(long, default_value = "/tmp/plasmavmc-bench")]
@@ -179,12 +187,14 @@ fn main() -> anyhow::Result<()> {
             etcd,
         } => ha::report(etcd.as_deref(), &ttls, rounds, &work_dir)?,
         Bench::Status {
+            scenarios,
             vms,
             samples,
             idle,
             clients,
             work_dir,
         } => status::report(&status::Options {
+            scenarios,
             vms,
             samples,
             idle,

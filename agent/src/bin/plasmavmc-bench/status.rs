@@ -17,7 +17,21 @@ use plasmavmc_agent::control::protocol::{Request, Response};
 use crate::agent::{pids_in_state, plasmavmc_binary, Agent};
 use crate::stats::{ms, Summary};
 
+/// What `status` is measured against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Nothing wrong: the reference.
+    NoFault,
+    /// One more VM's QEMU stopped with SIGSTOP (resumed after).
+    Stalled,
+    /// `--idle` connections open on the control socket, each silent.
+    Idle,
+    /// `--clients` clients asking at once.
+    Concurrent,
+}
+
 pub struct Options {
+    pub scenarios: Vec<Scenario>,
     pub vms: usize,
     pub samples: usize,
     pub idle: usize,
@@ -66,36 +80,39 @@ pub fn report(options: &Options) -> Result<()> {
             summary.samples
         )
     };
-    let result = (|| -> Result<()> {
-        line("no fault", bench.sequential(options.samples)?);
-
-        let stalled_pid = booted["vms"][STALLED]["pid"]
-            .as_u64()
-            .context("stalled VM's pid")?;
-        let stalled_pid = Pid::from_raw(stalled_pid as i32);
-        kill(stalled_pid, Signal::SIGSTOP)?;
-        let stalled = bench.sequential(options.samples);
-        kill(stalled_pid, Signal::SIGCONT)?;
-        line("one more VM's QEMU stalled (SIGSTOP)", stalled?);
-
-        let idle = open_idle(&socket, options.idle)?;
-        let held = open_fds(agent.pid())?;
-        let summary = bench.sequential(options.samples)?;
-        line(
-            &format!(
-                "{} idle connections (the agent holds {held} descriptors)",
-                idle.len()
-            ),
-            summary,
-        );
-        drop(idle);
-
-        line(
-            &format!("{} concurrent clients", options.clients),
-            bench.concurrent(options.clients, options.samples)?,
-        );
-        Ok(())
-    })();
+    let result = options
+        .scenarios
+        .iter()
+        .try_for_each(|scenario| -> Result<()> {
+            match scenario {
+                Scenario::NoFault => line("no fault", bench.sequential(options.samples)?),
+                Scenario::Stalled => {
+                    let pid = booted["vms"][STALLED]["pid"]
+                        .as_u64()
+                        .context("the stalled VM's pid")?;
+                    let pid = Pid::from_raw(pid as i32);
+                    kill(pid, Signal::SIGSTOP)?;
+                    let stalled = bench.sequential(options.samples);
+                    kill(pid, Signal::SIGCONT)?;
+                    line("one more VM's QEMU stalled (SIGSTOP)", stalled?);
+                }
+                Scenario::Idle => {
+                    let idle = open_idle(&socket, options.idle)?;
+                    let held = open_fds(agent.pid())?;
+                    let summary = bench.sequential(options.samples)?;
+                    let what = format!(
+                        "{} idle connections (the agent holds {held} descriptors)",
+                        idle.len()
+                    );
+                    line(&what, summary);
+                }
+                Scenario::Concurrent => line(
+                    &format!("{} concurrent clients", options.clients),
+                    bench.concurrent(options.clients, options.samples)?,
+                ),
+            }
+            Ok(())
+        });
 
     drop(agent);
     for pid in pids {
