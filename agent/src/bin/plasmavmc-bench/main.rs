@@ -128,7 +128,7 @@ enum Bench {
     },
     /// `status` latency (median, p99) for N healthy guest-less VMs: with no fault, with one
     /// more VM's QEMU stalled (SIGSTOP), behind idle connections, and with concurrent clients.
-    /// Runs real QEMUs (TCG); needs root for 20,000 connections (the fd limit is raised).
+    /// Runs real QEMUs (TCG); the idle connections are held by child processes, 10,000 each.
     Status {
         /// Comma-separated, run in this order.
         #[arg(
@@ -152,6 +152,9 @@ enum Bench {
         #[arg(long, default_value = "/tmp/plasmavmc-bench")]
         work_dir: PathBuf,
     },
+    /// (Used by `status`.) Open N silent connections to SOCKET and hold them until stdin closes.
+    #[command(hide = true)]
+    HoldIdle { socket: PathBuf, connections: usize },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -219,6 +222,10 @@ fn main() -> anyhow::Result<()> {
             work_dir,
             keys,
         })?,
+        Bench::HoldIdle {
+            socket,
+            connections,
+        } => status::hold_idle_here(&socket, connections)?,
         Bench::Hotplug {
             guest_dir,
             work_dir,

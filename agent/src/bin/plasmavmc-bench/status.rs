@@ -4,8 +4,10 @@
 //! figures are the agent's, not a CLI process start's. Every answer must show every healthy VM
 //! running; the agent must be alive at the end of each scenario.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -43,7 +45,6 @@ const HEALTHY: &str = "vm";
 const STALLED: &str = "stalled";
 
 pub fn report(options: &Options) -> Result<()> {
-    raise_fd_limit(options.idle as u64 + 1024)?;
     let binary = plasmavmc_binary()?;
     let dir = options.work_dir.join("status");
     let _ = std::fs::remove_dir_all(&dir);
@@ -97,14 +98,15 @@ pub fn report(options: &Options) -> Result<()> {
                     line("one more VM's QEMU stalled (SIGSTOP)", stalled?);
                 }
                 Scenario::Idle => {
-                    let idle = open_idle(&socket, options.idle)?;
+                    let holders = hold_idle(&socket, options.idle)?;
                     let held = open_fds(agent.pid())?;
-                    let summary = bench.sequential(options.samples)?;
+                    let summary = bench.sequential(options.samples);
+                    release(holders);
                     let what = format!(
                         "{} idle connections (the agent holds {held} descriptors)",
-                        idle.len()
+                        options.idle
                     );
-                    line(&what, summary);
+                    line(&what, summary?);
                 }
                 Scenario::Concurrent => line(
                     &format!("{} concurrent clients", options.clients),
@@ -179,11 +181,57 @@ impl Bench<'_> {
     }
 }
 
-/// `n` connections that never send anything.
-fn open_idle(socket: &Path, n: usize) -> Result<Vec<UnixStream>> {
-    (0..n)
+/// Idle connections one holder process opens (a process's fd limit is 20,000 on many hosts,
+/// and raising the hard limit needs CAP_SYS_RESOURCE).
+const PER_HOLDER: usize = 10_000;
+
+/// `n` silent connections to `socket`, held by `plasmavmc-bench hold-idle` child processes;
+/// returns once all are connected.
+fn hold_idle(socket: &Path, n: usize) -> Result<Vec<Child>> {
+    let bench = std::env::current_exe()?;
+    let mut holders = Vec::new();
+    for start in (0..n).step_by(PER_HOLDER) {
+        let count = PER_HOLDER.min(n - start);
+        let mut holder = Command::new(&bench)
+            .arg("hold-idle")
+            .arg(socket)
+            .arg(count.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut ready = String::new();
+        BufReader::new(holder.stdout.take().context("holder stdout")?).read_line(&mut ready)?;
+        holders.push(holder);
+        if ready.trim() != "ready" {
+            release(holders);
+            bail!("a holder of idle connections failed (see its stderr above)");
+        }
+    }
+    Ok(holders)
+}
+
+/// Closes the holders' connections (their stdin closes, they exit).
+fn release(holders: Vec<Child>) {
+    for mut holder in holders {
+        drop(holder.stdin.take());
+        let _ = holder.wait();
+    }
+}
+
+/// `plasmavmc-bench hold-idle SOCKET N`: opens N connections that never send anything, says
+/// `ready`, and holds them until its stdin closes.
+pub fn hold_idle_here(socket: &Path, n: usize) -> Result<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    let idle: Vec<UnixStream> = (0..n)
         .map(|i| UnixStream::connect(socket).with_context(|| format!("idle connection {i}")))
-        .collect()
+        .collect::<Result<_>>()?;
+    println!("ready");
+    std::io::stdout().flush()?;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+    drop(idle);
+    Ok(())
 }
 
 fn open_fds(pid: u32) -> Result<usize> {
@@ -192,15 +240,4 @@ fn open_fds(pid: u32) -> Result<usize> {
 
 fn is_alive(pid: u32) -> bool {
     plasmavmc_agent::qemu::process::is_alive(pid)
-}
-
-/// Enough descriptors for the idle connections (raising the hard limit needs root).
-fn raise_fd_limit(wanted: u64) -> Result<()> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
-    if soft >= wanted {
-        return Ok(());
-    }
-    setrlimit(Resource::RLIMIT_NOFILE, wanted, hard.max(wanted))
-        .with_context(|| format!("raising the fd limit to {wanted} (run as root, or lower --idle)"))
 }
