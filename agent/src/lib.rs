@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod devices;
 pub mod files;
+pub mod identity;
 pub mod ids;
 pub mod observed;
 pub mod paths;

@@ -39,6 +39,9 @@ pub enum VmState {
     Paused,
     Stopping,
     Failed,
+    /// A QEMU of this VM runs that the agent cannot manage now (`stateReason` says why): it is
+    /// left alone and nothing is started beside it; `plasmavmc stop --force` kills it.
+    Unresponsive,
 }
 
 impl VmState {
@@ -50,6 +53,7 @@ impl VmState {
             VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Failed => "failed",
+            VmState::Unresponsive => "unresponsive",
         }
     }
 }
@@ -58,6 +62,9 @@ impl VmState {
 #[serde(rename_all = "camelCase")]
 pub struct VmStatus {
     pub state: VmState,
+    /// Why the VM is in its state, where that needs saying (`unresponsive`: what is wrong).
+    #[serde(default)]
+    pub state_reason: Option<String>,
     /// QEMU's PID while it runs.
     pub pid: Option<u32>,
     /// The PID of the fence guard QEMU runs under (HA VMs with ChainFire).
@@ -85,6 +92,7 @@ impl VmStatus {
     pub fn stopped(declared: bool) -> VmStatus {
         VmStatus {
             state: VmState::Stopped,
+            state_reason: None,
             pid: None,
             fence_guard: None,
             uptime_seconds: None,
@@ -237,6 +245,9 @@ fn table(status: &HostStatus) -> String {
 /// The lines under a VM's row: what an operator needs to know beyond the columns.
 fn details(vm: &VmStatus) -> String {
     let mut out = String::new();
+    if let Some(reason) = &vm.state_reason {
+        let _ = writeln!(out, "  {}: {reason}", vm.state.as_str());
+    }
     if !vm.declared {
         out.push_str("  no longer declared: being stopped\n");
     }

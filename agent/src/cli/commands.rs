@@ -1,5 +1,6 @@
 //! Each CLI command: build the request, talk to the agent, print the answer, pick the exit code.
 
+use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -123,8 +124,79 @@ pub fn start(run_dir: &Path, vm: String) -> ExitCode {
     applied(ask(run_dir, Request::Start { vm }), false)
 }
 
-pub fn stop(run_dir: &Path, vm: String) -> ExitCode {
-    applied(ask(run_dir, Request::Stop { vm }), false)
+pub fn stop(
+    run_dir: &Path,
+    vm: String,
+    timeout: Option<std::time::Duration>,
+    force: bool,
+    json: bool,
+) -> ExitCode {
+    let request = Request::Stop {
+        vm: vm.clone(),
+        timeout_ms: timeout.map(|t| t.as_millis() as u64),
+        force,
+    };
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| Progress::start(vm, timeout, force));
+    let answer = ask(run_dir, request);
+    drop(progress);
+    match answer {
+        Ok(Response::Stopped { stop }) => {
+            if json {
+                println!("{}", serde_json::to_string(&stop).expect("serializes"));
+            } else {
+                println!("{}", stop.render());
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
+/// A line on the terminal, rewritten every second, saying how long `stop` has waited.
+struct Progress {
+    done: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(vm: String, timeout: Option<std::time::Duration>, force: bool) -> Progress {
+        let (done, stopped) = std::sync::mpsc::channel();
+        let started = std::time::Instant::now();
+        let thread = std::thread::spawn(move || {
+            let what = match (force, timeout) {
+                (true, _) => "force-quitting QEMU".to_owned(),
+                (false, Some(t)) => format!(
+                    "waiting for the guest to shut down (then quit QEMU after {})",
+                    humantime::format_duration(t)
+                ),
+                (false, None) => "waiting for the guest to shut down".to_owned(),
+            };
+            while stopped
+                .recv_timeout(std::time::Duration::from_secs(1))
+                .is_err_and(|e| e == std::sync::mpsc::RecvTimeoutError::Timeout)
+            {
+                let waited = started.elapsed().as_secs();
+                eprint!("\r\x1b[2Kstopping {vm}: {what}... {waited}s");
+            }
+            eprint!("\r\x1b[2K");
+        });
+        Progress {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        let _ = self.done.send(());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 pub fn reset(run_dir: &Path, vm: String, soft: bool) -> ExitCode {

@@ -118,8 +118,24 @@ enum Command {
     },
     /// Stop a VM (ACPI powerdown, then quit) and keep it down, across agent restarts, until
     /// `plasmavmc start`.
+    ///
+    /// Shows how long it has waited while on a terminal, and ends with a line saying whether the
+    /// guest shut down or was force-quit. An `unresponsive` VM (see `status`) is only stopped
+    /// with --force, which kills its QEMU.
     Stop {
         vm: String,
+        /// How long the guest gets to shut down after the ACPI powerdown before QEMU is told to
+        /// quit (e.g. 30s, 2m) [default: the agent's --stop-timeout].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        /// Do not ask the guest: quit QEMU now (SIGKILL if it does not answer). Also kills the
+        /// QEMU of an `unresponsive` VM.
+        #[arg(long)]
+        force: bool,
+        /// Print the outcome as JSON: {"vm", "how": "shutDown"|"quit"|"killed"|"alreadyStopped",
+        /// "forceQuit", "forced", "timeoutSeconds", "seconds"}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -278,7 +294,13 @@ pub fn run() -> ExitCode {
             run_dir,
         } => commands::status(&run_dir.run_dir, json, cluster),
         Command::Start { vm, run_dir } => commands::start(&run_dir.run_dir, vm),
-        Command::Stop { vm, run_dir } => commands::stop(&run_dir.run_dir, vm),
+        Command::Stop {
+            vm,
+            timeout,
+            force,
+            json,
+            run_dir,
+        } => commands::stop(&run_dir.run_dir, vm, timeout, force, json),
         Command::Reset { vm, soft, run_dir } => commands::reset(&run_dir.run_dir, vm, soft),
         Command::Console {
             vm,

@@ -19,7 +19,15 @@ pub enum Request {
     /// Operator start: run the VM and forget an operator stop or a restart backoff.
     Start { vm: String },
     /// Operator stop: take the VM down and keep it down (across agent restarts) until `Start`.
-    Stop { vm: String },
+    /// The guest gets `timeout_ms` (default: the agent's `--stop-timeout`) to shut down after an
+    /// ACPI powerdown; `force` quits QEMU at once, and kills an `unresponsive` VM's QEMU.
+    Stop {
+        vm: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
+        #[serde(default)]
+        force: bool,
+    },
     /// `system_reset`, or with `soft` an ACPI powerdown and start again in the same QEMU.
     Reset { vm: String, soft: bool },
     /// Every host's VMs as ChainFire has them (refused when the agent runs standalone).
@@ -55,6 +63,10 @@ pub enum Response {
     Done {
         message: String,
     },
+    /// How an operator stop went.
+    Stopped {
+        stop: StopReport,
+    },
     /// The cluster view: `table` for people, `view` as JSON.
     Cluster {
         table: String,
@@ -80,6 +92,60 @@ pub enum ErrorKind {
     BadRequest,
     /// The operation was attempted and failed (exit 1).
     Failed,
+}
+
+/// How `plasmavmc stop` ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StopReport {
+    pub vm: String,
+    pub how: StopHow,
+    /// True unless the guest shut down on its own (or nothing ran).
+    pub force_quit: bool,
+    /// `--force` was given.
+    pub forced: bool,
+    /// How long the guest was given to shut down (`forced`: 0).
+    pub timeout_seconds: f64,
+    /// How long the stop took.
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StopHow {
+    /// The guest shut down after the ACPI powerdown.
+    ShutDown,
+    /// QEMU was told to quit (the guest did not shut down in time, or `--force`).
+    Quit,
+    /// QEMU was killed (it did not answer `quit`, or was unresponsive and `--force` was given).
+    Killed,
+    /// Nothing ran.
+    AlreadyStopped,
+}
+
+impl StopReport {
+    /// The final line `plasmavmc stop` prints.
+    pub fn render(&self) -> String {
+        let vm = &self.vm;
+        let took = format!("{:.1}s", self.seconds);
+        match (self.how, self.forced) {
+            (StopHow::ShutDown, _) => format!("{vm}: the guest shut down ({took})"),
+            (StopHow::AlreadyStopped, _) => format!("{vm}: was not running"),
+            (StopHow::Quit, true) => {
+                format!("{vm}: force-quit (--force): QEMU quit without asking the guest ({took})")
+            }
+            (StopHow::Killed, true) => format!("{vm}: force-quit (--force): QEMU killed ({took})"),
+            (how, false) => format!(
+                "{vm}: force-quit: the guest did not shut down within {}s; QEMU {} ({took})",
+                self.timeout_seconds,
+                if how == StopHow::Quit {
+                    "quit"
+                } else {
+                    "was killed"
+                }
+            ),
+        }
+    }
 }
 
 /// What a reconcile did: every step with its outcome, and what waits for a restart.
@@ -141,6 +207,43 @@ mod tests {
             Request::Reset {
                 vm: "web".into(),
                 soft: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_stop_says_whether_the_guest_shut_down_or_was_force_quit() {
+        let report = |how, forced| StopReport {
+            vm: "web".into(),
+            how,
+            force_quit: !matches!(how, StopHow::ShutDown | StopHow::AlreadyStopped),
+            forced,
+            timeout_seconds: 60.0,
+            seconds: 2.3,
+        };
+        assert_eq!(
+            report(StopHow::ShutDown, false).render(),
+            "web: the guest shut down (2.3s)"
+        );
+        assert_eq!(
+            report(StopHow::Quit, false).render(),
+            "web: force-quit: the guest did not shut down within 60s; QEMU quit (2.3s)"
+        );
+        assert_eq!(
+            report(StopHow::Killed, true).render(),
+            "web: force-quit (--force): QEMU killed (2.3s)"
+        );
+        let json = serde_json::to_value(report(StopHow::Quit, true)).unwrap();
+        assert_eq!(json["how"], "quit");
+        assert_eq!(json["forceQuit"], true);
+        // An older client's stop request still parses.
+        let old: Request = serde_json::from_str(r#"{"request":"stop","vm":"web"}"#).unwrap();
+        assert_eq!(
+            old,
+            Request::Stop {
+                vm: "web".into(),
+                timeout_ms: None,
+                force: false
             }
         );
     }

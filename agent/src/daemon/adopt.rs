@@ -1,8 +1,10 @@
 //! Startup: find the QEMUs a previous agent left running and take them over without a restart.
 //!
-//! Identifiable ones (pidfile + `/proc` cmdline + readable boot spec) are adopted whether declared
-//! or not: the first reconcile stops the undeclared ones properly (powerdown first). Anything
-//! else that looks like a live QEMU in a VM directory is a stranger: reported, never touched.
+//! Identifiable ones (pidfile + `/proc` cmdline + readable boot spec + QMP answers) are adopted
+//! whether declared or not: the first reconcile stops the undeclared ones properly (powerdown
+//! first). A process of a VM that cannot be adopted (see `identity::judge`; QMP silent) is held
+//! `unresponsive`: never duplicated, looked at again on every observe. A live QEMU of some other
+//! VM named by a pidfile is a stranger: reported, never touched.
 
 use std::sync::Arc;
 
@@ -12,7 +14,8 @@ use futures::future::join_all;
 use super::supervisor::Daemon;
 use super::vm::VmSlot;
 use crate::paths::VmDir;
-use crate::qemu::{find_running, list_vm_dirs, process};
+use crate::qemu::process::AlreadyRuns;
+use crate::qemu::{list_vm_dirs, process, Found};
 use crate::status::Stranger;
 
 pub async fn adopt_running(daemon: &Daemon) -> Result<()> {
@@ -26,9 +29,13 @@ pub async fn adopt_running(daemon: &Daemon) -> Result<()> {
 /// True if a QEMU was adopted.
 async fn adopt_one(daemon: &Daemon, name: String) -> bool {
     let vm_dir = daemon.shell.run_dir.vm(&name);
-    let running = match find_running(&name, &vm_dir) {
-        Ok(Some(running)) => running,
-        Ok(None) => {
+    let found = {
+        let (name, vm_dir) = (name.clone(), vm_dir.clone());
+        tokio::task::spawn_blocking(move || process::find(&name, &vm_dir)).await
+    };
+    let running = match found {
+        Ok(Found::Running(running)) => running,
+        Ok(Found::Absent) => {
             if let Some(reason) = process::take_fence_marker(&vm_dir) {
                 // Its guard fenced it while no agent was there to see.
                 daemon.explain_gone(&name, reason);
@@ -44,12 +51,12 @@ async fn adopt_one(daemon: &Daemon, name: String) -> bool {
             }
             return false;
         }
+        Ok(Found::Untouchable(already)) => {
+            hold_untouchable(daemon, &name, already).await;
+            return false;
+        }
         Err(e) => {
-            daemon.add_stranger(Stranger {
-                name,
-                pid: pidfile_pid(&vm_dir),
-                reason: format!("{e:#}"),
-            });
+            tracing::error!(vm = %name, "scanning for its processes: {e}");
             return false;
         }
     };
@@ -62,14 +69,17 @@ async fn adopt_one(daemon: &Daemon, name: String) -> bool {
             true
         }
         Err(e) => {
-            daemon.add_stranger(Stranger {
-                name,
-                pid: Some(pid),
-                reason: format!("{e:#}"),
-            });
+            let reason = format!("{e:#}");
+            hold_untouchable(daemon, &name, AlreadyRuns { pid, reason }).await;
             false
         }
     }
+}
+
+async fn hold_untouchable(daemon: &Daemon, name: &str, already: AlreadyRuns) {
+    let slot = VmSlot::new(name, false);
+    slot.hold_untouchable(already).await;
+    daemon.insert_adopted(slot);
 }
 
 fn pidfile_pid(vm_dir: &VmDir) -> Option<u32> {

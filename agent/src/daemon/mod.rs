@@ -5,6 +5,7 @@
 //! - `vm`: one VM's QEMU connection and status snapshot.
 //! - `adopt`: taking over QEMUs a previous agent left running.
 //! - `restart`, `operator`: restart backoff; persisted operator start/stop.
+//! - `run_lock`: one agent per run dir.
 //! - `watch`: config directory watch and SIGHUP; `config_file`: reading the config off the runtime.
 //! - `cluster`: the ChainFire session's config and notices.
 //! - `console`: `plasmavmc console` (QEMU's console socket fanned out) and console log rotation.
@@ -17,6 +18,7 @@ mod console;
 mod handover;
 mod operator;
 mod restart;
+mod run_lock;
 mod supervisor;
 mod vm;
 mod watch;
@@ -71,6 +73,7 @@ pub struct ChainfireOptions {
 pub async fn run(options: AgentOptions) -> Result<()> {
     let run_dir = RunDir::new(&options.run_dir);
     create_dir(run_dir.root(), 0o755)?;
+    let _one_agent = run_lock::lock(run_dir.root())?;
     create_dir(&run_dir.vms_dir(), 0o700)?;
     create_dir(&options.state_dir, 0o700)?;
     let confinement = Confinement {

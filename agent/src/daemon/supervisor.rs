@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
+use futures::FutureExt;
 use tokio::sync::mpsc;
 
 use super::cluster;
@@ -23,12 +24,13 @@ use crate::action::{Action, Plan};
 use crate::chainfire::{HandleRecord, SessionHandle, VmKey};
 use crate::control::document::DesiredDocument;
 use crate::control::protocol::{
-    ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport,
+    ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport, StopHow, StopReport,
 };
 use crate::observed::ObservedHost;
 use crate::plan::{plan, RunIntent, RunIntents};
+use crate::qemu::lifecycle::StopOutcome;
 use crate::spec::{DesiredState, RestartPolicy};
-use crate::status::{ConfigStatus, HostStatus, Stranger};
+use crate::status::{ConfigStatus, HostStatus, Stranger, VmState};
 
 /// How long `status` waits for a VM busy with something else before showing its last snapshot.
 const STATUS_WAIT: Duration = Duration::from_millis(500);
@@ -320,18 +322,27 @@ impl Daemon {
             .collect();
         let names: Vec<String> = slots.iter().map(|slot| slot.name.clone()).collect();
         let handover = Handover::new(&names, handover::givers(&held, &desired));
-        let per_vm = slots
-            .iter()
-            .map(|slot| self.reconcile_vm(slot, &desired, &handover));
+        let (desired, handover) = (&desired, &handover);
+        let per_vm = slots.iter().map(|slot| async move {
+            let reconciled =
+                std::panic::AssertUnwindSafe(self.reconcile_vm(slot, desired, handover));
+            match reconciled.catch_unwind().await {
+                Ok(report) => report,
+                Err(panic) => {
+                    vm_panicked(slot, "reconciling", panic);
+                    ApplyReport::default()
+                }
+            }
+        });
         let mut report = ApplyReport::default();
         for vm_report in join_all(per_vm).await {
             report.steps.extend(vm_report.steps);
             report.pending.extend(vm_report.pending);
         }
-        self.forget_undeclared_stopped(&desired);
-        self.publish_supervision(&desired);
+        self.forget_undeclared_stopped(desired);
+        self.publish_supervision(desired);
         // A start that raced with a lost lease is caught here.
-        self.fence(&desired);
+        self.fence(desired);
         self.publish();
         Ok(report)
     }
@@ -351,7 +362,7 @@ impl Daemon {
         let released = handover.releasing(&slot.name);
         let _this_vm = slot.reconciling.lock().await;
         let name = &slot.name;
-        let (observed, unobservable) = match slot.observe(RECONCILE_WAIT).await {
+        let (observed, unobservable) = match slot.observe(&self.shell, RECONCILE_WAIT).await {
             Ok(observed) => (observed, None),
             Err(e) => (None, Some(format!("{e:#}"))),
         };
@@ -411,7 +422,7 @@ impl Daemon {
     }
 
     /// What the daemon executes for a control request.
-    pub async fn handle(&self, request: Request) -> Response {
+    pub async fn handle(self: &Arc<Self>, request: Request) -> Response {
         let result = match request {
             Request::Status => {
                 return Response::Status {
@@ -427,7 +438,14 @@ impl Daemon {
                 .await
                 .map(|plan| Response::Planned { plan }),
             Request::Start { vm } => self.operator(&vm, OperatorIntent::Started).await,
-            Request::Stop { vm } => self.operator(&vm, OperatorIntent::Stopped).await,
+            Request::Stop {
+                vm,
+                timeout_ms,
+                force,
+            } => {
+                let timeout = timeout_ms.map_or(self.shell.stop_timeout, Duration::from_millis);
+                self.operator_stop(&vm, timeout, force).await
+            }
             Request::Reset { vm, soft } => match self.slot(&vm) {
                 Some(slot) => slot
                     .reset(&self.shell, soft)
@@ -448,7 +466,13 @@ impl Daemon {
 
     /// A VM's event, from its QMP connection.
     pub async fn on_vm_event(&self, event: VmEvent) {
-        self.handle_vm_event(event).await;
+        let vm = event.vm().to_owned();
+        let handled = std::panic::AssertUnwindSafe(self.handle_vm_event(event)).catch_unwind();
+        if let Err(panic) = handled.await {
+            if let Some(slot) = self.slot(&vm) {
+                vm_panicked(&slot, "handling its QEMU's event", panic);
+            }
+        }
         self.publish();
     }
 
@@ -514,13 +538,13 @@ impl Daemon {
         }
     }
 
-    async fn status(&self) -> HostStatus {
+    async fn status(self: &Arc<Self>) -> HostStatus {
         // Hold reasons move with the cluster (who holds an HA lock) between reconciles.
         if let Some(desired) = self.desired.lock().unwrap().clone() {
             self.publish_supervision(&desired);
         }
         let slots = self.slots();
-        join_all(slots.iter().map(|slot| slot.observe(STATUS_WAIT))).await;
+        join_all(slots.iter().map(|slot| self.refresh_for_status(slot))).await;
         HostStatus {
             vms: slots
                 .iter()
@@ -532,6 +556,73 @@ impl Daemon {
                 error: self.config_error.lock().unwrap().clone(),
             },
         }
+    }
+
+    /// Refreshes `slot`'s snapshot from QEMU, waiting at most `STATUS_WAIT`: a VM that does not
+    /// answer in time (or is known not to) shows its last snapshot while the refresh goes on in
+    /// the background, so one silent QEMU never slows the status of the others.
+    async fn refresh_for_status(self: &Arc<Self>, slot: &Arc<VmSlot>) {
+        let Some(claim) = slot.claim_refresh() else {
+            return;
+        };
+        let (daemon, vm) = (Arc::clone(self), Arc::clone(slot));
+        let refresh = tokio::spawn(async move {
+            let _claim = claim;
+            let _ = vm.observe(&daemon.shell, STATUS_WAIT).await;
+        });
+        if slot.status().state != VmState::Unresponsive {
+            let _ = tokio::time::timeout(STATUS_WAIT, refresh).await;
+        }
+    }
+
+    /// `plasmavmc stop`: keep the VM down (a declared one, across agent restarts) and stop it
+    /// now; see `VmSlot::stop_now`.
+    async fn operator_stop(
+        &self,
+        vm: &str,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<Response, Refusal> {
+        let Some(slot) = self.slot(vm) else {
+            return Err((ErrorKind::BadRequest, format!("no VM named {vm}")));
+        };
+        if slot.status().declared {
+            self.operator
+                .lock()
+                .unwrap()
+                .set(vm, OperatorIntent::Stopped)
+                .map_err(|e| {
+                    (
+                        ErrorKind::Failed,
+                        format!("{vm}: could not record the operator's decision, so nothing was done: {e:#}"),
+                    )
+                })?;
+        }
+        let started = Instant::now();
+        let stopped = {
+            let _this_vm = slot.reconciling.lock().await;
+            slot.stop_now(&self.shell, timeout, force).await
+        };
+        let outcome = stopped.map_err(|e| (ErrorKind::Failed, format!("stop {vm}: {e:#}")))?;
+        if let Err((_, e)) = self.reconcile_vms(false, Some(vm)).await {
+            tracing::warn!(vm, "after the stop: {e}");
+        }
+        let how = match outcome {
+            StopOutcome::PoweredDown => StopHow::ShutDown,
+            StopOutcome::Quit => StopHow::Quit,
+            StopOutcome::Killed => StopHow::Killed,
+            StopOutcome::AlreadyGone => StopHow::AlreadyStopped,
+        };
+        Ok(Response::Stopped {
+            stop: StopReport {
+                vm: vm.to_owned(),
+                how,
+                force_quit: matches!(how, StopHow::Quit | StopHow::Killed),
+                forced: force,
+                timeout_seconds: if force { 0.0 } else { timeout.as_secs_f64() },
+                seconds: started.elapsed().as_secs_f64(),
+            },
+        })
     }
 
     async fn plan_only(&self, desired: Option<DesiredDocument>) -> Result<Plan, Refusal> {
@@ -559,7 +650,7 @@ impl Daemon {
                 .1
                 .map_err(|e| (ErrorKind::InvalidConfig, e.to_string()))?,
         };
-        let (observed, unobservable) = observe_all(&self.slots(), PLAN_WAIT).await;
+        let (observed, unobservable) = observe_all(&self.shell, &self.slots(), PLAN_WAIT).await;
         if let Some((vm, error)) = unobservable.iter().next() {
             return Err((
                 ErrorKind::Failed,
@@ -779,10 +870,11 @@ fn applied_in_full(actions: &[Action], outcomes: &[StepOutcome]) -> bool {
 /// Every VM as QEMU reports it; VMs that could not be read are listed with the error (the
 /// planner must not see them as absent, or it would start a second QEMU beside a live one).
 async fn observe_all(
+    shell: &super::vm::Shell,
     slots: &[Arc<VmSlot>],
     wait: Duration,
 ) -> (ObservedHost, BTreeMap<String, String>) {
-    let results = join_all(slots.iter().map(|slot| slot.observe(wait))).await;
+    let results = join_all(slots.iter().map(|slot| slot.observe(shell, wait))).await;
     let mut observed = ObservedHost::default();
     let mut unobservable = BTreeMap::new();
     for (slot, result) in slots.iter().zip(results) {
@@ -797,6 +889,19 @@ async fn observe_all(
         }
     }
     (observed, unobservable)
+}
+
+/// A panic while working on one VM (a bug): logged, the VM marked, the agent and the other VMs
+/// go on.
+fn vm_panicked(slot: &VmSlot, doing: &str, panic: Box<dyn std::any::Any + Send>) {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    let error = format!("agent bug while {doing}: {message} (please report it)");
+    tracing::error!(vm = %slot.name, "{error}");
+    slot.update_status(|s| s.last_error = Some(error));
 }
 
 #[cfg(test)]

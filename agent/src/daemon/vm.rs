@@ -3,10 +3,16 @@
 //! Everything that talks to a VM's QEMU goes through its runtime lock, so operations on one VM
 //! are serialized while VMs stay independent. The status snapshot is separate and never held
 //! across an await: `status` answers even while a VM is busy shutting down.
+//!
+//! A QEMU of this VM that the agent cannot manage (it does not answer on QMP, its pidfile or boot
+//! spec is wrong, see `identity`) is held as `untouchable`: shown `unresponsive` with why, never
+//! started beside, looked at again on every observe (adopted once it can be, forgotten once it is
+//! gone), and killed only by `plasmavmc stop --force`.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -20,8 +26,9 @@ use crate::control::protocol::StepOutcome;
 use crate::ids;
 use crate::observed::ObservedVm;
 use crate::paths::RunDir;
-use crate::qemu::lifecycle::{self, ResetOutcome};
+use crate::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
 use crate::qemu::live::{apply_live, LiveError, LiveOutcome};
+use crate::qemu::process::{AlreadyRuns, Found};
 use crate::qemu::{cgroup, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu};
 use crate::spec::VmSpec;
 use crate::status::{Device, VmState, VmStatus};
@@ -29,6 +36,8 @@ use crate::status::{Device, VmState, VmStatus};
 /// How long a freshly launched QEMU may take to answer on QMP (TCG on a loaded host is slow).
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 const ADOPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a SIGKILLed QEMU may take to be gone.
+const EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// What every VM needs from the daemon: where things are, how long to wait, whom to tell.
 pub struct Shell {
@@ -90,6 +99,17 @@ pub enum VmEvent {
     },
 }
 
+impl VmEvent {
+    pub fn vm(&self) -> &str {
+        match self {
+            VmEvent::Exited { vm, .. }
+            | VmEvent::DeviceDeleted { vm }
+            | VmEvent::UnplugRefused { vm, .. }
+            | VmEvent::GuestPanicked { vm } => vm,
+        }
+    }
+}
+
 pub struct VmSlot {
     pub name: String,
     /// Held across one reconcile of this VM (observe → plan → execute).
@@ -98,11 +118,15 @@ pub struct VmSlot {
     status: Mutex<VmStatus>,
     /// The disk images its QEMU had attached when last seen (see `handover`).
     images: Mutex<BTreeSet<PathBuf>>,
+    /// A status refresh runs (at most one at a time, so a silent QEMU never piles them up).
+    refreshing: AtomicBool,
 }
 
 #[derive(Default)]
 struct Runtime {
     conn: Option<Conn>,
+    /// A process of this VM the agent does not manage (see the module doc).
+    untouchable: Option<AlreadyRuns>,
     generation: u64,
     /// Devices the guest was asked to release that it still holds (by QEMU device id).
     unplugging: BTreeSet<String>,
@@ -139,6 +163,7 @@ impl VmSlot {
             runtime: Default::default(),
             status: Mutex::new(VmStatus::stopped(declared)),
             images: Default::default(),
+            refreshing: AtomicBool::new(false),
         })
     }
 
@@ -153,42 +178,139 @@ impl VmSlot {
 
     /// The snapshot, with the uptime as of now.
     pub fn status(&self) -> VmStatus {
-        self.status.lock().expect("status lock").clone()
+        self.status
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn update_status(&self, f: impl FnOnce(&mut VmStatus)) {
-        f(&mut self.status.lock().expect("status lock"));
+        f(&mut self.status.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// A slot for a process of this VM the agent cannot take over (found at startup).
+    pub async fn hold_untouchable(&self, already: AlreadyRuns) {
+        let mut rt = self.runtime.lock().await;
+        self.set_untouchable(&mut rt, already);
+    }
+
+    fn set_untouchable(&self, rt: &mut Runtime, already: AlreadyRuns) {
+        tracing::warn!(vm = %self.name, pid = already.pid, "unresponsive, left alone: {}", already.reason);
+        self.update_status(|s| {
+            s.state = VmState::Unresponsive;
+            s.pid = Some(already.pid);
+            s.state_reason = Some(format!(
+                "{}; nothing is started beside it (`plasmavmc stop --force {}` kills it)",
+                already.reason, self.name
+            ));
+        });
+        rt.untouchable = Some(already);
+    }
+
+    /// The right to run the one status refresh of this VM (None: one already runs, so a silent
+    /// QEMU never piles them up).
+    pub fn claim_refresh(self: &Arc<Self>) -> Option<RefreshClaim> {
+        (!self.refreshing.swap(true, Ordering::AcqRel)).then(|| RefreshClaim(Arc::clone(self)))
     }
 
     /// Takes over a QEMU found running (identity already checked): reconnects QMP, nothing else.
     pub async fn adopt(&self, shell: &Shell, running: RunningQemu) -> Result<()> {
-        let socket = shell.run_dir.vm(&self.name).qmp_socket();
-        let qmp = Qmp::connect(&socket, ADOPT_TIMEOUT)
-            .await
-            .with_context(|| {
-                format!(
-                    "QEMU of VM {} (pid {}) does not answer on QMP",
-                    self.name, running.pid
-                )
-            })?;
+        let qmp = self.connect_to(shell, running.pid).await?;
         let started = Instant::now() - process_uptime(running.pid).unwrap_or_default();
         let mut rt = self.runtime.lock().await;
         self.connect(&mut rt, shell, qmp, running.pid, running.boot_spec, started);
         Ok(())
     }
 
+    /// An untouchable QEMU, looked at again: gone (forgotten: the VM may start), adoptable now
+    /// (adopted), or still untouchable (`Err`, with why).
+    async fn look_again(&self, rt: &mut Runtime, shell: &Shell) -> Result<()> {
+        let vm_dir = shell.run_dir.vm(&self.name);
+        let (name, dir) = (self.name.clone(), vm_dir.clone());
+        let found = tokio::task::spawn_blocking(move || process::find(&name, &dir))
+            .await
+            .context("scanning for the VM's processes")?;
+        let already = match found {
+            Found::Absent => {
+                tracing::info!(vm = %self.name, "the unresponsive QEMU is gone");
+                rt.untouchable = None;
+                let _ = process::clear_runtime_files(&self.name, &vm_dir);
+                self.update_status(|s| {
+                    let declared = s.declared;
+                    *s = VmStatus {
+                        last_error: s.last_error.take(),
+                        restarts: s.restarts,
+                        ..VmStatus::stopped(declared)
+                    };
+                });
+                return Ok(());
+            }
+            Found::Running(running) => {
+                let pid = running.pid;
+                match self.connect_to(shell, running.pid).await {
+                    Ok(qmp) => {
+                        tracing::info!(vm = %self.name, pid, "adopted the QEMU that was unresponsive");
+                        rt.untouchable = None;
+                        let started = Instant::now() - process_uptime(pid).unwrap_or_default();
+                        self.connect(rt, shell, qmp, pid, running.boot_spec, started);
+                        return Ok(());
+                    }
+                    Err(e) => AlreadyRuns {
+                        pid,
+                        reason: format!("{e:#}"),
+                    },
+                }
+            }
+            Found::Untouchable(already) => already,
+        };
+        let error = already.to_string();
+        if rt.untouchable.as_ref() != Some(&already) {
+            self.set_untouchable(rt, already);
+        }
+        bail!("unresponsive: {error}")
+    }
+
+    /// A QMP connection to this VM's QEMU `pid`, which runs already.
+    async fn connect_to(&self, shell: &Shell, pid: u32) -> Result<Qmp> {
+        let socket = shell.run_dir.vm(&self.name).qmp_socket();
+        Qmp::connect(&socket, ADOPT_TIMEOUT)
+            .await
+            .with_context(|| silence(pid, Instant::now() - ADOPT_TIMEOUT))
+    }
+
     /// Reads the VM back from QEMU (None: no QEMU) and refreshes the status snapshot with the
-    /// devices QEMU reports. Waits at most `wait` for a busy VM (then: `Err`).
-    pub async fn observe(&self, wait: Duration) -> Result<Option<ObservedVm>> {
+    /// devices QEMU reports. Waits at most `wait` for a busy VM (then: `Err`). `Err` too while a
+    /// QEMU of this VM exists that cannot be read: the planner must not take it for absent.
+    pub async fn observe(&self, shell: &Shell, wait: Duration) -> Result<Option<ObservedVm>> {
         let mut rt = tokio::time::timeout(wait, self.runtime.lock())
             .await
             .context("busy with another operation")?;
+        if rt.untouchable.is_some() {
+            self.look_again(&mut rt, shell).await?;
+        }
         let Some(conn) = &rt.conn else {
             return Ok(None);
         };
-        let mut observed = observe::observe(&conn.qmp, conn.pid, conn.boot_spec.clone()).await?;
-        observed.limits = cgroup::read_limits(&self.name, conn.pid);
-        let peripherals = observe::peripherals(&conn.qmp).await?;
+        let read = async {
+            let mut observed =
+                observe::observe(&conn.qmp, conn.pid, conn.boot_spec.clone()).await?;
+            observed.limits = cgroup::read_limits(&self.name, conn.pid);
+            Ok::<_, anyhow::Error>((observed, observe::peripherals(&conn.qmp).await?))
+        };
+        let (mut observed, peripherals) = match read.await {
+            Ok(read) => read,
+            Err(e) => {
+                if let Some(since) = conn.qmp.silent_since() {
+                    let reason = silence(conn.pid, since);
+                    self.update_status(|s| {
+                        s.state = VmState::Unresponsive;
+                        s.state_reason = Some(reason.clone());
+                    });
+                    bail!("unresponsive: {reason}");
+                }
+                return Err(e);
+            }
+        };
         let (pid, started) = (conn.pid, conn.started);
         rt.unplugging
             .retain(|device| peripherals.contains_key(device));
@@ -200,6 +322,7 @@ impl VmSlot {
             } else {
                 VmState::Running
             };
+            s.state_reason = None;
             s.pid = Some(pid);
             s.uptime_seconds = Some(started.elapsed().as_secs());
             s.devices = peripherals
@@ -343,8 +466,12 @@ impl VmSlot {
         if let Some(conn) = &rt.conn {
             bail!("already running as pid {}", conn.pid);
         }
+        if let Some(already) = &rt.untouchable {
+            bail!("not started: {already}");
+        }
         self.update_status(|s| s.state = VmState::Starting);
         let vm_dir = shell.run_dir.vm(&self.name);
+        let mut launched_pid = None;
         let launched = async {
             let guard = match &shell.fencing {
                 Some(fencing) if spec.ha.enable => Some(fencing.guard(&self.name, spec)?),
@@ -360,36 +487,123 @@ impl VmSlot {
                 guard.as_ref(),
                 confinement,
             )?;
-            match process::qmp_after_launch(pid, &vm_dir, LAUNCH_TIMEOUT).await {
-                Ok(qmp) => Ok((pid, qmp)),
-                Err(e) => {
-                    let _ = lifecycle::stop(None, pid, Duration::ZERO).await;
-                    Err(e)
-                }
-            }
+            launched_pid = Some(pid);
+            let qmp = process::qmp_after_launch(pid, &vm_dir, LAUNCH_TIMEOUT).await?;
+            Ok::<_, anyhow::Error>((pid, qmp))
         }
         .await;
-        match launched {
+        let e = match launched {
             Ok((pid, qmp)) => {
                 self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
-                self.update_status(|s| s.last_error = None);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = lifecycle::release_host_devices(&self.name, spec);
-                if let Some(cgroups) = &shell.confinement.cgroups {
-                    cgroups.remove(&self.name);
-                }
-                let _ = process::clear_runtime_files(&vm_dir);
                 self.update_status(|s| {
-                    *s = VmStatus {
-                        state: VmState::Failed,
-                        ..VmStatus::stopped(s.declared)
-                    }
+                    s.last_error = None;
+                    s.state_reason = None;
                 });
-                Err(e.context(format!("starting VM {}", self.name)))
+                return Ok(());
+            }
+            Err(e) => e,
+        };
+        if let Some(already) = e.downcast_ref::<AlreadyRuns>() {
+            // Not ours to clean up after: its taps, pidfile and socket stay as they are.
+            self.set_untouchable(rt, already.clone());
+            return Err(e.context(format!("VM {} not started", self.name)));
+        }
+        // A QEMU launched for nothing: gone for sure before anything retries.
+        if let Some(pid) = launched_pid {
+            let _ = lifecycle::kill(pid);
+            if !process::wait_for_exit(pid, EXIT_WAIT).await {
+                self.set_untouchable(
+                    rt,
+                    AlreadyRuns {
+                        pid,
+                        reason: format!("it failed to start ({e:#}) and did not die on SIGKILL"),
+                    },
+                );
+                return Err(e.context(format!("starting VM {}", self.name)));
             }
         }
+        let _ = lifecycle::release_host_devices(&self.name, spec);
+        if let Some(cgroups) = &shell.confinement.cgroups {
+            cgroups.remove(&self.name);
+        }
+        let _ = process::clear_runtime_files(&self.name, &vm_dir);
+        self.update_status(|s| {
+            *s = VmStatus {
+                state: VmState::Failed,
+                ..VmStatus::stopped(s.declared)
+            }
+        });
+        Err(e.context(format!("starting VM {}", self.name)))
+    }
+
+    /// An operator stop (`plasmavmc stop`): powerdown and wait up to `timeout` (then quit,
+    /// then SIGKILL), or with `force` quit at once. `force` also kills an unresponsive QEMU,
+    /// with its guard: every process of this VM, found as `identity` finds them.
+    pub async fn stop_now(
+        &self,
+        shell: &Shell,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<StopOutcome> {
+        let mut rt = self.runtime.lock().await;
+        if let Some(conn) = rt.conn.take() {
+            tracing::info!(vm = %self.name, pid = conn.pid, force, "stopping: operator");
+            self.update_status(|s| s.state = VmState::Stopping);
+            let stopped = if force {
+                lifecycle::force_quit(Some(&conn.qmp), conn.pid).await
+            } else {
+                lifecycle::stop(Some(&conn.qmp), conn.pid, timeout).await
+            };
+            return match stopped {
+                Ok(outcome) => {
+                    tracing::info!(vm = %self.name, ?outcome, "stopped");
+                    self.forget_process(&mut rt, shell, &conn.boot_spec);
+                    self.mark_stopped();
+                    Ok(outcome)
+                }
+                Err(e) => {
+                    rt.conn = Some(conn);
+                    self.update_status(|s| s.state = VmState::Running);
+                    Err(e)
+                }
+            };
+        }
+        let Some(already) = rt.untouchable.clone() else {
+            return Ok(StopOutcome::AlreadyGone);
+        };
+        if !force {
+            bail!(
+                "VM {} is unresponsive ({already}); `plasmavmc stop --force {}` kills it",
+                self.name,
+                self.name
+            );
+        }
+        let vm_dir = shell.run_dir.vm(&self.name);
+        let found = process::sighting(&self.name, &vm_dir);
+        for pid in found.qemus.iter().chain(&found.guards) {
+            tracing::warn!(vm = %self.name, pid, "killing the unresponsive QEMU (stop --force)");
+            lifecycle::kill(*pid)?;
+        }
+        for pid in found.qemus.iter().chain(&found.guards) {
+            if !process::wait_for_exit(*pid, EXIT_WAIT).await {
+                bail!("pid {pid} did not die on SIGKILL (stuck in the kernel?)");
+            }
+        }
+        rt.untouchable = None;
+        process::clear_runtime_files(&self.name, &vm_dir)?;
+        self.mark_stopped();
+        Ok(StopOutcome::Killed)
+    }
+
+    fn mark_stopped(&self) {
+        self.update_status(|s| {
+            let declared = s.declared;
+            *s = VmStatus {
+                last_error: s.last_error.take(),
+                restarts: s.restarts,
+                ..VmStatus::stopped(declared)
+            };
+        });
     }
 
     async fn stop(&self, rt: &mut Runtime, shell: &Shell, reason: &str) -> Result<()> {
@@ -407,14 +621,7 @@ impl VmSlot {
             }
         }
         self.forget_process(rt, shell, &conn.boot_spec);
-        self.update_status(|s| {
-            let declared = s.declared;
-            *s = VmStatus {
-                last_error: s.last_error.take(),
-                restarts: s.restarts,
-                ..VmStatus::stopped(declared)
-            };
-        });
+        self.mark_stopped();
         Ok(())
     }
 
@@ -558,7 +765,7 @@ impl VmSlot {
         if let Err(e) = lifecycle::release_host_devices(&self.name, boot_spec) {
             tracing::warn!(vm = %self.name, "releasing host devices: {e:#}");
         }
-        if let Err(e) = process::clear_runtime_files(&shell.run_dir.vm(&self.name)) {
+        if let Err(e) = process::clear_runtime_files(&self.name, &shell.run_dir.vm(&self.name)) {
             tracing::warn!(vm = %self.name, "{e:#}");
         }
     }
@@ -668,6 +875,32 @@ fn record_live(
             Ok(StepOutcome::Unplugging { device })
         }
     }
+}
+
+/// Releases a `VmSlot::claim_refresh` however the refresh ends.
+pub struct RefreshClaim(Arc<VmSlot>);
+
+impl Drop for RefreshClaim {
+    fn drop(&mut self) {
+        self.0.refreshing.store(false, Ordering::Release);
+    }
+}
+
+/// Why QEMU `pid` has not answered on QMP since `since`, as far as `/proc` tells.
+fn silence(pid: u32, since: Instant) -> String {
+    let state = process::stat_field(pid, 3);
+    let why = match state.as_deref() {
+        Some("T" | "t") => "is stopped (SIGSTOP, or a debugger)",
+        Some("D") => "waits in the kernel (uninterruptible I/O: stuck storage?)",
+        None | Some("Z" | "X") => "is gone",
+        Some(_) => {
+            "runs but does not answer (another client may hold its qmp.sock, or QEMU is stuck)"
+        }
+    };
+    format!(
+        "QEMU (pid {pid}) {why}; no QMP answer for {}s",
+        since.elapsed().as_secs()
+    )
 }
 
 /// The QEMU device a disk/NIC action is about (to block the add of a failed replacement).

@@ -128,10 +128,8 @@ pub fn guard_of(qemu: u32, vm_dir: &VmDir) -> Option<u32> {
 }
 
 fn is_guard_cmdline(cmdline: &[u8], vm_dir: &VmDir) -> bool {
-    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let dir = vm_dir.dir().as_os_str().as_encoded_bytes();
-    args.get(1) == Some(&b"fence-guard".as_slice())
-        && args.windows(2).any(|w| w[0] == b"--vm-dir" && w[1] == dir)
+    // Any VM name: the guard's arguments identify it by its VM directory alone.
+    crate::identity::role_of(cmdline, "", vm_dir) == Some(crate::identity::Role::Guard)
 }
 
 /// Runs the guard until its QEMU exits or is fenced; the process's exit code.

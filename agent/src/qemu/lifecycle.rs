@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use qapi::qmp::ShutdownAction;
 use tokio::sync::broadcast;
 
@@ -45,6 +45,16 @@ pub async fn stop(qmp: Option<&Qmp>, pid: u32, powerdown_timeout: Duration) -> R
             Ok(()) => tracing::info!(pid, "guest ignored the powerdown; quitting QEMU"),
             Err(e) => tracing::warn!(pid, "powerdown failed ({e}); quitting QEMU"),
         }
+    }
+    force_quit(qmp, pid).await
+}
+
+/// Stops the QEMU `pid` without asking the guest: `quit`, then SIGKILL.
+pub async fn force_quit(qmp: Option<&Qmp>, pid: u32) -> Result<StopOutcome> {
+    if !process::is_alive(pid) {
+        return Ok(StopOutcome::AlreadyGone);
+    }
+    if let Some(qmp) = qmp {
         match qmp.quit().await {
             Ok(()) if process::wait_for_exit(pid, EXIT_GRACE).await => {
                 return Ok(StopOutcome::Quit)
@@ -53,7 +63,12 @@ pub async fn stop(qmp: Option<&Qmp>, pid: u32, powerdown_timeout: Duration) -> R
             Err(e) => tracing::warn!(pid, "quit failed ({e}); killing QEMU"),
         }
     }
-    kill(pid)
+    kill(pid)?;
+    if process::wait_for_exit(pid, EXIT_GRACE).await {
+        Ok(StopOutcome::Killed)
+    } else {
+        bail!("QEMU {pid} did not die on SIGKILL (stuck in the kernel?)")
+    }
 }
 
 /// SIGKILL, no questions: for a QEMU that must be gone now (self-fencing).

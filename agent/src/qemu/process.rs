@@ -20,9 +20,10 @@ use anyhow::{bail, Context, Result};
 
 use super::confine::{self, Confinement};
 use super::guard::{self, Guard};
-use super::qmp::Qmp;
+use super::qmp::{Qmp, QmpError};
 use crate::argv;
 use crate::files::write_atomically;
+use crate::identity::{self, Pidfile, Role, Sighting, Verdict};
 use crate::paths::{RunDir, VmDir};
 use crate::spec::VmSpec;
 
@@ -36,6 +37,27 @@ pub struct RunningQemu {
     pub pid: u32,
     /// The spec QEMU was launched with (`<vm_dir>/spec.json`).
     pub boot_spec: VmSpec,
+}
+
+/// What runs for a VM, as far as the agent may act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(clippy::large_enum_variant)] // one per VM, short-lived
+pub enum Found {
+    /// Nothing: the VM may be started.
+    Absent,
+    /// Its QEMU, provably, with the spec it was booted with: adopt it.
+    Running(RunningQemu),
+    /// A process of this VM the agent cannot take over (see `identity::judge`, or an unreadable
+    /// boot spec): never start another beside it; leave it alone unless the operator forces.
+    Untouchable(AlreadyRuns),
+}
+
+/// Refusal to start a VM because a process of it already exists.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a QEMU of this VM already runs (pid {pid}): {reason}")]
+pub struct AlreadyRuns {
+    pub pid: u32,
+    pub reason: String,
 }
 
 /// The QEMU binary: `explicit` (the `--qemu` flag), else `$PLASMAVMC_QEMU`, else from `PATH`.
@@ -90,6 +112,17 @@ pub fn launch_confined(
     confinement: &Confinement,
 ) -> Result<u32> {
     let run_as = confinement.run_as.as_ref();
+    match find(name, vm_dir) {
+        Found::Absent => {}
+        Found::Running(running) => {
+            return Err(AlreadyRuns {
+                pid: running.pid,
+                reason: "it was not adopted".into(),
+            }
+            .into())
+        }
+        Found::Untouchable(already) => return Err(already.into()),
+    }
     prepare_vm_dir(vm_dir)?;
     confine::open_vm_dir(vm_dir, run_as)?;
     confine::grant_boot_files(spec, run_as)?;
@@ -159,20 +192,43 @@ pub fn launch_confined(
         Some(_) => guard::reported_pid(&mut child, vm_dir)?,
         None => child.id(),
     };
-    write_atomically(&vm_dir.pidfile(), format!("{pid}\n").as_bytes())?;
+    if let Err(e) = write_atomically(&vm_dir.pidfile(), format!("{pid}\n").as_bytes()) {
+        // Never leave a QEMU running that nothing tracks.
+        kill_launched(&mut child, pid);
+        return Err(e.context(format!("QEMU (pid {pid}) was killed again")));
+    }
     // Our child (QEMU, or its guard) until the agent exits; reap it so it never lingers as a
     // zombie (after the agent is gone, init reaps it). Observers learn about the exit from QMP
     // and `/proc`.
     let (child_pid, what) = (child.id(), program_name(guard.is_some()));
-    std::thread::Builder::new()
+    let reaper = std::thread::Builder::new()
         .name(format!("reap-{child_pid}"))
         .spawn(move || {
             let status = child.wait();
             tracing::info!(pid = child_pid, ?status, "{what} exited");
-        })
-        .context("spawning the QEMU reaper thread")?;
+        });
+    if let Err(e) = reaper {
+        // QEMU runs and is tracked: failing the start now would orphan it. Its exit leaves a
+        // zombie until the agent exits (`is_alive` counts zombies as dead).
+        tracing::warn!(pid = child_pid, "no reaper thread for {what}: {e}");
+    }
     tracing::info!(vm = name, pid, guarded = guard.is_some(), "launched QEMU");
     Ok(pid)
+}
+
+/// Kills a QEMU just launched (and its guard, `child`, if it has one) and waits until both are
+/// gone, so a retry never finds it still there.
+fn kill_launched(child: &mut std::process::Child, qemu: u32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while is_alive(qemu) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn program_name(guarded: bool) -> &'static str {
@@ -201,7 +257,7 @@ pub async fn qmp_after_launch(pid: u32, vm_dir: &VmDir, timeout: Duration) -> Re
                     qemu_log_tail(vm_dir)
                 )
             }
-            Err(e) if left.is_zero() => {
+            Err(e) if left.is_zero() || !is_transient(&e) => {
                 return Err(e).context(format!("QEMU (pid {pid}) never answered on QMP"));
             }
             // The socket appears a moment after exec; retry shortly.
@@ -210,21 +266,90 @@ pub async fn qmp_after_launch(pid: u32, vm_dir: &VmDir, timeout: Duration) -> Re
     }
 }
 
+/// A connect error that only means "QEMU has not opened its socket yet".
+fn is_transient(error: &QmpError) -> bool {
+    match error {
+        QmpError::Connect { source, .. } => matches!(
+            source.kind(),
+            ErrorKind::NotFound | ErrorKind::ConnectionRefused
+        ),
+        QmpError::ConnectTimeout { .. } => true,
+        _ => false,
+    }
+}
+
+/// What runs for VM `name`: its pidfile and every process whose command line is the VM's QEMU
+/// or fence guard (a `/proc` scan; QEMU is not asked anything), judged by `identity::judge`.
+pub fn find(name: &str, vm_dir: &VmDir) -> Found {
+    let sighting = sighting(name, vm_dir);
+    let pid = match identity::judge(&sighting, &vm_dir.pidfile()) {
+        Verdict::Absent => return Found::Absent,
+        Verdict::Untouchable { pid, reason } => {
+            return Found::Untouchable(AlreadyRuns { pid, reason })
+        }
+        Verdict::Adopt { pid } => pid,
+    };
+    let path = vm_dir.boot_spec();
+    let boot_spec = fs::read(&path)
+        .with_context(|| format!("reading {}", path.display()))
+        .and_then(|json| {
+            serde_json::from_slice(&json).with_context(|| {
+                format!(
+                    "{}: not a VM spec this agent understands (corrupt, or written by a newer agent)",
+                    path.display()
+                )
+            })
+        });
+    match boot_spec {
+        Ok(boot_spec) => Found::Running(RunningQemu { pid, boot_spec }),
+        Err(e) => Found::Untouchable(AlreadyRuns {
+            pid,
+            reason: format!("{e:#}"),
+        }),
+    }
+}
+
+/// The pidfile and the live processes of VM `name`, found by scanning `/proc`.
+pub fn sighting(name: &str, vm_dir: &VmDir) -> Sighting {
+    let pidfile = match fs::read_to_string(vm_dir.pidfile()) {
+        Err(_) => Pidfile::Missing,
+        Ok(text) => match text.trim().parse() {
+            Ok(pid) => Pidfile::Pid(pid),
+            Err(_) => Pidfile::Garbage(text.trim().chars().take(40).collect()),
+        },
+    };
+    let mut found = Sighting {
+        pidfile,
+        qemus: Vec::new(),
+        guards: Vec::new(),
+    };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        match identity::role_of(&cmdline, name, vm_dir) {
+            Some(Role::Qemu) if is_alive(pid) => found.qemus.push(pid),
+            Some(Role::Guard) if is_alive(pid) => found.guards.push(pid),
+            _ => {}
+        }
+    }
+    found.qemus.sort_unstable();
+    found.guards.sort_unstable();
+    found
+}
+
 /// The QEMU of VM `name`, if the pidfile names a live process that is provably it.
 /// `Ok(None)`: no pidfile, or the PID is dead or belongs to something else (PID reuse).
-/// `Err`: it is this VM's QEMU but its boot spec cannot be read (do not adopt blindly).
+/// `Err`: a process of this VM exists that cannot be adopted (`Found::Untouchable`).
 pub fn find_running(name: &str, vm_dir: &VmDir) -> Result<Option<RunningQemu>> {
-    let Some(pid) = read_pidfile(vm_dir)? else {
-        return Ok(None);
-    };
-    if !is_qemu_of(pid, name, vm_dir) {
-        return Ok(None);
+    match find(name, vm_dir) {
+        Found::Absent => Ok(None),
+        Found::Running(running) => Ok(Some(running)),
+        Found::Untouchable(already) => Err(already.into()),
     }
-    let path = vm_dir.boot_spec();
-    let json = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let boot_spec = serde_json::from_slice(&json)
-        .with_context(|| format!("{}: not a VM spec this agent understands", path.display()))?;
-    Ok(Some(RunningQemu { pid, boot_spec }))
 }
 
 /// Names of all VM directories under `<run-dir>/vms` (the VMs some agent launched on this boot).
@@ -322,12 +447,24 @@ pub fn is_qemu_of(pid: u32, name: &str, vm_dir: &VmDir) -> bool {
     let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    cmdline_matches(&cmdline, name, &vm_dir.qmp_socket()) && is_alive(pid)
+    identity::role_of(&cmdline, name, vm_dir) == Some(Role::Qemu) && is_alive(pid)
 }
 
 /// Removes what only makes sense while QEMU runs (pidfile, QMP socket); keeps the logs and the
-/// boot spec for post-mortems.
-pub fn clear_runtime_files(vm_dir: &VmDir) -> Result<()> {
+/// boot spec for post-mortems. Refuses while any process of VM `name` lives: they are its files.
+pub fn clear_runtime_files(name: &str, vm_dir: &VmDir) -> Result<()> {
+    let live = sighting(name, vm_dir);
+    if let Some(pid) = live.qemus.first().or(live.guards.first()) {
+        bail!(
+            "left {} and its QMP socket in place: they belong to pid {pid}, which still runs",
+            vm_dir.pidfile().display()
+        );
+    }
+    clear_runtime_files_unchecked(vm_dir)
+}
+
+/// `clear_runtime_files` for a caller that has just proven no process of the VM lives.
+fn clear_runtime_files_unchecked(vm_dir: &VmDir) -> Result<()> {
     for path in [vm_dir.pidfile(), vm_dir.qmp_socket()] {
         match fs::remove_file(&path) {
             Err(e) if e.kind() != ErrorKind::NotFound => {
@@ -410,7 +547,7 @@ fn prepare_vm_dir(vm_dir: &VmDir) -> Result<()> {
     // dead (or reused) PID until the new one is written; a stale fence marker would explain the
     // next exit wrongly.
     take_fence_marker(vm_dir);
-    clear_runtime_files(vm_dir)
+    clear_runtime_files_unchecked(vm_dir)
 }
 
 /// Why the fence guard killed this VM's QEMU, if it did; removes the marker.
@@ -419,42 +556,6 @@ pub fn take_fence_marker(vm_dir: &VmDir) -> Option<String> {
     let reason = fs::read_to_string(&path).ok()?;
     let _ = fs::remove_file(&path);
     Some(reason)
-}
-
-fn read_pidfile(vm_dir: &VmDir) -> Result<Option<u32>> {
-    let path = vm_dir.pidfile();
-    match fs::read_to_string(&path) {
-        Ok(text) => match text.trim().parse() {
-            Ok(pid) => Ok(Some(pid)),
-            Err(_) => bail!("{}: not a PID: {:?}", path.display(), text.trim()),
-        },
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-}
-
-/// The identity check on a raw `/proc/<pid>/cmdline`: a `qemu-system-*` binary whose `-name`
-/// says `guest=NAME` and whose arguments hold `path=<qmp socket>`.
-fn cmdline_matches(cmdline: &[u8], name: &str, qmp_socket: &Path) -> bool {
-    let args: Vec<&str> = cmdline
-        .split(|&b| b == 0)
-        .filter_map(|arg| std::str::from_utf8(arg).ok())
-        .collect();
-    let Some(binary) = args.first() else {
-        return false;
-    };
-    let is_qemu = Path::new(binary)
-        .file_name()
-        .and_then(|f| f.to_str())
-        .is_some_and(|f| f.starts_with("qemu-system-"));
-    let options = |arg: &&str| arg.split(',').map(str::to_owned).collect::<Vec<_>>();
-    let guest = format!("guest={name}");
-    let socket = format!("path={}", qmp_socket.display());
-    let named = args
-        .windows(2)
-        .any(|w| w[0] == "-name" && options(&w[1]).contains(&guest));
-    let has_socket = args.iter().any(|arg| options(arg).contains(&socket));
-    is_qemu && named && has_socket
 }
 
 /// How long after the host booted process `pid` started (`/proc/<pid>/stat` starttime): fixed for
@@ -466,47 +567,4 @@ pub fn started_after_boot(pid: u32) -> Option<Duration> {
     Some(Duration::from_secs_f64(
         start_ticks as f64 / ticks_per_sec.max(1) as f64,
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cmdline(args: &[&str]) -> Vec<u8> {
-        args.iter()
-            .flat_map(|a| [a.as_bytes(), b"\0"].concat())
-            .collect()
-    }
-
-    const SOCKET: &str = "/run/plasmavmc/vms/web/qmp.sock";
-
-    fn web_qemu(binary: &str, name_arg: &str, chardev: &str) -> Vec<u8> {
-        cmdline(&[binary, "-name", name_arg, "-chardev", chardev, "-m", "256"])
-    }
-
-    #[test]
-    fn accepts_the_qemu_it_launched() {
-        let qemu = web_qemu(
-            "/usr/bin/qemu-system-x86_64",
-            "guest=web,debug-threads=on",
-            "socket,id=qmp,path=/run/plasmavmc/vms/web/qmp.sock,server=on,wait=off",
-        );
-        assert!(cmdline_matches(&qemu, "web", Path::new(SOCKET)));
-    }
-
-    #[test]
-    fn rejects_other_processes_and_other_vms() {
-        let chardev = "socket,id=qmp,path=/run/plasmavmc/vms/web/qmp.sock,server=on";
-        let not_qemu = web_qemu("/bin/sleep", "guest=web", chardev);
-        assert!(!cmdline_matches(&not_qemu, "web", Path::new(SOCKET)));
-        let other_vm = web_qemu("qemu-system-x86_64", "guest=web2", chardev);
-        assert!(!cmdline_matches(&other_vm, "web", Path::new(SOCKET)));
-        let other_dir = web_qemu(
-            "qemu-system-x86_64",
-            "guest=web",
-            "socket,id=qmp,path=/tmp/other/vms/web/qmp.sock,server=on",
-        );
-        assert!(!cmdline_matches(&other_dir, "web", Path::new(SOCKET)));
-        assert!(!cmdline_matches(b"", "web", Path::new(SOCKET)));
-    }
 }

@@ -5,25 +5,21 @@
 //! the `Qmp` lives. When QEMU closes the socket the task broadcasts `QemuEvent::Disconnected`;
 //! without a `Shutdown` before it, QEMU died (killed, crashed) rather than shut down.
 
+mod transport;
+
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use qapi::futures::{QapiEvents, QapiService, QmpStreamTokio};
 use qapi::qmp;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::io::{ReadHalf, WriteHalf};
-use tokio::net::UnixStream;
 use tokio::sync::{broadcast, watch};
-use tokio::task::JoinHandle;
+
+use transport::{Transport, TransportError};
 
 /// Default time a single QMP command may take before it counts as failed.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
-
-type Writer = QmpStreamTokio<WriteHalf<UnixStream>>;
-type Reader = QmpStreamTokio<ReadHalf<UnixStream>>;
 
 /// What QEMU tells us without being asked, reduced to what the agent acts on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,17 +105,10 @@ impl QmpError {
 
 /// A negotiated QMP session with one QEMU.
 pub struct Qmp {
-    service: QapiService<Writer>,
+    transport: Transport,
     events: broadcast::Sender<QemuEvent>,
     connected: watch::Receiver<bool>,
     command_timeout: Duration,
-    reader: JoinHandle<()>,
-}
-
-impl Drop for Qmp {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
 }
 
 impl Qmp {
@@ -127,9 +116,11 @@ impl Qmp {
     /// `timeout`. Commands then time out after `DEFAULT_COMMAND_TIMEOUT`.
     pub async fn connect(socket: &Path, timeout: Duration) -> Result<Qmp, QmpError> {
         let socket_name = socket.display().to_string();
-        let negotiated = tokio::time::timeout(timeout, async {
-            QmpStreamTokio::open_uds(socket).await?.negotiate().await
-        })
+        let (event_tx, _) = broadcast::channel(256);
+        let transport = tokio::time::timeout(
+            timeout,
+            Transport::connect(socket, forward_events(event_tx.clone())),
+        )
         .await
         .map_err(|_| QmpError::ConnectTimeout {
             socket: socket_name.clone(),
@@ -139,16 +130,11 @@ impl Qmp {
             socket: socket_name,
             source,
         })?;
-        let (service, events) = negotiated.into_parts();
-        let (event_tx, _) = broadcast::channel(256);
-        let (connected_tx, connected) = watch::channel(true);
-        let reader = tokio::spawn(read_events(events, event_tx.clone(), connected_tx));
         Ok(Qmp {
-            service,
+            connected: transport.connected(),
+            transport,
             events: event_tx,
-            connected,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
-            reader,
         })
     }
 
@@ -172,28 +158,41 @@ impl Qmp {
         let _ = connected.wait_for(|up| !*up).await;
     }
 
-    /// Runs any `qapi` command with the connection's timeout.
-    pub async fn execute<C>(&self, command: C) -> Result<C::Ok, QmpError>
-    where
-        C: qmp::QmpCommand + 'static,
-    {
+    /// Since when QEMU has left a command unanswered past its timeout; None while it answers.
+    pub fn silent_since(&self) -> Option<Instant> {
+        self.transport.silent_since()
+    }
+
+    /// Runs any `qapi` command with the connection's timeout. Safe to give up on (drop): a late
+    /// answer is recognised by its id and dropped.
+    pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
         let name = C::NAME;
-        let reply = tokio::time::timeout(self.command_timeout, self.service.execute(command))
+        let arguments = serde_json::to_value(&command).map_err(|e| QmpError::Io {
+            command: name,
+            source: e.into(),
+        })?;
+        let value = self
+            .transport
+            .execute(name, &arguments, self.command_timeout)
             .await
-            .map_err(|_| QmpError::Timeout {
-                command: name,
-                after: self.command_timeout,
+            .map_err(|e| match e {
+                TransportError::Timeout(after) => QmpError::Timeout {
+                    command: name,
+                    after,
+                },
+                TransportError::Qemu(class, desc) => QmpError::Command {
+                    command: name,
+                    class,
+                    desc,
+                },
+                TransportError::Io(source) => QmpError::Io {
+                    command: name,
+                    source,
+                },
             })?;
-        reply.map_err(|e| match e {
-            qapi::ExecuteError::Qapi(err) => QmpError::Command {
-                command: name,
-                class: enum_name(&err.class),
-                desc: err.desc,
-            },
-            qapi::ExecuteError::Io(source) => QmpError::Io {
-                command: name,
-                source,
-            },
+        serde_json::from_value(value).map_err(|e| QmpError::Io {
+            command: name,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })
     }
 
@@ -412,16 +411,12 @@ pub mod raw {
     );
 }
 
-/// Drives the connection: routes responses to waiting commands (inside `qapi`) and events to
-/// subscribers, until EOF.
-async fn read_events(
-    mut events: QapiEvents<Reader>,
-    tx: broadcast::Sender<QemuEvent>,
-    connected: watch::Sender<bool>,
-) {
+/// Turns the connection's events into `QemuEvent`s for subscribers; when it closes, says whether
+/// QEMU announced a shutdown first.
+fn forward_events(tx: broadcast::Sender<QemuEvent>) -> impl FnMut(Option<serde_json::Value>) {
     let mut after_shutdown = false;
-    while let Some(item) = events.next().await {
-        match item {
+    move |event| match event {
+        Some(event) => match serde_json::from_value::<qmp::Event>(event) {
             Ok(event) => {
                 if let Some(event) = QemuEvent::from_qmp(event) {
                     tracing::debug!(?event, "QMP event");
@@ -429,12 +424,12 @@ async fn read_events(
                     let _ = tx.send(event);
                 }
             }
-            // A late answer to a timed-out command lands here; the stream itself goes on.
-            Err(e) => tracing::warn!("QMP stream: {e}"),
+            Err(e) => tracing::debug!("QMP event this agent does not know: {e}"),
+        },
+        None => {
+            let _ = tx.send(QemuEvent::Disconnected { after_shutdown });
         }
     }
-    connected.send_replace(false);
-    let _ = tx.send(QemuEvent::Disconnected { after_shutdown });
 }
 
 impl QemuEvent {

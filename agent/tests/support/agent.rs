@@ -120,6 +120,28 @@ impl Host {
         }
     }
 
+    /// Makes `<host dir>/NAME` the run dir (before the agent starts): a path with a comma, say,
+    /// or a mount point.
+    pub fn use_run_dir(&mut self, name: &str) -> PathBuf {
+        self.run_dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&self.run_dir).unwrap();
+        self.run_dir.clone()
+    }
+
+    /// The `plasmavmc agent` command line this host runs (for a second agent, say).
+    pub fn agent_command(&self) -> Command {
+        let mut command = plasmavmc();
+        command
+            .arg("agent")
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir);
+        command
+    }
+
     /// A small TCG guest; `extra` keys are merged over the defaults.
     pub fn vm(&self, extra: Value) -> Value {
         let mut vm = json!({
@@ -185,14 +207,8 @@ impl Host {
             .append(true)
             .open(self.agent_log())
             .unwrap();
-        let child = plasmavmc()
-            .arg("agent")
-            .arg("--config")
-            .arg(&self.config)
-            .arg("--state-dir")
-            .arg(&self.state_dir)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
+        let child = self
+            .agent_command()
             .args(flags)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
