@@ -53,7 +53,12 @@ fn reason(vm: &Value) -> String {
 #[test]
 fn a_stalled_or_held_qemu_never_takes_the_agent_down_nor_gets_a_twin() {
     let mut host = Host::new();
-    host.write_config(json!({"stall": host.vm(json!({})), "held": host.vm(json!({}))}));
+    // `held` ignores ACPI powerdown, for a stop that runs into its timeout at the end.
+    let ignoring = guest::guest_cmdline_ignoring_powerdown();
+    host.write_config(json!({
+        "stall": host.vm(json!({})),
+        "held": host.vm(json!({"cmdline": ignoring})),
+    }));
     host.start_agent();
     let stall = host.wait_running("stall");
     let held = host.wait_running("held");
@@ -133,7 +138,7 @@ fn a_stalled_or_held_qemu_never_takes_the_agent_down_nor_gets_a_twin() {
     assert_eq!(host.qemu_count("stall"), 0);
     assert_eq!(host.vm_status("stall")["state"], "stopped");
 
-    // A healthy VM: the test guest ignores ACPI powerdown, so --timeout ends in a force-quit.
+    // A guest that ignores the ACPI powerdown: --timeout ends in a force-quit.
     let stopped = host
         .cli(&["stop", "--timeout", "1s", "held"])
         .expect_code(0, "stop --timeout");

@@ -45,6 +45,11 @@ pub fn timeout_for(request: &Request) -> Duration {
         | Request::Plan { .. }
         | Request::ClusterStatus
         | Request::Console { .. } => Duration::from_secs(30),
+        // A stop given more time than that gets it, and a minute for quit and kill after.
+        Request::Stop {
+            timeout_ms: Some(ms),
+            ..
+        } => Duration::from_secs(600).max(Duration::from_millis(*ms) + Duration::from_secs(60)),
         Request::Reload | Request::Start { .. } | Request::Stop { .. } | Request::Reset { .. } => {
             Duration::from_secs(600)
         }
