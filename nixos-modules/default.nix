@@ -6,6 +6,7 @@
     ./systemd.nix
     ./activation.nix
     ./assertions.nix
+    ./provisioning-assertions.nix
     ./host.nix
     ./qemu-user.nix
   ];

@@ -12,8 +12,19 @@ let
   withoutNulls = lib.filterAttrs (_: value: value != null);
 
   disk = d: withoutNulls {
-    inherit (d) path format readOnly cache serial;
+    inherit (d) path format readOnly cache serial sizeMiB deleteOnRemove;
+    create =
+      if d.create == null then
+        null
+      else
+        withoutNulls {
+          from = if d.create.from == null then null else toString d.create.from;
+          inherit (d.create) backing;
+        };
   };
+
+  # Only the source is written: for `file`, the path, never the content.
+  content = c: withoutNulls { inherit (c) text file; };
 
   nic = n: withoutNulls {
     inherit (n) mac bridge tap;
@@ -47,6 +58,14 @@ let
         consoleLog
         ;
       disks = lib.mapAttrs (_: disk) v.disks;
+      credentials = lib.mapAttrs (_: content) v.credentials;
+      cloudInit =
+        if v.cloudInit == null then
+          null
+        else
+          lib.mapAttrs (_: content) (withoutNulls {
+            inherit (v.cloudInit) userData metaData networkConfig;
+          });
       nics = lib.mapAttrs (_: nic) v.nics;
       ha = {
         inherit (v.ha) enable;

@@ -46,6 +46,61 @@ let
         example = "web-data";
         description = "Serial number the guest sees: 1 to 20 printable ASCII characters, no ','.";
       };
+      sizeMiB = mkOption {
+        type = types.nullOr (types.ints.between 1 67108864);
+        default = null;
+        example = 20480;
+        description = ''
+          The image's size in MiB. With `create`, the size it is created at. Raising it grows the
+          image: live on a running VM (the guest sees the new size at once), before the start
+          otherwise. Lowering it below the image's size is refused (it destroys data) and never
+          applied. `null`: whatever size the image has.
+        '';
+      };
+      create = mkOption {
+        type = types.nullOr (
+          types.submodule {
+            options = {
+              from = mkOption {
+                type = types.nullOr (types.either names.absolutePath types.package);
+                default = null;
+                example = lib.literalExpression ''"''${nixosImage}/nixos.qcow2"'';
+                description = ''
+                  A base image: copied into `path` (converted to `format`), or with `backing`
+                  used read-only under a qcow2 overlay. It must exist when the image is created.
+                  A derivation with a `sizeMiB` attribute lets the build refuse a `sizeMiB`
+                  below it. `null`: a blank image of `sizeMiB`.
+                '';
+              };
+              backing = mkOption {
+                type = types.bool;
+                default = false;
+                description = ''
+                  Create a qcow2 overlay on `from` instead of a copy: instant, and the base is
+                  never written (it may be a Nix store path shared by many VMs). Needs
+                  `format = "qcow2"`.
+                '';
+              };
+            };
+          }
+        );
+        default = null;
+        example = lib.literalExpression ''{ from = "''${nixosImage}/nixos.qcow2"; backing = true; }'';
+        description = ''
+          How to create the image when `path` does not exist (before the VM starts, or before
+          the disk is hotplugged). `{ }` makes a blank image of `sizeMiB`. An existing file is
+          never overwritten. `null`: the image must exist.
+        '';
+      };
+      deleteOnRemove = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Delete the image when this disk is removed from a running VM's declaration. By
+          default the image is kept: removing a disk only unplugs it. Images of a VM removed as a
+          whole are always kept.
+        '';
+      };
     };
   };
 
@@ -78,6 +133,8 @@ let
   };
 in
 {
+  imports = [ ./vm-first-boot.nix ];
+
   options = {
     vcpus = mkOption {
       type = types.ints.between 1 255;
@@ -171,7 +228,7 @@ in
       '';
       description = ''
         Disks by name. Adding, removing or replacing a disk is applied live (hotplug) to a
-        running VM.
+        running VM, and so is growing one (`sizeMiB`).
       '';
     };
     nics = mkOption {

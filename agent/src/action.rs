@@ -4,6 +4,8 @@
 //! idempotent against observed state (ids are deterministic, see `ids`), so re-planning after a
 //! crash in the middle of an apply neither duplicates nor loses a device.
 
+use std::path::PathBuf;
+
 use serde::{Deserialize, Serialize};
 
 use crate::spec::{DiskSpec, Limits, NicSpec, VmSpec};
@@ -16,6 +18,10 @@ pub struct Plan {
     /// Declared changes QEMU cannot take live, per VM; applied at the VM's next start (or by a
     /// `RestartVm` step when the VM says `onRestartRequired = "restart"`).
     pub pending: Vec<PendingChange>,
+    /// Declared changes that are never applied because they would destroy data (a disk shrink):
+    /// the VM keeps what it has until the declaration is corrected.
+    #[serde(default)]
+    pub refused: Vec<RefusedChange>,
 }
 
 /// One action on one VM.
@@ -46,9 +52,20 @@ pub enum Action {
         id: String,
         disk: DiskSpec,
     },
-    /// `device_del`, wait for the guest, then `blockdev-del`.
+    /// `device_del`, wait for the guest, then `blockdev-del`. The image stays on disk unless
+    /// `delete_image` names it (`deleteOnRemove` on a disk no longer declared).
     RemoveDisk {
         id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delete_image: Option<PathBuf>,
+    },
+    /// Grow a plugged disk's image live (`block_resize`); the guest sees the new size at once.
+    ResizeDisk {
+        id: String,
+        #[serde(rename = "fromMiB")]
+        from_mib: u64,
+        #[serde(rename = "toMiB")]
+        to_mib: u64,
     },
     AddNic {
         id: String,
@@ -95,3 +112,7 @@ pub struct PendingChange {
     /// Why it cannot be applied live (`boot-time setting`, `above maxVcpus`, ...).
     pub reason: String,
 }
+
+/// A declared change that is refused rather than deferred (same shape as a pending change; its
+/// `reason` says why and what to do).
+pub type RefusedChange = PendingChange;

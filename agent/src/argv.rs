@@ -15,8 +15,14 @@
 //! - No `-daemonize`, no `-pidfile`: the shell detaches QEMU and writes the pidfile itself.
 //! - QEMU's seccomp filter (`SANDBOX`) is always on: no exec, no fork, no set*id, no scheduler
 //!   or priority changes, no obsolete syscalls, whatever a guest makes QEMU do.
+//! - Credentials and the cloud-init seed are read by QEMU from descriptors the agent passes at
+//!   launch (`/dev/fd/N`, memfds: see `PassedFds`), never from a host file or the argv (which
+//!   every local user can read in `/proc/PID/cmdline`). Credentials go to fw_cfg as
+//!   `opt/io.systemd.credentials/NAME`; the seed is a read-only virtio-blk disk with serial
+//!   `cidata` on the root bus (not hot-pluggable, no root port taken).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
@@ -34,14 +40,26 @@ const FIRST_PORT_SLOT: u32 = 2;
 /// `-sandbox`: QEMU's seccomp filter. Hotplug of disks, NICs (on pre-made taps, `script=no`),
 /// vCPUs and memory needs none of what it denies.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+/// fw_cfg file names systemd reads credentials from (`opt/io.systemd.credentials/NAME`).
+pub const CREDENTIAL_FW_CFG_PREFIX: &str = "opt/io.systemd.credentials/";
+
+/// Descriptors QEMU inherits at launch, each holding one file's content: the credentials (by
+/// name) and the cloud-init seed image. The shell fills it (`qemu::passed`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassedFds {
+    pub credentials: BTreeMap<String, RawFd>,
+    pub seed: Option<RawFd>,
+}
 
 /// QEMU's arguments (without the program itself) to boot `spec` as VM `name`; disks whose path
-/// is in `block_devices` are opened as block devices (the shell `stat`s the paths).
+/// is in `block_devices` are opened as block devices (the shell `stat`s the paths); credentials
+/// and the seed are read from `passed`.
 pub fn qemu_argv(
     name: &str,
     spec: &VmSpec,
     vm_dir: &VmDir,
     block_devices: &BTreeSet<PathBuf>,
+    passed: &PassedFds,
 ) -> Vec<String> {
     let mut argv = Argv::default();
     argv.push("-name", format!("guest={},debug-threads=on", escape(name)));
@@ -68,8 +86,26 @@ pub fn qemu_argv(
     push_memory(&mut argv, spec);
     push_boot(&mut argv, spec);
     push_devices(&mut argv, name, spec, block_devices);
+    push_passed(&mut argv, passed);
     push_console_and_monitor(&mut argv, spec, vm_dir);
     argv.0
+}
+
+fn push_passed(argv: &mut Argv, passed: &PassedFds) {
+    for (name, fd) in &passed.credentials {
+        argv.push(
+            "-fw_cfg",
+            format!(
+                "name={},file=/dev/fd/{fd}",
+                escape(&format!("{CREDENTIAL_FW_CFG_PREFIX}{name}"))
+            ),
+        );
+    }
+    if let Some(fd) = passed.seed {
+        argv.push("-blockdev", keyval_blockdev(&devices::seed_file_node(fd)));
+        argv.push("-blockdev", keyval_blockdev(&devices::seed_format_node()));
+        argv.push("-device", keyval_device(&devices::seed_device()));
+    }
 }
 
 /// The PCIe root port a cold-plugged device sits on, or `None` where QEMU picks (pc).

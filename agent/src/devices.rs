@@ -79,6 +79,38 @@ pub fn disk_device(id: &str, disk: &DiskSpec, bus: Option<String>, boot: bool) -
     }
 }
 
+/// The cloud-init seed's protocol node: the image QEMU reads from descriptor `fd`.
+pub fn seed_file_node(fd: std::os::fd::RawFd) -> Value {
+    json!({
+        "driver": "file",
+        "node-name": ids::SEED_FILE_NODE,
+        "filename": format!("/dev/fd/{fd}"),
+        "read-only": true,
+    })
+}
+
+pub fn seed_format_node() -> Value {
+    json!({
+        "driver": "raw",
+        "node-name": ids::SEED_FORMAT_NODE,
+        "file": ids::SEED_FILE_NODE,
+        "read-only": true,
+    })
+}
+
+/// The seed disk: serial `cidata`, on the root bus (QEMU picks the slot; never unplugged).
+pub fn seed_device() -> DeviceProps {
+    let mut properties = Map::new();
+    properties.insert("drive".into(), ids::SEED_FORMAT_NODE.into());
+    properties.insert("serial".into(), "cidata".into());
+    DeviceProps {
+        driver: "virtio-blk-pci",
+        id: ids::SEED_DEVICE.to_owned(),
+        bus: None,
+        properties,
+    }
+}
+
 /// The host tap behind a NIC: the declared one, or the one the agent makes for a bridge.
 pub fn nic_tap(vm: &str, id: &str, nic: &NicSpec) -> String {
     nic.tap.clone().unwrap_or_else(|| ids::agent_tap(vm, id))
@@ -173,6 +205,9 @@ mod tests {
             read_only: true,
             cache,
             serial: Some("S1".into()),
+            size_mib: None,
+            create: None,
+            delete_on_remove: false,
         }
     }
 

@@ -65,6 +65,12 @@ pub fn vcpu_device(socket: i64, core: i64, thread: i64) -> String {
     format!("vcpu-{socket}-{core}-{thread}")
 }
 
+/// The cloud-init seed disk and its block nodes. Not `disk-`: no declared disk maps to it, so the
+/// planner never removes it.
+pub const SEED_DEVICE: &str = "seed-cidata";
+pub const SEED_FILE_NODE: &str = "seed-cidata-file";
+pub const SEED_FORMAT_NODE: &str = "seed-cidata-fmt";
+
 pub const VIRTIO_MEM_DEVICE: &str = "mem0";
 pub const VIRTIO_MEM_BACKEND: &str = "mem0-ram";
 
@@ -84,6 +90,12 @@ pub fn is_agent_tap(name: &str) -> bool {
         && name[2..]
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+/// A short stable fingerprint of some bytes (8 hex digits), to tell two values apart in plans
+/// and ids without showing them.
+pub fn fingerprint(bytes: &[u8]) -> String {
+    format!("{:08x}", fnv1a64(bytes) as u32)
 }
 
 /// FNV-1a: tiny, and stable across Rust releases (std's hasher is not).

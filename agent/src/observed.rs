@@ -60,6 +60,12 @@ pub struct ObservedDisk {
     pub serial: Option<String>,
     /// Present since boot (on the command line) rather than hotplugged.
     pub cold_plugged: bool,
+    /// The image's virtual size in bytes, as QEMU reports it.
+    pub size_bytes: u64,
+    /// The disk was last declared with `deleteOnRemove` (the agent's memory of the previous
+    /// declaration; false when it does not know, so an image is only ever kept by mistake).
+    #[serde(default)]
+    pub delete_on_remove: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,6 +142,8 @@ impl ObservedDisk {
             cache: disk.cache,
             serial: disk.serial.clone(),
             cold_plugged,
+            size_bytes: disk.size_mib.unwrap_or(0) * crate::devices::MIB,
+            delete_on_remove: disk.delete_on_remove,
         }
     }
 }

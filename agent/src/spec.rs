@@ -84,6 +84,13 @@ pub struct VmSpec {
     /// Host resources QEMU may use (its cgroup); changed live.
     #[serde(default)]
     pub limits: Limits,
+    /// systemd credentials handed to the guest through fw_cfg
+    /// (`opt/io.systemd.credentials/NAME`), read when the VM starts.
+    #[serde(default)]
+    pub credentials: BTreeMap<String, Content>,
+    /// A cloud-init NoCloud seed (a `cidata` vfat disk) built when the VM starts.
+    #[serde(default)]
+    pub cloud_init: Option<CloudInitSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +105,53 @@ pub struct DiskSpec {
     /// Serial number the guest sees (virtio-blk: at most 20 bytes).
     #[serde(default)]
     pub serial: Option<String>,
+    /// The image's virtual size. Creates the image at this size (with `create`), grows it live
+    /// when raised, and is checked against the file; a shrink is refused (it destroys data).
+    #[serde(rename = "sizeMiB", default)]
+    pub size_mib: Option<u64>,
+    /// How to create the image when `path` does not exist; absent: it must exist.
+    #[serde(default)]
+    pub create: Option<DiskCreate>,
+    /// Delete the image when the disk is removed from a declared VM (default: keep it).
+    #[serde(default)]
+    pub delete_on_remove: bool,
+}
+
+/// How a missing disk image is made. Never applied over an existing file.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiskCreate {
+    /// A base image: copied (converted to `format`), or with `backing` used read-only under a
+    /// qcow2 overlay. Absent: a blank image of `sizeMiB`.
+    #[serde(default)]
+    pub from: Option<PathBuf>,
+    /// Make a qcow2 overlay on `from` instead of a copy; the base is never written.
+    #[serde(default)]
+    pub backing: bool,
+}
+
+/// A value given either inline (`text`, which lands in the desired-state file and, from NixOS,
+/// in the Nix store: never a secret) or as a host file read when the VM starts (`file`, for
+/// secrets). Exactly one of the two.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Content {
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// cloud-init NoCloud data; `metaData` defaults to an instance id and hostname from the VM name.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CloudInitSpec {
+    #[serde(default)]
+    pub user_data: Option<Content>,
+    #[serde(default)]
+    pub meta_data: Option<Content>,
+    #[serde(default)]
+    pub network_config: Option<Content>,
 }
 
 /// A NIC is either on a bridge (the agent creates, attaches and removes the tap) or on an

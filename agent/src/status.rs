@@ -8,7 +8,7 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::action::PendingChange;
+use crate::action::{PendingChange, RefusedChange};
 use crate::ids;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +80,12 @@ pub struct VmStatus {
     pub unplugging: Vec<String>,
     /// Declared changes waiting for the VM's next start.
     pub pending: Vec<PendingChange>,
+    /// Declared changes refused as destructive (a disk shrink); never applied.
+    #[serde(default)]
+    pub refused: Vec<RefusedChange>,
+    /// Disks as QEMU has them now, by declared id.
+    #[serde(default)]
+    pub disks: BTreeMap<String, DiskStatus>,
     pub last_error: Option<String>,
     /// Set while the VM is kept down: by the operator, by its restart policy, or backing off.
     pub held_down: Option<String>,
@@ -100,6 +106,8 @@ impl VmStatus {
             devices: Vec::new(),
             unplugging: Vec::new(),
             pending: Vec::new(),
+            refused: Vec::new(),
+            disks: BTreeMap::new(),
             last_error: None,
             held_down: None,
             restarts: 0,
@@ -116,6 +124,16 @@ pub struct Device {
     pub kind: String,
     /// QEMU's device type (`virtio-blk-pci`, ...).
     pub qom_type: String,
+}
+
+/// A plugged disk: its image and the size QEMU reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskStatus {
+    pub path: String,
+    /// The image's virtual size, in MiB (rounded up).
+    #[serde(rename = "sizeMiB")]
+    pub size_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -277,6 +295,16 @@ fn details(vm: &VmStatus) -> String {
         let _ = writeln!(
             out,
             "  pending {}: {} -> {} ({}; applied at the next start)",
+            change.field, change.from, change.to, change.reason
+        );
+    }
+    for (id, disk) in &vm.disks {
+        let _ = writeln!(out, "  disk {id}: {} MiB, {}", disk.size_mib, disk.path);
+    }
+    for change in &vm.refused {
+        let _ = writeln!(
+            out,
+            "  REFUSED {}: {} -> {} ({})",
             change.field, change.from, change.to, change.reason
         );
     }

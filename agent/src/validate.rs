@@ -13,6 +13,7 @@
 
 mod duplicates;
 mod names;
+mod provisioning;
 mod rules;
 mod structure;
 
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use crate::spec::DesiredState;
 
 pub use names::{is_valid_device_id, is_valid_ifname, is_valid_vm_name};
+pub use provisioning::{MAX_CREDENTIAL_NAME, MAX_DISK_MIB};
 pub use rules::{
     MAX_CMDLINE_BYTES, MAX_DEVICES_PC, MAX_DEVICES_Q35, MAX_HOTPLUG_SLOTS, MAX_MEMORY_MIB,
     MAX_VCPUS, MIN_MEMORY_MIB, VIRTIO_MEM_BLOCK_MIB,

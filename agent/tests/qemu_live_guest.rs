@@ -204,7 +204,12 @@ fn live_changes_reach_the_guest_without_a_restart() {
         );
         guest.wait_for_state(|s| s.blocks.get("vda").is_some_and(|serial| serial == "DATA1"));
         assert_eq!(
-            guest.apply(Action::RemoveDisk { id: "data".into() }).await,
+            guest
+                .apply(Action::RemoveDisk {
+                    id: "data".into(),
+                    delete_image: None,
+                })
+                .await,
             LiveOutcome::Done
         );
         guest.wait_for_state(|s| s.blocks.is_empty());

@@ -69,8 +69,8 @@ fn observe_reads_back_what_was_booted_and_hotplugged() {
             "vcpus": 2, "maxVcpus": 4, "memoryMiB": 128, "maxMemoryMiB": 384,
             "accel": "tcg", "kernel": kernel(), "hotplugSlots": 2,
             "disks": {
-                "root": {"path": root, "format": "qcow2", "serial": "ROOT1"},
-                "data": {"path": data, "format": "raw", "readOnly": true, "cache": "none"},
+                "root": {"path": root, "format": "qcow2", "serial": "ROOT1", "sizeMiB": 16},
+                "data": {"path": data, "format": "raw", "readOnly": true, "cache": "none", "sizeMiB": 8},
             },
             "nics": {"eth0": {"mac": "52:54:00:12:34:56", "bridge": "br0"}},
         }));
@@ -95,9 +95,10 @@ fn observe_reads_back_what_was_booted_and_hotplugged() {
         );
         assert!(observed.orphan_block_nodes.is_empty() && observed.orphan_netdevs.is_empty());
 
-        // Hotplug a disk and a NIC: they show up as hotplugged, same shape as cold-plugged.
+        // Hotplug a disk and a NIC: they show up as hotplugged, same shape as cold-plugged (the
+        // declared sizes are the images' sizes, read back from QEMU).
         let extra = image(run.dir.path(), "extra.qcow2", "qcow2", 8);
-        let extra = disk(&extra, "qcow2", json!({"serial": "EXTRA"}));
+        let extra = disk(&extra, "qcow2", json!({"serial": "EXTRA", "sizeMiB": 8}));
         let add = Action::AddDisk {
             id: "extra".into(),
             disk: extra.clone(),
@@ -233,7 +234,12 @@ fn an_unplug_the_guest_never_answers_leaves_the_device_unplugging() {
         let vm = launch_paused(&run, "web", spec.clone()).await;
         for attempt in 0..2 {
             // The retry finds the first request still pending and keeps waiting for it.
-            let outcome = vm.apply(Action::RemoveDisk { id: "data".into() }).await;
+            let outcome = vm
+                .apply(Action::RemoveDisk {
+                    id: "data".into(),
+                    delete_image: None,
+                })
+                .await;
             assert_eq!(
                 outcome.unwrap(),
                 LiveOutcome::Unplugging {

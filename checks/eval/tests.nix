@@ -55,7 +55,9 @@ in
           format = "qcow2";
           readOnly = false;
           cache = "writeback";
+          deleteOnRemove = false;
         };
+        credentials = { };
         nics = { };
         hotplugSlots = 8;
         autostart = true;
@@ -78,8 +80,30 @@ in
         autostart = false;
         cmdline = "console=ttyS0 panic=-1";
         consoleLog = false;
+        cloudInit = {
+          metaData.file = "/run/secrets/tiny-meta-data";
+          networkConfig.text = "version: 2\n";
+          userData.text = "#cloud-config\n";
+        };
+        credentials = {
+          "passwd.hashed-password.root".file = "/run/agenix/tiny-root-hash";
+          "system.hostname".text = "tiny";
+        };
+        disks.root = {
+          cache = "writeback";
+          create = {
+            backing = true;
+            from = "/var/lib/images/base.qcow2";
+          };
+          deleteOnRemove = true;
+          format = "qcow2";
+          path = "/var/lib/vms/tiny-root.qcow2";
+          readOnly = false;
+          sizeMiB = 4096;
+        };
         disks.scratch = {
           cache = "directsync";
+          deleteOnRemove = false;
           format = "raw";
           path = "/dev/vg0/tiny-scratch";
           readOnly = true;
@@ -127,7 +151,8 @@ in
     expr = minimal.config.environment.etc."plasmavmc/desired.json".text;
     expected = lib.concatStrings [
       ''{"version":1,"vms":{"a":{"accel":"kvm","autostart":true,"bootDisk":"root","consoleLog":true,''
-      ''"disks":{"root":{"cache":"writeback","format":"qcow2","path":"/var/lib/vms/a.qcow2","readOnly":false}},''
+      ''"credentials":{},''
+      ''"disks":{"root":{"cache":"writeback","deleteOnRemove":false,"format":"qcow2","path":"/var/lib/vms/a.qcow2","readOnly":false}},''
       ''"ha":{"enable":false},"hotplugSlots":8,"machine":"q35","memoryMiB":512,"nics":{},''
       ''"onRestartRequired":"pending","orgId":"default","projectId":"default","restartPolicy":"on-failure",''
       ''"vcpus":1}}}''
@@ -690,4 +715,150 @@ in
   typeRejectsHugeCpuWeight.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuWeight = 10001; }; }) ]).desired;
   typeRejectsZeroCpuQuota.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuQuotaPercent = 0; }; }) ]).desired;
   typeRejectsUnknownOption.throws = (hostWith [ (withVms { a = minimalVm // { cpus = 2; }; }) ]).desired;
+
+  # ---- disk creation, sizes, credentials, cloud-init ------------------------------------------
+
+  diskCreationJson = {
+    expr =
+      (hostWith [
+        (withVms {
+          a = lib.recursiveUpdate minimalVm {
+            disks.root = {
+              sizeMiB = 2048;
+              create.from = {
+                outPath = "${store}-debian.qcow2";
+                sizeMiB = 2048;
+              };
+              create.backing = true;
+            };
+            disks.data = {
+              path = "/var/lib/vms/a-data.raw";
+              format = "raw";
+              sizeMiB = 10240;
+              create = { };
+            };
+          };
+        })
+      ]).desired.vms.a.disks;
+    expected = {
+      root = {
+        path = "/var/lib/vms/a.qcow2";
+        format = "qcow2";
+        readOnly = false;
+        cache = "writeback";
+        deleteOnRemove = false;
+        sizeMiB = 2048;
+        create = {
+          from = "${store}-debian.qcow2";
+          backing = true;
+        };
+      };
+      data = {
+        path = "/var/lib/vms/a-data.raw";
+        format = "raw";
+        readOnly = false;
+        cache = "writeback";
+        deleteOnRemove = false;
+        sizeMiB = 10240;
+        create.backing = false;
+      };
+    };
+  };
+
+  credentialsAndSeedWriteOnlyTheirSource = {
+    expr =
+      let
+        a = (hostWith [
+          (withVms {
+            a = minimalVm // {
+              credentials = {
+                "passwd.hashed-password.root".file = "/run/agenix/root-hash";
+                "system.hostname".text = "a";
+              };
+              cloudInit.userData.file = "/run/secrets/a-user-data";
+            };
+          })
+        ]).desired.vms.a;
+      in
+      { inherit (a) credentials cloudInit; };
+    expected = {
+      credentials = {
+        "passwd.hashed-password.root".file = "/run/agenix/root-hash";
+        "system.hostname".text = "a";
+      };
+      cloudInit.userData.file = "/run/secrets/a-user-data";
+    };
+  };
+
+  assertBlankImageNeedsSize = {
+    expr = failuresOfVm { disks.root.create = { }; };
+    expected = [ "${vmA}.disks.root: a blank image (create without from) needs ${vmA}.disks.root.sizeMiB." ];
+  };
+
+  assertOverlayNeedsBase = {
+    expr = failuresOfVm {
+      disks.root.sizeMiB = 10;
+      disks.root.create.backing = true;
+    };
+    expected = [ "${vmA}.disks.root.create.backing: an overlay needs the base image it sits on; set ${vmA}.disks.root.create.from." ];
+  };
+
+  assertOverlayIsQcow2 = {
+    expr = failuresOfVm {
+      disks.root.format = "raw";
+      disks.root.create = {
+        from = "/var/lib/images/base.raw";
+        backing = true;
+      };
+    };
+    expected = [ "${vmA}.disks.root.create.backing: an overlay is a qcow2 image; set ${vmA}.disks.root.format = \"qcow2\"." ];
+  };
+
+  assertNoShrinkBelowKnownBaseSize = {
+    expr = failuresOfVm {
+      disks.root.sizeMiB = 1024;
+      disks.root.create.from = {
+        outPath = "${store}-base.qcow2";
+        sizeMiB = 2048;
+      };
+    };
+    expected = [ "${vmA}.disks.root.sizeMiB (1024) is below the 2048 MiB of its base image ${vmA}.disks.root.create.from: shrinking destroys data." ];
+  };
+
+  assertReadOnlyImagesAreNeverDeleted = {
+    expr = failuresOfVm {
+      disks.root.readOnly = true;
+      disks.root.deleteOnRemove = true;
+    };
+    expected = [ "${vmA}.disks.root.deleteOnRemove: a read-only image may be shared by other disks; it is never deleted." ];
+  };
+
+  assertCredentialHasOneSource = {
+    expr = failuresOfVm {
+      credentials.pw = {
+        text = "x";
+        file = "/run/pw";
+      };
+      credentials.none = { };
+    };
+    expected = [
+      "${vmA}.credentials.\"none\": set exactly one of text (not secret: it lands in the Nix store) and file (read at VM start)."
+      "${vmA}.credentials.\"pw\": set exactly one of text (not secret: it lands in the Nix store) and file (read at VM start)."
+    ];
+  };
+
+  assertCredentialNameFitsFwCfg = {
+    expr = failuresOfVm { credentials."a-name-that-is-far-too-long-for-fw-cfg".text = "x"; };
+    expected = [ "${vmA}.credentials.\"a-name-that-is-far-too-long-for-fw-cfg\": credential names are 1 to 28 of A-Z a-z 0-9 _ . - (not starting with '.'): fw_cfg names are at most 55 bytes." ];
+  };
+
+  assertSecretFileOutsideTheStore = {
+    expr = failuresOfVm { cloudInit.userData.file = "${store}-user-data"; };
+    expected = [ "${vmA}.cloudInit.userData.file ${store}-user-data is in the Nix store, which every local user can read: give secrets as a path outside it (agenix, sops-nix), or use text for what is not secret." ];
+  };
+
+  typeRejectsSecretAsNixPath.throws = (hostWith [ (withVms { a = minimalVm // { credentials.pw.file = ./tests.nix; }; }) ]).desired;
+  typeRejectsZeroDiskSize.throws = (hostWith [ (withVms { a = lib.recursiveUpdate minimalVm { disks.root.sizeMiB = 0; }; }) ]).desired;
+  typeRejectsRelativeBaseImage.throws = (hostWith [ (withVms { a = lib.recursiveUpdate minimalVm { disks.root.create.from = "base.qcow2"; }; }) ]).desired;
+  typeRejectsUnknownCloudInitKey.throws = (hostWith [ (withVms { a = minimalVm // { cloudInit.vendorData.text = ""; }; }) ]).desired;
 }

@@ -18,6 +18,7 @@ fn argv(spec: &VmSpec) -> Vec<String> {
         spec,
         &RunDir::new("/run/pv").vm("web"),
         &BTreeSet::new(),
+        &PassedFds::default(),
     )
 }
 
@@ -235,8 +236,48 @@ fn commas_in_values_are_doubled() {
         &s,
         &RunDir::new("/run/p,v").vm("web"),
         &BTreeSet::new(),
+        &PassedFds::default(),
     );
     assert!(values(&a, "-blockdev")[0].contains("filename=/img/a,,b.raw,"));
     assert!(values(&a, "-chardev")[0].contains("path=/run/p,,v/vms/web/console.sock,"));
     assert!(values(&a, "-chardev")[0].contains("logfile=/run/p,,v/vms/web/console.log,"));
+}
+
+#[test]
+fn credentials_and_the_seed_are_read_from_passed_descriptors_only() {
+    let s = spec(json!({
+        "credentials": {"root-pw": {"file": "/run/agenix/root-pw"}},
+        "cloudInit": {"userData": {"text": "#cloud-config"}}
+    }));
+    let passed = PassedFds {
+        credentials: [("root-pw".to_owned(), 17)].into(),
+        seed: Some(18),
+    };
+    let a = qemu_argv(
+        "web",
+        &s,
+        &RunDir::new("/run/pv").vm("web"),
+        &BTreeSet::new(),
+        &passed,
+    );
+    assert_eq!(
+        value(&a, "-fw_cfg"),
+        "name=opt/io.systemd.credentials/root-pw,file=/dev/fd/17"
+    );
+    assert_eq!(
+        values(&a, "-blockdev"),
+        [
+            "driver=file,filename=/dev/fd/18,node-name=seed-cidata-file,read-only=on",
+            "driver=raw,file=seed-cidata-file,node-name=seed-cidata-fmt,read-only=on",
+        ]
+    );
+    assert_eq!(
+        *values(&a, "-device").last().unwrap(),
+        "virtio-blk-pci,id=seed-cidata,drive=seed-cidata-fmt,serial=cidata"
+    );
+    let joined = a.join(" ");
+    assert!(
+        !joined.contains("agenix") && !joined.contains("cloud-config"),
+        "{joined}"
+    );
 }

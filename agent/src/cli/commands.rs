@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use super::{EXIT_FAILED, EXIT_INVALID, EXIT_UNREACHABLE};
-use crate::action::{Action, PendingChange, Plan};
+use crate::action::{Action, PendingChange, Plan, RefusedChange};
 use crate::control::client::{self, ClientError};
 use crate::control::document::DesiredDocument;
 use crate::control::protocol::{ApplyReport, ErrorKind, Request, Response, StepOutcome};
@@ -80,7 +80,11 @@ pub fn plan(config: Option<&Path>, run_dir: &Path, json: bool) -> ExitCode {
     } else {
         print!("{}", render_plan(&plan));
     }
-    ExitCode::SUCCESS
+    if plan.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILED)
+    }
 }
 
 pub fn reload(run_dir: &Path, json: bool) -> ExitCode {
@@ -291,6 +295,7 @@ fn render_plan(plan: &Plan) -> String {
         out.push_str(&format!("{}: {}\n", step.vm, describe(&step.action)));
     }
     out.push_str(&render_pending(&plan.pending));
+    out.push_str(&render_refused(&plan.refused));
     out
 }
 
@@ -316,7 +321,20 @@ fn render_report(report: &ApplyReport) -> String {
         ));
     }
     out.push_str(&render_pending(&report.pending));
+    out.push_str(&render_refused(&report.refused));
     out
+}
+
+fn render_refused(refused: &[RefusedChange]) -> String {
+    refused
+        .iter()
+        .map(|c| {
+            format!(
+                "{}: REFUSED, never applied: {}: {} -> {} ({})\n",
+                c.vm, c.field, c.from, c.to, c.reason
+            )
+        })
+        .collect()
 }
 
 fn render_pending(pending: &[PendingChange]) -> String {
@@ -337,8 +355,29 @@ pub fn describe(action: &Action) -> String {
         Action::StartVm { .. } => "start".into(),
         Action::StopVm { reason } => format!("stop ({reason})"),
         Action::RestartVm { reason, .. } => format!("restart ({reason})"),
-        Action::AddDisk { id, disk } => format!("add disk {id} ({})", disk.path.display()),
-        Action::RemoveDisk { id } => format!("remove disk {id}"),
+        Action::AddDisk { id, disk } => match &disk.create {
+            Some(_) => format!(
+                "add disk {id} ({}, created if missing)",
+                disk.path.display()
+            ),
+            None => format!("add disk {id} ({})", disk.path.display()),
+        },
+        Action::RemoveDisk {
+            id,
+            delete_image: None,
+        } => format!("remove disk {id} (its image is kept)"),
+        Action::RemoveDisk {
+            id,
+            delete_image: Some(path),
+        } => format!(
+            "remove disk {id} and DELETE its image {} (deleteOnRemove)",
+            path.display()
+        ),
+        Action::ResizeDisk {
+            id,
+            from_mib,
+            to_mib,
+        } => format!("grow disk {id} {from_mib} MiB -> {to_mib} MiB"),
         Action::AddNic { id, nic } => format!("add NIC {id} ({})", nic.mac),
         Action::RemoveNic { id } => format!("remove NIC {id}"),
         Action::RemoveOrphanBlockNode { node } => format!("remove leftover block node {node}"),

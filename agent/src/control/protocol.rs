@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::document::DesiredDocument;
-use crate::action::{Action, PendingChange, Plan};
+use crate::action::{Action, PendingChange, Plan, RefusedChange};
 use crate::status::HostStatus;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,13 +154,18 @@ impl StopReport {
 pub struct ApplyReport {
     pub steps: Vec<StepReport>,
     pub pending: Vec<PendingChange>,
+    /// Declared changes refused as destructive (a disk shrink); the reload counts as failed.
+    #[serde(default)]
+    pub refused: Vec<RefusedChange>,
 }
 
 impl ApplyReport {
     pub fn any_failed(&self) -> bool {
-        self.steps
-            .iter()
-            .any(|step| matches!(step.outcome, StepOutcome::Failed { .. }))
+        !self.refused.is_empty()
+            || self
+                .steps
+                .iter()
+                .any(|step| matches!(step.outcome, StepOutcome::Failed { .. }))
     }
 }
 
@@ -252,7 +257,10 @@ mod tests {
     fn any_failed_sees_only_failures() {
         let step = |outcome| StepReport {
             vm: "web".into(),
-            action: Action::RemoveDisk { id: "d".into() },
+            action: Action::RemoveDisk {
+                id: "d".into(),
+                delete_image: None,
+            },
             outcome,
         };
         let mut report = ApplyReport {
@@ -263,8 +271,18 @@ mod tests {
                 }),
             ],
             pending: vec![],
+            refused: vec![],
         };
         assert!(!report.any_failed());
+        let mut refused = report.clone();
+        refused.refused.push(PendingChange {
+            vm: "web".into(),
+            field: "disks.d.sizeMiB".into(),
+            from: "2".into(),
+            to: "1".into(),
+            reason: "shrink".into(),
+        });
+        assert!(refused.any_failed(), "a refused change fails the reload");
         report.steps.push(step(StepOutcome::Failed {
             error: "boom".into(),
         }));

@@ -338,6 +338,7 @@ impl Daemon {
         for vm_report in join_all(per_vm).await {
             report.steps.extend(vm_report.steps);
             report.pending.extend(vm_report.pending);
+            report.refused.extend(vm_report.refused);
         }
         self.forget_undeclared_stopped(desired);
         self.publish_supervision(desired);
@@ -381,7 +382,11 @@ impl Daemon {
             vms: observed.map(|vm| (name.clone(), vm)).into_iter().collect(),
         };
         let plan = plan(&vm_desired, &vm_observed, &intents);
-        slot.update_status(|s| s.pending = plan.pending.clone());
+        slot.remember_declared(desired.vms.get(name));
+        slot.update_status(|s| {
+            s.pending = plan.pending.clone();
+            s.refused = plan.refused.clone();
+        });
 
         let actions: Vec<Action> = plan.steps.into_iter().map(|step| step.action).collect();
         let outcomes = match &unobservable {
@@ -409,6 +414,7 @@ impl Daemon {
         let mut report = ApplyReport {
             steps: Vec::with_capacity(actions.len()),
             pending: plan.pending,
+            refused: plan.refused,
         };
         for (action, outcome) in actions.into_iter().zip(outcomes) {
             self.after_step(name, desired, &action, &outcome);

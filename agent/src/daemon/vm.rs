@@ -9,7 +9,7 @@
 //! started beside, looked at again on every observe (adopted once it can be, forgotten once it is
 //! gone), and killed only by `plasmavmc stop --force`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,15 +23,17 @@ use tokio::task::JoinHandle;
 use crate::action::Action;
 use crate::chainfire::{HaGate, VmKey};
 use crate::control::protocol::StepOutcome;
-use crate::ids;
 use crate::observed::ObservedVm;
 use crate::paths::RunDir;
 use crate::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
 use crate::qemu::live::{apply_live, LiveError, LiveOutcome};
 use crate::qemu::process::{AlreadyRuns, Found};
-use crate::qemu::{cgroup, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu};
-use crate::spec::VmSpec;
-use crate::status::{Device, VmState, VmStatus};
+use crate::qemu::{
+    cgroup, images, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu,
+};
+use crate::spec::{DiskSpec, VmSpec};
+use crate::status::{Device, DiskStatus, VmState, VmStatus};
+use crate::{devices, ids};
 
 /// How long a freshly launched QEMU may take to answer on QMP (TCG on a loaded host is slow).
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -120,6 +122,10 @@ pub struct VmSlot {
     images: Mutex<BTreeSet<PathBuf>>,
     /// A status refresh runs (at most one at a time, so a silent QEMU never piles them up).
     refreshing: AtomicBool,
+    /// The disks as last declared (kept while still plugged after their declaration went), so a
+    /// disk removed from the declaration is known to have said `deleteOnRemove`. Lost with the
+    /// agent: then images are kept, never deleted by mistake.
+    declared_disks: Mutex<BTreeMap<String, DiskSpec>>,
 }
 
 #[derive(Default)]
@@ -164,6 +170,7 @@ impl VmSlot {
             status: Mutex::new(VmStatus::stopped(declared)),
             images: Default::default(),
             refreshing: AtomicBool::new(false),
+            declared_disks: Default::default(),
         })
     }
 
@@ -174,6 +181,12 @@ impl VmSlot {
 
     fn set_images<'a>(&self, paths: impl IntoIterator<Item = &'a PathBuf>) {
         *self.images.lock().expect("images lock") = paths.into_iter().cloned().collect();
+    }
+
+    /// Remembers the disks of the declaration just planned against (see `declared_disks`).
+    pub fn remember_declared(&self, spec: Option<&VmSpec>) {
+        let mut declared = self.declared_disks.lock().expect("declared disks lock");
+        declared.extend(spec.iter().flat_map(|spec| spec.disks.clone()));
     }
 
     /// The snapshot, with the uptime as of now.
@@ -311,6 +324,15 @@ impl VmSlot {
                 return Err(e);
             }
         };
+        {
+            let mut declared = self.declared_disks.lock().expect("declared disks lock");
+            declared.retain(|id, _| observed.disks.contains_key(id));
+            for (id, disk) in &mut observed.disks {
+                disk.delete_on_remove = declared
+                    .get(id)
+                    .is_some_and(|d| d.delete_on_remove && d.path == disk.path);
+            }
+        }
         let (pid, started) = (conn.pid, conn.started);
         rt.unplugging
             .retain(|device| peripherals.contains_key(device));
@@ -331,6 +353,17 @@ impl VmSlot {
                 .map(|(id, kind)| Device::from_qom(id, kind))
                 .collect();
             s.unplugging = observed.unplugging.iter().cloned().collect();
+            s.disks = observed
+                .disks
+                .iter()
+                .map(|(id, disk)| {
+                    let status = DiskStatus {
+                        path: disk.path.display().to_string(),
+                        size_mib: disk.size_bytes.div_ceil(devices::MIB),
+                    };
+                    (id.clone(), status)
+                })
+                .collect();
         });
         Ok(Some(observed))
     }
@@ -447,6 +480,10 @@ impl VmSlot {
             }
             live => {
                 let conn = rt.conn.as_ref().context("VM is not running")?;
+                if let Action::AddDisk { id, disk } = live {
+                    let run_as = shell.confinement.run_as.as_ref();
+                    images::prepare(&images::qemu_img(&shell.qemu), id, disk, run_as).await?;
+                }
                 let result = apply_live(
                     &conn.qmp,
                     &self.name,
@@ -478,6 +515,13 @@ impl VmSlot {
                 _ => None,
             };
             let confinement = &shell.confinement;
+            images::prepare_all(
+                &images::qemu_img(&shell.qemu),
+                spec,
+                confinement.run_as.as_ref(),
+            )
+            .await
+            .with_context(|| format!("preparing the disks of VM {}", self.name))?;
             lifecycle::prepare_host_devices(&self.name, spec, confinement.run_as.as_ref())?;
             let pid = crate::qemu::launch(
                 &self.name,
@@ -868,6 +912,13 @@ fn record_live(
             if let Some(device) = device_of(action) {
                 rt.unplugging.remove(&device);
             }
+            if let Action::RemoveDisk {
+                delete_image: Some(image),
+                ..
+            } = action
+            {
+                images::delete(image)?;
+            }
             Ok(StepOutcome::Done)
         }
         LiveOutcome::Unplugging { device } => {
@@ -906,7 +957,9 @@ fn silence(pid: u32, since: Instant) -> String {
 /// The QEMU device a disk/NIC action is about (to block the add of a failed replacement).
 fn device_of(action: &Action) -> Option<String> {
     match action {
-        Action::AddDisk { id, .. } | Action::RemoveDisk { id } => Some(ids::disk_device(id)),
+        Action::AddDisk { id, .. }
+        | Action::RemoveDisk { id, .. }
+        | Action::ResizeDisk { id, .. } => Some(ids::disk_device(id)),
         Action::AddNic { id, .. } | Action::RemoveNic { id } => Some(ids::nic_device(id)),
         _ => None,
     }
@@ -937,7 +990,10 @@ mod tests {
 
     #[test]
     fn consecutive_removals_share_a_batch() {
-        let remove_disk = |id: &str| Action::RemoveDisk { id: id.into() };
+        let remove_disk = |id: &str| Action::RemoveDisk {
+            id: id.into(),
+            delete_image: None,
+        };
         let actions = [
             Action::RemoveOrphanNetdev {
                 netdev: "net-x".into(),
@@ -955,7 +1011,10 @@ mod tests {
 
     #[test]
     fn replacement_steps_share_a_device() {
-        let remove = Action::RemoveDisk { id: "data".into() };
+        let remove = Action::RemoveDisk {
+            id: "data".into(),
+            delete_image: None,
+        };
         assert_eq!(device_of(&remove), Some("disk-data".into()));
         assert_eq!(device_of(&Action::SetVcpus { from: 1, to: 2 }), None);
     }

@@ -3,14 +3,18 @@
 //! plugged device: for disks path, format, readOnly, cache or serial; for NICs the MAC, the tap
 //! or the bridge.
 //!
+//! Disk sizes: a declared `sizeMiB` above what QEMU reports grows the image live (`ResizeDisk`);
+//! one below it is refused (a shrink destroys data) and never applied. A disk no longer declared
+//! is unplugged and its image kept, unless it was declared with `deleteOnRemove`.
+//!
 //! A device the guest has not released yet (`unplugging`) gets its removal retried and is not
 //! added back in the same plan: the add waits until QEMU reports the old device gone.
 //! On q35 each device needs a free root port: adds beyond the free ports (counting those the
 //! removals free) are pending; the next boot gives every declared device its own port.
 
-use crate::action::{Action, PendingChange};
+use crate::action::{Action, PendingChange, RefusedChange};
 use crate::argv::root_port_count;
-use crate::devices::nic_tap;
+use crate::devices::{nic_tap, MIB};
 use crate::ids;
 use crate::observed::{ObservedDisk, ObservedNic, ObservedVm};
 use crate::spec::{DiskSpec, Machine, NicSpec, VmSpec};
@@ -18,6 +22,7 @@ use crate::spec::{DiskSpec, Machine, NicSpec, VmSpec};
 pub(super) fn plan(
     actions: &mut Vec<Action>,
     pending: &mut Vec<PendingChange>,
+    refused: &mut Vec<RefusedChange>,
     name: &str,
     desired: &VmSpec,
     vm: &ObservedVm,
@@ -32,14 +37,26 @@ pub(super) fn plan(
     }
 
     let mut diff = Diff::default();
+    let mut resizes = Vec::new();
     for (id, observed) in &vm.disks {
         let unplugging = is_unplugging(vm, || ids::disk_device(id));
         let declared = desired.disks.get(id);
         if unplugging || !declared.is_some_and(|disk| disk_matches(disk, observed)) {
-            diff.remove(Action::RemoveDisk { id: id.clone() }, unplugging);
+            // Only a disk gone from the declaration loses its image; a replaced one keeps it.
+            let delete_image =
+                (declared.is_none() && observed.delete_on_remove).then(|| observed.path.clone());
+            let remove = Action::RemoveDisk {
+                id: id.clone(),
+                delete_image,
+            };
+            diff.remove(remove, unplugging);
         }
-        if let Some(disk) = declared.filter(|disk| !unplugging && !disk_matches(disk, observed)) {
-            diff.replace(add_disk(id, disk));
+        match declared {
+            Some(disk) if !unplugging && !disk_matches(disk, observed) => {
+                diff.replace(add_disk(id, disk))
+            }
+            Some(disk) if !unplugging => plan_size(&mut resizes, refused, name, id, disk, observed),
+            _ => {}
         }
     }
     for (id, disk) in desired
@@ -81,6 +98,7 @@ pub(super) fn plan(
     // A replacement reuses the port its removal frees, so only new devices can run out.
     let free_ports = free_ports.saturating_sub(diff.replacements.len());
     actions.extend(diff.replacements);
+    actions.extend(resizes);
     for (index, add) in diff.adds.into_iter().enumerate() {
         if index < free_ports {
             actions.push(add.action);
@@ -144,6 +162,46 @@ fn add_disk(id: &str, disk: &DiskSpec) -> Action {
     Action::AddDisk {
         id: id.to_owned(),
         disk: disk.clone(),
+    }
+}
+
+/// A plugged disk whose declared size differs from its image: grow it, or refuse a shrink.
+fn plan_size(
+    resizes: &mut Vec<Action>,
+    refused: &mut Vec<RefusedChange>,
+    vm: &str,
+    id: &str,
+    declared: &DiskSpec,
+    observed: &ObservedDisk,
+) {
+    let Some(to_mib) = declared.size_mib else {
+        return;
+    };
+    let to_bytes = to_mib * MIB;
+    let from_mib = observed.size_bytes.div_ceil(MIB);
+    if to_bytes > observed.size_bytes {
+        resizes.push(Action::ResizeDisk {
+            id: id.to_owned(),
+            from_mib,
+            to_mib,
+        });
+    } else if to_bytes < observed.size_bytes {
+        refused.push(shrink_refused(vm, id, observed.size_bytes, to_mib));
+    }
+}
+
+/// Why a disk is not shrunk, and what the operator can do about it.
+pub fn shrink_refused(vm: &str, id: &str, size_bytes: u64, to_mib: u64) -> RefusedChange {
+    let from_mib = size_bytes.div_ceil(MIB);
+    RefusedChange {
+        vm: vm.to_owned(),
+        field: format!("disks.{id}.sizeMiB"),
+        from: from_mib.to_string(),
+        to: to_mib.to_string(),
+        reason: format!(
+            "shrinking a disk destroys the data past the new end; refused, the image stays at \
+             {from_mib} MiB (declare sizeMiB >= {from_mib}, or shrink the filesystem and image by hand)"
+        ),
     }
 }
 

@@ -10,8 +10,9 @@
 //!   VM's plan into a single `RestartVm`; otherwise the pending changes are reported and
 //!   everything live is applied.
 //! - Live steps, in order: orphan block nodes and netdevs (left by an interrupted apply; their ids
-//!   may be reused by the adds below), removals (frees root ports), adds, vCPUs, memory, cgroup
-//!   limits.
+//!   may be reused by the adds below), removals (frees root ports), replacements, disk grows,
+//!   adds, vCPUs, memory, cgroup limits. Disk shrinks are refused (`Plan::refused`), never
+//!   planned.
 //! - Disks and NICs: see `devices`. vCPUs and memory: see `cpu_memory`.
 //!
 //! `plan(desired, apply(plan(desired, observed)))` has no steps: every step moves observed state
@@ -27,6 +28,7 @@ use crate::action::{Action, Plan, Step};
 use crate::observed::{ObservedHost, ObservedVm};
 use crate::spec::{DesiredState, OnRestartRequired, VmSpec};
 
+pub use devices::shrink_refused;
 pub use pending::pending_changes;
 
 /// Whether the daemon wants a declared VM running. It folds in `autostart`, operator
@@ -88,7 +90,8 @@ pub fn plan(desired: &DesiredState, observed: &ObservedHost, intents: &RunIntent
 fn plan_running(plan: &mut Plan, name: &str, spec: &VmSpec, vm: &ObservedVm) {
     let mut pending = pending_changes(name, spec, &vm.boot_spec);
     let mut actions = Vec::new();
-    devices::plan(&mut actions, &mut pending, name, spec, vm);
+    let mut refused = Vec::new();
+    devices::plan(&mut actions, &mut pending, &mut refused, name, spec, vm);
     cpu_memory::plan(&mut actions, spec, vm);
     cpu_memory::plan_limits(&mut actions, &mut pending, name, spec, vm);
 
@@ -103,6 +106,7 @@ fn plan_running(plan: &mut Plan, name: &str, spec: &VmSpec, vm: &ObservedVm) {
     plan.steps
         .extend(actions.into_iter().map(|action| step(name, action)));
     plan.pending.extend(pending);
+    plan.refused.extend(refused);
 }
 
 fn step(vm: &str, action: Action) -> Step {

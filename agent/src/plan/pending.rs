@@ -1,12 +1,14 @@
 //! What QEMU cannot change on a running VM: the difference between the declared spec and the
 //! spec the VM was booted with, in the settings fixed at boot.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
 use std::path::PathBuf;
 
 use super::cpu_memory::{memory_live_range, vcpus_live_range};
 use crate::action::PendingChange;
-use crate::spec::VmSpec;
+use crate::ids;
+use crate::spec::{CloudInitSpec, Content, VmSpec};
 
 /// The declared changes of VM `vm` that wait for its next boot (`boot` is the spec it was booted
 /// with). Pure; `status` uses it too. Disks and NICs are live (except when hotplug slots run
@@ -69,6 +71,46 @@ pub fn pending_changes(vm: &str, desired: &VmSpec, boot: &VmSpec) -> Vec<Pending
         &desired.max_memory_mib,
         "ceiling fixed at boot",
         |max: &Option<u64>| max.map_or("none".into(), |m| m.to_string()),
+    );
+
+    out.compare(
+        "credentials",
+        &boot.credentials,
+        &desired.credentials,
+        "given to the guest at boot (fw_cfg)",
+        |credentials: &BTreeMap<String, Content>| {
+            let list: Vec<String> = credentials
+                .iter()
+                .map(|(name, content)| format!("{name}={}", content_label(content)))
+                .collect();
+            if list.is_empty() {
+                "none".into()
+            } else {
+                list.join(",")
+            }
+        },
+    );
+    out.compare(
+        "cloudInit",
+        &boot.cloud_init,
+        &desired.cloud_init,
+        "the seed disk is built at boot",
+        |cloud_init: &Option<CloudInitSpec>| {
+            let Some(seed) = cloud_init else {
+                return "none".into();
+            };
+            [
+                ("userData", &seed.user_data),
+                ("metaData", &seed.meta_data),
+                ("networkConfig", &seed.network_config),
+            ]
+            .iter()
+            .filter_map(|(key, content)| {
+                Some(format!("{key}={}", content_label(content.as_ref()?)))
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+        },
     );
 
     let vcpus = vcpus_live_range(boot);
@@ -155,6 +197,16 @@ fn path(value: &Option<PathBuf>) -> String {
     value
         .as_ref()
         .map_or("none".into(), |p| p.display().to_string())
+}
+
+/// How a credential or seed file is given, without its value: `file:/run/agenix/pw`, or for
+/// inline text a fingerprint (`text#1a2b3c4d`) that changes with it.
+fn content_label(content: &Content) -> String {
+    match (&content.file, &content.text) {
+        (Some(file), _) => format!("file:{}", file.display()),
+        (None, Some(text)) => format!("text#{}", ids::fingerprint(text.as_bytes())),
+        (None, None) => "none".into(),
+    }
 }
 
 fn text(value: &Option<String>) -> String {

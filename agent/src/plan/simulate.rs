@@ -44,7 +44,20 @@ fn apply_live(name: &str, vm: &mut ObservedVm, action: &Action) {
                 .insert(id.clone(), ObservedDisk::from_spec(disk, false));
             assert!(old.is_none(), "disk {id} added twice");
         }
-        Action::RemoveDisk { id } => {
+        Action::ResizeDisk {
+            id,
+            from_mib,
+            to_mib,
+        } => {
+            let disk = vm.disks.get_mut(id).expect("resize a present disk");
+            assert_eq!(disk.size_bytes.div_ceil(crate::devices::MIB), *from_mib);
+            assert!(
+                *to_mib * crate::devices::MIB > disk.size_bytes,
+                "never shrink"
+            );
+            disk.size_bytes = to_mib * crate::devices::MIB;
+        }
+        Action::RemoveDisk { id, .. } => {
             vm.disks.remove(id).expect("remove a present disk");
             vm.unplugging.remove(&crate::ids::disk_device(id));
         }

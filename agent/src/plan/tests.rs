@@ -67,6 +67,9 @@ fn disk(path: &str) -> DiskSpec {
         read_only: false,
         cache: DiskCache::Writeback,
         serial: None,
+        size_mib: None,
+        create: None,
+        delete_on_remove: false,
     }
 }
 
@@ -102,7 +105,10 @@ fn add_disk(id: &str, d: &DiskSpec) -> Action {
 }
 
 fn remove_disk(id: &str) -> Action {
-    Action::RemoveDisk { id: id.into() }
+    Action::RemoveDisk {
+        id: id.into(),
+        delete_image: None,
+    }
 }
 
 // ---- lifecycle ----
@@ -656,6 +662,8 @@ fn random_spec(rng: &mut Rng) -> VmSpec {
                 read_only: rng.chance(30),
                 cache: *rng.pick(&[DiskCache::Writeback, DiskCache::None]),
                 serial: rng.chance(30).then(|| "S".to_owned()),
+                size_mib: rng.chance(50).then(|| *rng.pick(&[64, 128])),
+                delete_on_remove: rng.chance(30),
                 ..disk("")
             };
             s.disks.insert(id.into(), d);
@@ -830,4 +838,134 @@ fn a_fresh_boot_of_the_declared_spec_has_nothing_pending() {
         let p = plan_web(&s, booted("web", &s));
         assert_eq!(p, Plan::default(), "seed {seed}");
     }
+}
+
+// ---- disk sizes and removal ----
+
+fn sized(path: &str, size_mib: u64) -> DiskSpec {
+    DiskSpec {
+        size_mib: Some(size_mib),
+        ..disk(path)
+    }
+}
+
+#[test]
+fn a_larger_declared_size_grows_the_disk_live() {
+    let boot = with_disks(spec(json!({})), &[("data", sized("/d", 1024))]);
+    let grown = with_disks(spec(json!({})), &[("data", sized("/d", 4096))]);
+    let p = plan_web(&grown, booted("web", &boot));
+    assert_eq!(
+        actions(&p),
+        [&Action::ResizeDisk {
+            id: "data".into(),
+            from_mib: 1024,
+            to_mib: 4096
+        }]
+    );
+    assert!(p.pending.is_empty() && p.refused.is_empty());
+    let mut host = host(vec![("web", booted("web", &boot))]);
+    apply(&mut host, &p);
+    assert_eq!(
+        plan(&desired(&[("web", &grown)]), &host, &no_intents()),
+        Plan::default()
+    );
+}
+
+#[test]
+fn a_smaller_declared_size_is_refused_and_nothing_is_done() {
+    let boot = with_disks(spec(json!({})), &[("data", sized("/d", 4096))]);
+    let shrunk = with_disks(spec(json!({})), &[("data", sized("/d", 1024))]);
+    let p = plan_web(&shrunk, booted("web", &boot));
+    assert!(p.steps.is_empty(), "{p:#?}");
+    assert!(p.pending.is_empty());
+    assert_eq!(p.refused.len(), 1);
+    let refused = &p.refused[0];
+    assert_eq!(
+        (
+            refused.field.as_str(),
+            refused.from.as_str(),
+            refused.to.as_str()
+        ),
+        ("disks.data.sizeMiB", "4096", "1024")
+    );
+    assert!(
+        refused.reason.contains("destroys the data"),
+        "{}",
+        refused.reason
+    );
+}
+
+#[test]
+fn an_undeclared_size_leaves_the_image_alone() {
+    let boot = with_disks(spec(json!({})), &[("data", sized("/d", 4096))]);
+    let unsized_now = with_disks(spec(json!({})), &[("data", disk("/d"))]);
+    assert_eq!(
+        plan_web(&unsized_now, booted("web", &boot)),
+        Plan::default()
+    );
+}
+
+#[test]
+fn a_removed_disk_keeps_its_image_unless_it_said_delete_on_remove() {
+    let keep = with_disks(spec(json!({})), &[("data", disk("/d"))]);
+    let delete = with_disks(
+        spec(json!({})),
+        &[(
+            "data",
+            DiskSpec {
+                delete_on_remove: true,
+                ..disk("/d")
+            },
+        )],
+    );
+    let gone = spec(json!({}));
+    assert_eq!(
+        actions(&plan_web(&gone, booted("web", &keep))),
+        [&remove_disk("data")]
+    );
+    assert_eq!(
+        actions(&plan_web(&gone, booted("web", &delete))),
+        [&Action::RemoveDisk {
+            id: "data".into(),
+            delete_image: Some("/d".into())
+        }]
+    );
+    // A replaced disk (same id, another image) never deletes the old image.
+    let moved = with_disks(
+        spec(json!({})),
+        &[(
+            "data",
+            DiskSpec {
+                delete_on_remove: true,
+                ..disk("/e")
+            },
+        )],
+    );
+    assert_eq!(
+        actions(&plan_web(&moved, booted("web", &delete)))[0],
+        &remove_disk("data")
+    );
+}
+
+#[test]
+fn credential_and_cloud_init_changes_wait_for_the_next_boot() {
+    let boot = spec(json!({
+        "credentials": {"pw": {"file": "/run/agenix/pw"}},
+        "cloudInit": {"userData": {"text": "a"}}
+    }));
+    let changed = spec(json!({
+        "credentials": {"pw": {"file": "/run/agenix/pw2"}, "host": {"text": "web"}},
+        "cloudInit": {"userData": {"text": "b"}}
+    }));
+    let p = plan_web(&changed, booted("web", &boot));
+    assert!(p.steps.is_empty(), "{p:#?}");
+    assert_eq!(fields(&p), ["credentials", "cloudInit"]);
+    assert_eq!(p.pending[0].from, "pw=file:/run/agenix/pw");
+    assert!(
+        p.pending[0].to.starts_with("host=text#"),
+        "{}",
+        p.pending[0].to
+    );
+    assert!(p.pending[1].from.starts_with("userData=text#"));
+    assert_ne!(p.pending[1].from, p.pending[1].to);
 }

@@ -119,6 +119,9 @@ async fn observe_disk(qmp: &Qmp, device: &str, nodes: &[BlockNode]) -> Result<Ob
         cache: devices::cache_mode(node.cache.direct, node.cache.no_flush, write_cache),
         serial: Some(serial).filter(|s| !s.is_empty()),
         cold_plugged: !qmp.qom_get::<bool>(&path, "hotplugged").await?,
+        size_bytes: node.image.virtual_size,
+        // The daemon fills this in from the previous declaration: QEMU does not know it.
+        delete_on_remove: false,
     })
 }
 

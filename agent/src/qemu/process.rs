@@ -20,6 +20,7 @@ use anyhow::{bail, Context, Result};
 
 use super::confine::{self, Confinement};
 use super::guard::{self, Guard};
+use super::passed;
 use super::qmp::{Qmp, QmpError};
 use crate::argv;
 use crate::files::write_atomically;
@@ -68,8 +69,8 @@ pub fn qemu_binary(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU))
 }
 
-/// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`), confined; see
-/// `launch_confined`.
+/// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`), confined, handing it
+/// the credentials and cloud-init seed as inherited memfds (`passed`); see `launch_confined`.
 pub fn launch(
     name: &str,
     spec: &VmSpec,
@@ -78,8 +79,20 @@ pub fn launch(
     guard: Option<&Guard>,
     confinement: &Confinement,
 ) -> Result<u32> {
-    let args = argv::qemu_argv(name, spec, vm_dir, &super::backing::block_devices(spec));
-    launch_confined(name, spec, vm_dir, qemu, &args, guard, confinement)
+    let passed = passed::open(name, spec)?;
+    let block_devices = super::backing::block_devices(spec);
+    let args = argv::qemu_argv(name, spec, vm_dir, &block_devices, &passed.fds);
+    spawn(
+        name,
+        spec,
+        vm_dir,
+        qemu,
+        &args,
+        guard,
+        confinement,
+        passed.raw_fds(),
+    )
+    // `passed` closes here: from now on only QEMU holds the values.
 }
 
 /// `launch_confined` with QEMU as the caller's user, in the caller's cgroup.
@@ -110,6 +123,22 @@ pub fn launch_confined(
     args: &[String],
     guard: Option<&Guard>,
     confinement: &Confinement,
+) -> Result<u32> {
+    spawn(name, spec, vm_dir, qemu, args, guard, confinement, Vec::new())
+}
+
+/// `launch_confined`, with descriptors QEMU inherits (`inherit`: open in the agent with
+/// close-on-exec, cleared in the child only).
+#[allow(clippy::too_many_arguments)]
+fn spawn(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    qemu: &Path,
+    args: &[String],
+    guard: Option<&Guard>,
+    confinement: &Confinement,
+    inherit: Vec<i32>,
 ) -> Result<u32> {
     let run_as = confinement.run_as.as_ref();
     match find(name, vm_dir) {
@@ -171,10 +200,17 @@ pub fn launch_confined(
             .into(),
     };
     command.stdin(Stdio::null()).stdout(stdout).stderr(log);
-    // SAFETY: only async-signal-safe calls (setsid, umask, write, set*id) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setsid, fcntl, umask, write, set*id) between fork
+    // and exec.
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid()?;
+            for &fd in &inherit {
+                nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )?;
+            }
             // The QMP socket and console log QEMU creates: 0600, the agent's (or QEMU's) alone.
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
             placement.join()?;

@@ -283,6 +283,18 @@ impl Qmp {
         .map(drop)
     }
 
+    /// Grows (never shrinks: the planner refuses that) a block node's image to `size` bytes; the
+    /// guest's device sees the new capacity at once.
+    pub async fn block_resize(&self, node_name: &str, size: u64) -> Result<(), QmpError> {
+        self.execute(qmp::block_resize {
+            device: None,
+            node_name: Some(node_name.to_owned()),
+            size: size as i64,
+        })
+        .await
+        .map(drop)
+    }
+
     /// `netdev_add` with the options as JSON (`{"type": "tap", "id": .., "ifname": ..}`).
     pub async fn netdev_add(&self, options: serde_json::Value) -> Result<(), QmpError> {
         self.execute(raw::NetdevAdd(options)).await.map(drop)
@@ -382,6 +394,13 @@ pub mod raw {
         pub file: String,
         pub ro: bool,
         pub cache: BlockNodeCache,
+        pub image: BlockNodeImage,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct BlockNodeImage {
+        #[serde(rename = "virtual-size")]
+        pub virtual_size: u64,
     }
 
     #[derive(Debug, Clone, Deserialize)]

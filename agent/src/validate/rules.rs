@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use super::names::{is_valid_device_id, is_valid_ifname, is_valid_vm_name, parse_mac};
+use super::provisioning;
 use super::structure::render_path;
 use super::{Problem, ResolvePaths};
 use crate::ids;
@@ -62,12 +63,12 @@ pub(super) fn check(
     check_exclusive_images(&mut report, &sound, paths);
 }
 
-struct Report<'a> {
+pub(super) struct Report<'a> {
     out: &'a mut Vec<Problem>,
 }
 
 impl Report<'_> {
-    fn at(&mut self, path: &[&str], message: impl Into<String>) {
+    pub(super) fn at(&mut self, path: &[&str], message: impl Into<String>) {
         self.out.push(Problem {
             path: render_path(path),
             message: message.into(),
@@ -89,6 +90,11 @@ fn check_vm(report: &mut Report, name: &str, vm: &VmSpec) {
     check_boot(report, name, vm);
     for (id, disk) in &vm.disks {
         check_disk(report, &["vms", name, "disks", id], disk);
+        provisioning::check_disk(report, name, id, disk);
+    }
+    provisioning::check_credentials(report, name, vm);
+    if let Some(cloud_init) = &vm.cloud_init {
+        provisioning::check_cloud_init(report, name, cloud_init);
     }
     check_unique_serials(report, name, vm);
     for (id, nic) in &vm.nics {
@@ -347,7 +353,7 @@ fn check_nic(report: &mut Report, path: &[&str; 4], nic: &NicSpec) {
     }
 }
 
-fn check_host_path(report: &mut Report, at: &[&str], path: &Path) {
+pub(super) fn check_host_path(report: &mut Report, at: &[&str], path: &Path) {
     let text = path.to_string_lossy();
     if !path.is_absolute() {
         report.at(at, "must be an absolute path");

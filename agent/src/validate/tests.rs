@@ -588,4 +588,58 @@ fn limits_are_checked_against_cgroup_ranges_and_the_guest_memory() {
     assert_problem(&doc, "vms.web.limits.memoryMaxMiB", "no room for the guest");
     web(&mut doc)["limits"] = json!({"memoryMax": 1});
     assert_problem(&doc, "vms.web.limits.memoryMax", "unknown field");
+
+fn disk_creation_and_sizes_are_checked() {
+    let mut doc = base();
+    web(&mut doc)["disks"]["data"]["create"] = json!({});
+    assert_problem(&doc, "vms.web.disks.data.sizeMiB", "a blank image");
+    web(&mut doc)["disks"]["data"]["sizeMiB"] = json!(0);
+    assert_problem(&doc, "vms.web.disks.data.sizeMiB", "between 1 and");
+    web(&mut doc)["disks"]["data"]["sizeMiB"] = json!(1024);
+    assert!(problems(&doc).is_empty(), "{:?}", problems(&doc));
+
+    web(&mut doc)["disks"]["data"]["create"] = json!({"backing": true});
+    assert_problem(&doc, "vms.web.disks.data.create.backing", "set `from`");
+    web(&mut doc)["disks"]["data"]["create"] = json!({"from": "base.raw", "backing": true});
+    assert_problem(&doc, "vms.web.disks.data.create.from", "absolute");
+    web(&mut doc)["disks"]["data"]["format"] = json!("raw");
+    web(&mut doc)["disks"]["data"]["create"] = json!({"from": "/img/base.raw", "backing": true});
+    assert_problem(&doc, "vms.web.disks.data.create.backing", "qcow2");
+    web(&mut doc)["disks"]["data"]["create"] = json!({"from": "/img/base.raw"});
+    assert!(problems(&doc).is_empty(), "{:?}", problems(&doc));
+
+    web(&mut doc)["disks"]["data"]["readOnly"] = json!(true);
+    web(&mut doc)["disks"]["data"]["deleteOnRemove"] = json!(true);
+    assert_problem(&doc, "vms.web.disks.data.deleteOnRemove", "never deleted");
+}
+
+#[test]
+fn credentials_have_fw_cfg_names_and_one_source_outside_the_store() {
+    let mut doc = base();
+    web(&mut doc)["credentials"] = json!({
+        "passwd.hashed-password.root": {"file": "/run/agenix/root"},
+        "system.hostname": {"text": "web"}
+    });
+    assert!(problems(&doc).is_empty(), "{:?}", problems(&doc));
+    web(&mut doc)["credentials"] = json!({"a-name-that-is-far-too-long-for-fw-cfg": {"text": "x"}});
+    assert_problem(
+        &doc,
+        "vms.web.credentials.a-name-that-is-far-too-long-for-fw-cfg",
+        "1 to 28",
+    );
+    web(&mut doc)["credentials"] = json!({"pw": {"text": "x", "file": "/run/pw"}});
+    assert_problem(&doc, "vms.web.credentials.pw", "exactly one");
+    web(&mut doc)["credentials"] = json!({"pw": {"file": "/nix/store/abc-pw"}});
+    assert_problem(&doc, "vms.web.credentials.pw.file", "Nix store");
+}
+
+#[test]
+fn cloud_init_parts_have_one_source_each() {
+    let mut doc = base();
+    web(&mut doc)["cloudInit"] = json!({"userData": {"text": "#cloud-config\n"}, "networkConfig": {"file": "/etc/net.yaml"}});
+    assert!(problems(&doc).is_empty(), "{:?}", problems(&doc));
+    web(&mut doc)["cloudInit"] = json!({"metaData": {}});
+    assert_problem(&doc, "vms.web.cloudInit.metaData", "exactly one");
+    web(&mut doc)["cloudInit"] = json!({"vendorData": {"text": ""}});
+    assert_problem(&doc, "vms.web.cloudInit.vendorData", "unknown field");
 }

@@ -1,5 +1,6 @@
 //! Applies the planner's live actions to a running QEMU over QMP: disk and NIC hotplug and
-//! unplug, leftover cleanup, vCPU and memory resizing.
+//! unplug, disk growth, leftover cleanup, vCPU and memory resizing. Host files (creating an
+//! image before its hotplug, deleting one after its removal) are the daemon's, around these.
 //!
 //! Every action is idempotent against QEMU's actual state (deterministic ids; "not found" on a
 //! removal means it is already done), so re-applying after an agent crash is safe.
@@ -59,7 +60,15 @@ pub async fn apply_live(
         Action::AddDisk { id, disk } => devices::add_disk(qmp, boot_spec, id, disk, run_as)
             .await
             .map(|()| LiveOutcome::Done),
-        Action::RemoveDisk { id } => devices::remove_disk(qmp, id, unplug_timeout).await,
+        Action::RemoveDisk { id, .. } => devices::remove_disk(qmp, id, unplug_timeout).await,
+        Action::ResizeDisk { id, to_mib, .. } => qmp
+            .block_resize(
+                &crate::ids::disk_format_node(id),
+                to_mib * crate::devices::MIB,
+            )
+            .await
+            .map(|()| LiveOutcome::Done)
+            .map_err(LiveError::from),
         Action::AddNic { id, nic } => devices::add_nic(qmp, vm, boot_spec, id, nic, run_as)
             .await
             .map(|()| LiveOutcome::Done),
