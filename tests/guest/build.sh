@@ -80,7 +80,9 @@ add_module() { # $1: path relative to $modules
     echo "$name" >> "$root/lib/modules/load-order"
 }
 : > "$root/lib/modules/load-order"
-for wanted in virtio_pci virtio_blk virtio_net virtio_mem button evdev; do
+# button, evdev: the ACPI power button; qemu_fw_cfg: systemd credentials; vfat and its code
+# pages: the cloud-init seed.
+for wanted in virtio_pci virtio_blk virtio_net virtio_mem button evdev qemu_fw_cfg vfat nls_cp437 nls_utf8; do
     path=$(grep -E "(^|/)$wanted\.ko(\.[a-z]+)?:" "$modules/modules.dep" | cut -d: -f1)
     if [ -z "$path" ]; then
         # Built into this kernel: nothing to load.

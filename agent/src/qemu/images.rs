@@ -70,7 +70,6 @@ pub async fn prepare(
         for command in &commands {
             run(qemu_img, command).await?;
         }
-        grant_qemu_access(&tmp)?;
         // link(2) fails if the path exists: whatever appeared there meanwhile is never replaced.
         std::fs::hard_link(&tmp, &disk.path).with_context(|| {
             format!(
@@ -82,6 +81,7 @@ pub async fn prepare(
     .await;
     let _ = std::fs::remove_file(&tmp);
     made?;
+    confine::grant_disk(&disk.path, disk.read_only, run_as)?;
     tracing::info!(disk = id, path = %disk.path.display(), "created the disk image");
     Ok(())
 }
@@ -233,7 +233,7 @@ mod tests {
         std::fs::write(&raw, b"keep me").unwrap();
         let mut existing = disk(&raw, None, Some(DiskCreate::default()));
         existing.format = DiskFormat::Raw;
-        prepare(&qemu_img, "notes", &existing).await.unwrap();
+        prepare(&qemu_img, "notes", &existing, None).await.unwrap();
         assert_eq!(std::fs::read(&raw).unwrap(), b"keep me");
     }
 
@@ -242,7 +242,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let qemu_img = qemu_img(Path::new("/usr/bin/qemu-system-x86_64"));
         let path = dir.path().join("gone.qcow2");
-        let error = prepare(&qemu_img, "gone", &disk(&path, Some(1), None))
+        let error = prepare(&qemu_img, "gone", &disk(&path, Some(1), None), None)
             .await
             .unwrap_err();
         assert!(format!("{error}").contains("does not exist"), "{error}");
@@ -250,7 +250,7 @@ mod tests {
             from: Some(dir.path().join("no-base.raw")),
             backing: true,
         };
-        let error = prepare(&qemu_img, "gone", &disk(&path, None, Some(from)))
+        let error = prepare(&qemu_img, "gone", &disk(&path, None, Some(from)), None)
             .await
             .unwrap_err();
         assert!(format!("{error}").contains("base image"), "{error}");

@@ -6,7 +6,11 @@
 //! Console protocol (written by `tests/guest/init`):
 //! - `PLASMAVMC-GUEST-READY` once, drivers loaded;
 //! - `PLASMAVMC-GUEST-STATE cpus=0-1 memkib=N blk=vda:SERIAL,... net=eth0:MAC,... pci=ADDR:VENDOR:DEVICE,...`
-//!   at start and whenever something changed, so the latest line is the guest's current view.
+//!   at start and whenever something changed, so the latest line is the guest's current view;
+//! - `PLASMAVMC-GUEST-BLKSIZE vda:SECTORS,...` likewise for block device sizes;
+//! - once each: `PLASMAVMC-GUEST-CREDENTIAL NAME sha256=HEX` (fw_cfg credentials),
+//!   `PLASMAVMC-GUEST-SEED dev=vdX files=.. user-data-sha256=HEX` (the cloud-init seed) and
+//!   `PLASMAVMC-GUEST-WROTE vdX` (after writing to the disk `plasmavmc.write=SERIAL` names);
 //! - `PLASMAVMC-GUEST-POWEROFF` when it powers off on the ACPI power button.
 //!
 //! The guest also runs a root shell on the console (prompt `PROMPT`).
@@ -32,6 +36,8 @@ pub const PROMPT: &str = "plasmavmc-guest:/# ";
 /// Kernel command line flag: the guest ignores the ACPI power button (`system_powerdown`), so a
 /// stop runs into its timeout and a soft reset falls back to a hard one.
 pub const IGNORE_POWERDOWN: &str = "plasmavmc.ignore_powerdown";
+/// Prefix of the guest's block size lines (`vda:SECTORS,...`, 512-byte sectors).
+pub const BLKSIZE: &str = "PLASMAVMC-GUEST-BLKSIZE ";
 /// A TCG boot to `READY` on a loaded 2-core machine (~6 s idle); generous on purpose.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -264,6 +270,41 @@ impl Console {
             ),
             None => self.timed_out("the expected guest state", timeout),
         })
+    }
+
+    /// Waits until the latest complete line starting with `prefix` satisfies `predicate`; returns
+    /// it without the prefix.
+    pub fn wait_for_latest(
+        &self,
+        prefix: &str,
+        predicate: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        self.poll(timeout, || {
+            let text = self.text();
+            let line = complete_lines(&text)
+                .filter_map(|l| l.find(prefix).map(|at| &l[at + prefix.len()..]))
+                .last()?
+                .to_owned();
+            predicate(&line).then_some(line)
+        })
+        .ok_or_else(|| self.timed_out(&format!("matching {prefix:?} line"), timeout))
+    }
+
+    /// Waits until the guest reports block device `name` with `sectors` 512-byte sectors.
+    pub fn wait_for_block_size(
+        &self,
+        name: &str,
+        sectors: u64,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let wanted = format!("{name}:{sectors}");
+        self.wait_for_latest(
+            BLKSIZE,
+            |line| line.split(',').any(|item| item == wanted),
+            timeout,
+        )
+        .map(drop)
     }
 
     /// The guest's latest state, if it reported one.

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::agent::{plasmavmc_binary, Agent};
 use crate::stats::{ms, Summary};
 
-const VM: &str = "bench";
+pub(crate) const VM: &str = "bench";
 const BOOT_MARKER: &str = "PLASMAVMC-GUEST-READY";
 const GUEST_STATE: &str = "PLASMAVMC-GUEST-STATE ";
 const BRIDGE: &str = "br0";
@@ -210,19 +210,7 @@ impl Bench {
     }
 
     fn cli(&self, args: &[&str]) -> Result<()> {
-        let output = Command::new(&self.binary)
-            .args(args)
-            .arg("--run-dir")
-            .arg(&self.run_dir)
-            .output()?;
-        if !output.status.success() {
-            bail!(
-                "plasmavmc {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        Ok(())
+        cli(&self.binary, &self.run_dir, args)
     }
 
     fn vm_status(&self) -> Result<Value> {
@@ -309,7 +297,26 @@ impl Drop for Netns {
     }
 }
 
-fn write_config(path: &Path, work: &Path, vm: &Value) -> Result<()> {
+/// `plasmavmc ARGS --run-dir RUN_DIR`; an error with its stderr unless it succeeded.
+pub(crate) fn cli(binary: &Path, run_dir: &Path, args: &[&str]) -> Result<()> {
+    let output = Command::new(binary)
+        .args(args)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "plasmavmc {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Writes `{"version": 1, "vms": {"bench": vm}}`, with `@WORK@` replaced by `work`.
+pub(crate) fn write_config(path: &Path, work: &Path, vm: &Value) -> Result<()> {
     let text = json!({"version": 1, "vms": {VM: vm}}).to_string();
     std::fs::write(path, text.replace("@WORK@", &path_str(work)?))?;
     Ok(())
@@ -329,6 +336,6 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn path_str(path: &Path) -> Result<String> {
+pub(crate) fn path_str(path: &Path) -> Result<String> {
     path.to_str().map(str::to_owned).context("non-UTF-8 path")
 }

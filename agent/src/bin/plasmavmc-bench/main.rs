@@ -7,6 +7,7 @@ mod adopt;
 mod agent;
 mod chainfire;
 mod console;
+mod disks;
 mod faults;
 mod ha;
 mod hotplug;
@@ -25,8 +26,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",
-    about = "Measure plasmavmc: planning, adoption, live changes, console, ChainFire, HA failover \
-             and status under load"
+    about = "Measure plasmavmc: planning, adoption, live changes, disks, console, ChainFire, HA \
+             failover and status under load"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -62,6 +63,18 @@ enum Bench {
         work_dir: PathBuf,
         /// Live applications per change (each followed by a revert).
         #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Disk images: creating a 10 GiB sparse image (qcow2 and raw), and a live grow on one real
+    /// guest (TCG): `reload --wait` and until the guest sees the new size.
+    Disks {
+        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/test-guest")]
+        guest_dir: PathBuf,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+        /// Creations per format and grows.
+        #[arg(long, default_value_t = 10)]
         rounds: usize,
     },
     /// Console round trip: a key typed into `plasmavmc console` until the guest's echo comes
@@ -226,6 +239,15 @@ fn main() -> anyhow::Result<()> {
             socket,
             connections,
         } => status::hold_idle_here(&socket, connections)?,
+        Bench::Disks {
+            guest_dir,
+            work_dir,
+            rounds,
+        } => disks::report(&disks::Options {
+            guest_dir: std::path::absolute(guest_dir)?,
+            work_dir,
+            rounds,
+        })?,
         Bench::Hotplug {
             guest_dir,
             work_dir,
