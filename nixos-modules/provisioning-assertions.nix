@@ -32,6 +32,10 @@ let
         message = "${dp}.sizeMiB (${toString d.sizeMiB}) is below the ${toString fromSizeMiB} MiB of its base image ${dp}.create.from: shrinking destroys data.";
       }
       {
+        assertion = !(d.sizeMiB != null && d.readOnly);
+        message = "${dp}.sizeMiB: a read-only image may be shared by other disks; it is never resized.";
+      }
+      {
         assertion = !(d.deleteOnRemove && d.readOnly);
         message = "${dp}.deleteOnRemove: a read-only image may be shared by other disks; it is never deleted.";
       }

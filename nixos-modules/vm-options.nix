@@ -54,7 +54,8 @@ let
           The image's size in MiB. With `create`, the size it is created at. Raising it grows the
           image: live on a running VM (the guest sees the new size at once), before the start
           otherwise. Lowering it below the image's size is refused (it destroys data) and never
-          applied. `null`: whatever size the image has.
+          applied. `null`: whatever size the image has. Not for read-only disks (a shared image is
+          never resized).
         '';
       };
       create = mkOption {

@@ -406,6 +406,20 @@ mod tests {
             to: "pc".into(),
             reason: "boot-time setting".into(),
         }];
+        web.disks.insert(
+            "data".into(),
+            DiskStatus {
+                path: "/var/lib/vms/data.qcow2".into(),
+                size_mib: 2048,
+            },
+        );
+        web.refused = vec![PendingChange {
+            vm: "web".into(),
+            field: "disks.data.sizeMiB".into(),
+            from: "2048".into(),
+            to: "1024".into(),
+            reason: "shrinking destroys data".into(),
+        }];
         let mut db = running(&[]);
         db.state = VmState::Failed;
         db.pid = None;
@@ -435,6 +449,10 @@ mod tests {
         assert!(text.contains(
             "  pending machine: q35 -> pc (boot-time setting; applied at the next start)"
         ));
+        assert!(text.contains("  disk data: 2048 MiB, /var/lib/vms/data.qcow2\n"));
+        assert!(
+            text.contains("  REFUSED disks.data.sizeMiB: 2048 -> 1024 (shrinking destroys data)")
+        );
     }
 
     #[test]

@@ -833,6 +833,14 @@ in
     expected = [ "${vmA}.disks.root.deleteOnRemove: a read-only image may be shared by other disks; it is never deleted." ];
   };
 
+  assertReadOnlyImagesAreNeverResized = {
+    expr = failuresOfVm {
+      disks.root.readOnly = true;
+      disks.root.sizeMiB = 1024;
+    };
+    expected = [ "${vmA}.disks.root.sizeMiB: a read-only image may be shared by other disks; it is never resized." ];
+  };
+
   assertCredentialHasOneSource = {
     expr = failuresOfVm {
       credentials.pw = {

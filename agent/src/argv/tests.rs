@@ -143,7 +143,13 @@ fn block_devices_are_opened_with_host_device_image_files_with_file() {
         "img": {"path": "/img/a.qcow2", "format": "qcow2"}
     }}));
     let block_devices = BTreeSet::from([PathBuf::from("/dev/vg0/web-data")]);
-    let a = qemu_argv("web", &s, &RunDir::new("/run/pv").vm("web"), &block_devices);
+    let a = qemu_argv(
+        "web",
+        &s,
+        &RunDir::new("/run/pv").vm("web"),
+        &block_devices,
+        &PassedFds::default(),
+    );
     let blockdevs = values(&a, "-blockdev");
     assert!(blockdevs[0].starts_with("driver=file,") && blockdevs[0].contains("/img/a.qcow2"));
     assert!(blockdevs[2].starts_with("driver=host_device,"));

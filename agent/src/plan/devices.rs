@@ -191,7 +191,7 @@ fn plan_size(
 }
 
 /// Why a disk is not shrunk, and what the operator can do about it.
-pub fn shrink_refused(vm: &str, id: &str, size_bytes: u64, to_mib: u64) -> RefusedChange {
+fn shrink_refused(vm: &str, id: &str, size_bytes: u64, to_mib: u64) -> RefusedChange {
     let from_mib = size_bytes.div_ceil(MIB);
     RefusedChange {
         vm: vm.to_owned(),

@@ -28,7 +28,6 @@ use crate::action::{Action, Plan, Step};
 use crate::observed::{ObservedHost, ObservedVm};
 use crate::spec::{DesiredState, OnRestartRequired, VmSpec};
 
-pub use devices::shrink_refused;
 pub use pending::pending_changes;
 
 /// Whether the daemon wants a declared VM running. It folds in `autostart`, operator

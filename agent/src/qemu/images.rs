@@ -177,19 +177,26 @@ fn remove_if_present(path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::devices::MIB;
-    use crate::spec::{DiskCache, DiskCreate};
+    use serde_json::json;
 
-    fn disk(path: &Path, size_mib: Option<u64>, create: Option<DiskCreate>) -> DiskSpec {
-        DiskSpec {
-            path: path.to_owned(),
-            format: DiskFormat::Qcow2,
-            read_only: false,
-            cache: DiskCache::Writeback,
-            serial: None,
-            size_mib,
-            create,
-            delete_on_remove: false,
-        }
+    fn disk(
+        path: &Path,
+        format: &str,
+        size_mib: Option<u64>,
+        create: serde_json::Value,
+    ) -> DiskSpec {
+        serde_json::from_value(json!({
+            "path": path, "format": format, "sizeMiB": size_mib, "create": create,
+        }))
+        .unwrap()
+    }
+
+    async fn size_of(qemu_img: &Path, path: &Path) -> u64 {
+        info(qemu_img, path, None)
+            .await
+            .unwrap()
+            .unwrap()
+            .virtual_size
     }
 
     #[tokio::test]
@@ -197,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let qemu_img = qemu_img(Path::new("/usr/bin/qemu-system-x86_64"));
         let path = dir.path().join("data.qcow2");
-        let mut d = disk(&path, Some(64), Some(DiskCreate::default()));
+        let mut d = disk(&path, "qcow2", Some(64), json!({}));
         prepare(&qemu_img, "data", &d, None).await.unwrap();
         let made = info(&qemu_img, &path, None).await.unwrap().unwrap();
         assert_eq!(made.virtual_size, 64 * MIB);
@@ -206,33 +213,18 @@ mod tests {
 
         d.size_mib = Some(128);
         prepare(&qemu_img, "data", &d, None).await.unwrap();
-        assert_eq!(
-            info(&qemu_img, &path, None)
-                .await
-                .unwrap()
-                .unwrap()
-                .virtual_size,
-            128 * MIB
-        );
+        assert_eq!(size_of(&qemu_img, &path).await, 128 * MIB);
         d.size_mib = Some(32);
         let error = prepare(&qemu_img, "data", &d, None).await.unwrap_err();
         assert!(
             format!("{error}").contains("shrinking destroys data"),
             "{error}"
         );
-        assert_eq!(
-            info(&qemu_img, &path, None)
-                .await
-                .unwrap()
-                .unwrap()
-                .virtual_size,
-            128 * MIB
-        );
+        assert_eq!(size_of(&qemu_img, &path).await, 128 * MIB);
 
         let raw = dir.path().join("notes.raw");
         std::fs::write(&raw, b"keep me").unwrap();
-        let mut existing = disk(&raw, None, Some(DiskCreate::default()));
-        existing.format = DiskFormat::Raw;
+        let existing = disk(&raw, "raw", None, json!({}));
         prepare(&qemu_img, "notes", &existing, None).await.unwrap();
         assert_eq!(std::fs::read(&raw).unwrap(), b"keep me");
     }
@@ -242,15 +234,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let qemu_img = qemu_img(Path::new("/usr/bin/qemu-system-x86_64"));
         let path = dir.path().join("gone.qcow2");
-        let error = prepare(&qemu_img, "gone", &disk(&path, Some(1), None), None)
+        let no_create = disk(&path, "qcow2", Some(1), json!(null));
+        let error = prepare(&qemu_img, "gone", &no_create, None)
             .await
             .unwrap_err();
         assert!(format!("{error}").contains("does not exist"), "{error}");
-        let from = DiskCreate {
-            from: Some(dir.path().join("no-base.raw")),
-            backing: true,
-        };
-        let error = prepare(&qemu_img, "gone", &disk(&path, None, Some(from)), None)
+        let from = json!({"from": dir.path().join("no-base.raw"), "backing": true});
+        let no_base = disk(&path, "qcow2", None, from);
+        let error = prepare(&qemu_img, "gone", &no_base, None)
             .await
             .unwrap_err();
         assert!(format!("{error}").contains("base image"), "{error}");

@@ -124,7 +124,16 @@ pub fn launch_confined(
     guard: Option<&Guard>,
     confinement: &Confinement,
 ) -> Result<u32> {
-    spawn(name, spec, vm_dir, qemu, args, guard, confinement, Vec::new())
+    spawn(
+        name,
+        spec,
+        vm_dir,
+        qemu,
+        args,
+        guard,
+        confinement,
+        Vec::new(),
+    )
 }
 
 /// `launch_confined`, with descriptors QEMU inherits (`inherit`: open in the agent with

@@ -23,6 +23,12 @@ pub(super) fn check_disk(report: &mut Report, vm: &str, id: &str, disk: &DiskSpe
             );
         }
     }
+    if disk.size_mib.is_some() && disk.read_only {
+        report.at(
+            &at("sizeMiB"),
+            "a read-only image may be shared by other disks; it is never resized",
+        );
+    }
     if disk.delete_on_remove && disk.read_only {
         report.at(
             &at("deleteOnRemove"),

@@ -588,7 +588,9 @@ fn limits_are_checked_against_cgroup_ranges_and_the_guest_memory() {
     assert_problem(&doc, "vms.web.limits.memoryMaxMiB", "no room for the guest");
     web(&mut doc)["limits"] = json!({"memoryMax": 1});
     assert_problem(&doc, "vms.web.limits.memoryMax", "unknown field");
+}
 
+#[test]
 fn disk_creation_and_sizes_are_checked() {
     let mut doc = base();
     web(&mut doc)["disks"]["data"]["create"] = json!({});
@@ -609,6 +611,8 @@ fn disk_creation_and_sizes_are_checked() {
     assert!(problems(&doc).is_empty(), "{:?}", problems(&doc));
 
     web(&mut doc)["disks"]["data"]["readOnly"] = json!(true);
+    assert_problem(&doc, "vms.web.disks.data.sizeMiB", "never resized");
+    web(&mut doc)["disks"]["data"]["sizeMiB"] = json!(null);
     web(&mut doc)["disks"]["data"]["deleteOnRemove"] = json!(true);
     assert_problem(&doc, "vms.web.disks.data.deleteOnRemove", "never deleted");
 }
