@@ -124,6 +124,9 @@
           vm-ha-failover = pkgs.testers.runNixOSTest (
             import ./checks/vm-tests/ha-failover.nix { plasmavmcModule = self.nixosModules.default; }
           );
+          vm-disks = pkgs.testers.runNixOSTest (
+            import ./checks/vm-tests/disks.nix { plasmavmcModule = self.nixosModules.default; }
+          );
           example-hypervisor = self.nixosConfigurations.example-hypervisor.config.system.build.toplevel;
         }
       );
