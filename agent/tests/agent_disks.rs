@@ -186,16 +186,26 @@ fn disks_credentials_and_seed_from_creation_to_removal() {
         .wait_for(&format!("PLASMAVMC-GUEST-WROTE {}", dev("overlay")), GUEST)
         .unwrap_or_else(|e| panic!("{e}"));
     let flat = dir.join("overlay-flat.raw");
-    let converted = Command::new("qemu-img")
-        .args(["convert", "-U", "-O", "raw"])
-        .arg(&overlay)
-        .arg(&flat)
-        .status()
-        .unwrap();
-    assert!(converted.success());
-    assert!(std::fs::read(&flat)
-        .unwrap()
-        .starts_with(b"PLASMAVMC-WRITTEN-BY-GUEST"));
+    let overlay_starts_with_marker = || {
+        let converted = Command::new("qemu-img")
+            .args(["convert", "-U", "-O", "raw"])
+            .arg(&overlay)
+            .arg(&flat)
+            .status()
+            .unwrap();
+        converted.success()
+            && std::fs::read(&flat)
+                .unwrap()
+                .starts_with(b"PLASMAVMC-WRITTEN-BY-GUEST")
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !overlay_starts_with_marker() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's write is not in the overlay"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert_eq!(
         sha256(&std::fs::read(&base).unwrap()),
         base_sum,
