@@ -32,7 +32,7 @@ struct PausedVm {
 async fn launch_paused(run: &TempRun, name: &str, spec: VmSpec) -> PausedVm {
     let vm = run.vm(name);
     lifecycle::prepare_host_devices(name, &spec, None).expect("taps");
-    let mut argv = qemu_argv(name, &spec, &vm, &Default::default());
+    let mut argv = qemu_argv(name, &spec, &vm, &Default::default(), &Default::default());
     argv.push("-S".into());
     let pid = launch_with_argv(name, &spec, &vm, &qemu(), &argv, None).expect("launch");
     let guard = KillOnDrop(pid);
