@@ -105,7 +105,12 @@ fn grow(options: &Options, work: &Path) -> Result<(Summary, Summary)> {
 /// The size (sectors) the guest reports for its only virtio disk, from its latest BLKSIZE line.
 fn latest_size(console: &Path) -> Result<Option<u64>> {
     let text = std::fs::read_to_string(console)?;
-    let Some(line) = text.lines().rev().find_map(|l| l.strip_prefix(BLKSIZE)) else {
+    // The guest's console shell may have printed its prompt first on the same line.
+    let Some(line) = text
+        .lines()
+        .rev()
+        .find_map(|l| l.find(BLKSIZE).map(|at| &l[at + BLKSIZE.len()..]))
+    else {
         return Ok(None);
     };
     Ok(line
