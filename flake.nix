@@ -17,10 +17,9 @@
     }:
     let
       inherit (nixpkgs) lib;
-      systems = [
-        "x86_64-linux"
-        "aarch64-linux"
-      ];
+      # x86_64 only: the agent runs qemu-system-x86_64 and offers x86 machines (q35, pc). aarch64
+      # would need qemu-system-aarch64, the `virt` machine, UEFI firmware and its hotplug rules.
+      systems = [ "x86_64-linux" ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
       plasmavmcPackage =
@@ -29,6 +28,9 @@
           rustPlatform,
           protobuf,
           installShellFiles,
+          makeWrapper,
+          qemu_kvm,
+          iproute2,
         }:
         rustPlatform.buildRustPackage {
           pname = "plasmavmc";
@@ -54,6 +56,7 @@
           nativeBuildInputs = [
             protobuf
             installShellFiles
+            makeWrapper
           ];
           # Completions and man pages come from the clap definitions (`plasmavmc completions`,
           # `plasmavmc manpages`), so they always match the binary.
@@ -64,6 +67,13 @@
               --fish <($out/bin/plasmavmc completions fish)
             $out/bin/plasmavmc manpages man
             installManPage man/*.1
+            # `nix run` finds QEMU and ip; appended, so the NixOS unit's PATH (qemuPackage) wins.
+            wrapProgram $out/bin/plasmavmc --suffix PATH : ${
+              lib.makeBinPath [
+                qemu_kvm
+                iproute2
+              ]
+            }
           '';
           # The agent's tests boot real QEMU guests and start a real etcd: they cannot run in the
           # build sandbox. They run in CI (scripts/test.sh) and in the NixOS VM tests (checks).
@@ -102,9 +112,10 @@
         { lib, pkgs, ... }:
         {
           imports = [ ./nixos-modules ];
-          services.plasmavmc.package =
-            lib.mkDefault
-              self.packages.${pkgs.stdenv.hostPlatform.system}.default;
+          # The overlay's package when the host uses the overlay, else this flake's.
+          services.plasmavmc.package = lib.mkDefault (
+            pkgs.plasmavmc or self.packages.${pkgs.stdenv.hostPlatform.system}.default
+          );
         };
 
       # nixfmt is the RFC 166 style formatter (formerly packaged as nixfmt-rfc-style).
@@ -120,6 +131,9 @@
         // lib.optionalAttrs (pkgs.stdenv.hostPlatform.system == "x86_64-linux") {
           vm-lifecycle = pkgs.testers.runNixOSTest (
             import ./checks/vm-tests/lifecycle.nix { plasmavmcModule = self.nixosModules.default; }
+          );
+          vm-host-lifecycle = pkgs.testers.runNixOSTest (
+            import ./checks/vm-tests/host-lifecycle.nix { plasmavmcModule = self.nixosModules.default; }
           );
           vm-ha-failover = pkgs.testers.runNixOSTest (
             import ./checks/vm-tests/ha-failover.nix { plasmavmcModule = self.nixosModules.default; }

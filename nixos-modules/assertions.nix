@@ -104,6 +104,10 @@ let
         assertion = !vm.ha.enable || cfg.chainfire.endpoints != [ ];
         message = "${p}.ha.enable needs ChainFire: set ${opt}.chainfire.endpoints.";
       }
+      {
+        assertion = !vm.ha.enable || vm.onHostShutdown != "save";
+        message = "${p}.onHostShutdown = \"save\" cannot be used with ${p}.ha.enable: another host may start an HA VM while it is saved here, and restoring it later would run an older copy. Use \"powerdown\" (or \"evacuate\", which powers HA VMs down until live migration exists).";
+      }
     ]
     ++ namesMatch "disk id" names.deviceIdPattern names.isDeviceId "${p}.disks" vm.disks
     ++ namesMatch "NIC id" names.deviceIdPattern names.isDeviceId "${p}.nics" vm.nics

@@ -4,6 +4,7 @@
   imports = [
     ./options.nix
     ./systemd.nix
+    ./host-shutdown.nix
     ./activation.nix
     ./assertions.nix
     ./provisioning-assertions.nix

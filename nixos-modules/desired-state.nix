@@ -53,6 +53,7 @@ let
         autostart
         restartPolicy
         onRestartRequired
+        onHostShutdown
         orgId
         projectId
         consoleLog

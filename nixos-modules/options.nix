@@ -70,6 +70,27 @@ in
       '';
     };
 
+    stopTimeout = mkOption {
+      type = types.ints.between 1 3600;
+      default = 60;
+      description = ''
+        Seconds a guest gets to shut down after an ACPI powerdown (a stop, a restart, a host
+        shutdown) before QEMU is told to quit. Also sizes the unit's `TimeoutStartSec`, which
+        bounds a reload (`nixos-rebuild switch`) that stops and starts VMs.
+      '';
+    };
+
+    shutdownTimeout = mkOption {
+      type = types.ints.between 1 86400;
+      default = 300;
+      description = ''
+        Upper bound, in seconds, for powering the VMs down when the host shuts down or reboots
+        (each VM also waits at most `stopTimeout`; all VMs are powered down in parallel). Saves
+        (`onHostShutdown = "save"`) run to completion within a further 120 s; after that systemd
+        stops whatever still runs.
+      '';
+    };
+
     externalBridges = mkOption {
       type = types.listOf names.ifname;
       default = [ ];

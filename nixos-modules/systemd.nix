@@ -9,15 +9,21 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 let
   cfg = config.services.plasmavmc;
-  configPath = "/etc/plasmavmc/desired.json";
+  # Read through /run/current-system, not /etc: a switch's activation swaps that symlink (on /run,
+  # which the agent's mount namespace shares) before it reloads the agent, while with
+  # system.etc.overlay a unit with its own mount namespace can keep seeing the old /etc
+  # (nixpkgs PR 556436) and would re-read a stale file. /etc/plasmavmc/desired.json stays, for people.
+  configPath = "/run/current-system/etc/plasmavmc/desired.json";
   desiredFile = config.environment.etc."plasmavmc/desired.json".source;
   plasmavmc = lib.getExe' cfg.package "plasmavmc";
 
-  chainfireArgs = lib.optionals (cfg.chainfire.endpoints != [ ]) (
+  chainfire = cfg.chainfire.endpoints != [ ];
+  chainfireArgs = lib.optionals chainfire (
     [
       "--chainfire"
       (lib.concatStringsSep "," cfg.chainfire.endpoints)
@@ -52,9 +58,16 @@ let
     cfg.stateDir
     "--run-dir"
     cfg.runDir
+    "--stop-timeout"
+    (toString cfg.stopTimeout)
   ]
   ++ qemuUserArgs
   ++ chainfireArgs;
+
+  # A reload stops and starts VMs, each on its own: a stop (stopTimeout, then 10 s for `quit`),
+  # a wait for a VM busy with something else (up to 120 s), a launch (up to 30 s), and margin.
+  # Systemd's default (90 s) would fail a switch whose reload is still working.
+  reloadTimeout = cfg.stopTimeout + 10 + 120 + 30 + 20;
 in
 {
   config = lib.mkIf cfg.enable {
@@ -78,13 +91,18 @@ in
     systemd.services.plasmavmc = {
       description = "plasmavmc agent: runs the VMs declared in services.plasmavmc.vms";
       wantedBy = [ "multi-user.target" ];
-      after = [ "network.target" ];
-      # qemu-system-*, qemu-img; ip for taps and bridges; systemd-run to put each QEMU in its own
-      # scope, outside this unit's cgroup.
+      # With ChainFire the agent needs the network up to reach the store, and HA VMs' shared
+      # storage mounted before it starts them.
+      after = [ "network.target" ] ++ lib.optionals chainfire [
+        "network-online.target"
+        "remote-fs.target"
+      ];
+      wants = lib.optional chainfire "network-online.target";
+      # qemu-system-*, qemu-img; ip for taps and bridges. systemd-run (each QEMU in a scope of its
+      # own) is on every unit's PATH already.
       path = [
         cfg.qemuPackage
         pkgs.iproute2
-        config.systemd.package
       ];
 
       reloadTriggers = [ desiredFile ];
@@ -93,14 +111,17 @@ in
 
       serviceConfig = {
         Type = "notify";
-        ExecStart = lib.escapeShellArgs ([ plasmavmc ] ++ agentArgs);
-        ExecReload = lib.escapeShellArgs [
+        # systemd's own quoting: a `%` or `$` in a path stays literal.
+        ExecStart = utils.escapeSystemdExecArgs ([ plasmavmc ] ++ agentArgs);
+        ExecReload = utils.escapeSystemdExecArgs [
           plasmavmc
           "reload"
           "--wait"
           "--run-dir"
           cfg.runDir
         ];
+        # Bounds ExecReload too (systemd has no separate reload timeout).
+        TimeoutStartSec = reloadTimeout;
         Restart = "always";
         RestartSec = "2s";
         # QEMU runs in its own transient scope; should one ever be left in this cgroup, stopping

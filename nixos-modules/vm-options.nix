@@ -276,6 +276,23 @@ in
         it at the VM's next start; `restart` restarts the VM now to apply it.
       '';
     };
+    onHostShutdown = mkOption {
+      type = types.enum [
+        "powerdown"
+        "save"
+        "evacuate"
+      ];
+      default = "powerdown";
+      description = ''
+        What a host shutdown or reboot does to the VM while it runs (`plasmavmc shutdown-host`,
+        run before systemd stops the VMs' scopes). `powerdown`: ACPI powerdown, QEMU is quit
+        after `services.plasmavmc.stopTimeout` (all VMs in parallel). `save`: a managed save
+        (`plasmavmc save`): the VM's state is written to `stateDir` and restored, not booted,
+        when the host is back. `evacuate`: move the VM to another host; live migration does not
+        exist yet, so for now this saves like `save`. HA VMs are never saved (they are powered
+        down instead).
+      '';
+    };
     orgId = mkOption {
       type = names.scopeId;
       default = "default";

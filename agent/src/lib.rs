@@ -19,6 +19,7 @@ pub mod paths;
 pub mod plan;
 pub mod qemu;
 pub mod runas;
+pub mod save;
 pub mod seed;
 pub mod spec;
 pub mod status;

@@ -96,4 +96,66 @@ impl VmDir {
     pub fn fence_marker(&self) -> PathBuf {
         self.dir.join("fenced")
     }
+
+    /// The unix socket a save or restore streams QEMU's migration data through.
+    pub fn migration_socket(&self) -> PathBuf {
+        self.dir.join("migration.sock")
+    }
+}
+
+/// `<state-dir>/saved/`: managed saves, which outlive the QEMU process and the host's boot.
+///
+/// - `NAME/` (committed): `state` (QEMU's migration stream) and `record.json` (`save::SavedRecord`).
+/// - `NAME.partial/`: a save under way, or one interrupted before it was committed.
+/// - `unrestorable/NAME-<unix-seconds>/`: a save that could not be restored, with `reason.txt`;
+///   kept until the operator removes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedDir {
+    root: PathBuf,
+}
+
+impl SavedDir {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            root: state_dir.join("saved"),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The committed save of VM `name`.
+    pub fn committed(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Where a save of VM `name` is written before it is committed (renamed to `committed`).
+    pub fn partial(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.partial"))
+    }
+
+    pub fn unrestorable_root(&self) -> PathBuf {
+        self.root.join("unrestorable")
+    }
+
+    /// Where a save of VM `name` that could not be restored is kept (`stamp`: unix seconds).
+    pub fn unrestorable(&self, name: &str, stamp: u64) -> PathBuf {
+        self.unrestorable_root().join(format!("{name}-{stamp}"))
+    }
+}
+
+/// Inside a save's directory: QEMU's migration stream.
+pub fn saved_state(save: &Path) -> PathBuf {
+    save.join("state")
+}
+
+/// Inside a save's directory: what was saved (`save::SavedRecord`).
+pub fn saved_record(save: &Path) -> PathBuf {
+    save.join("record.json")
+}
+
+/// Inside an unrestorable save's directory: why it could not be restored.
+pub fn unrestorable_reason(save: &Path) -> PathBuf {
+    save.join("reason.txt")
 }

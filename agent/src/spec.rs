@@ -70,6 +70,9 @@ pub struct VmSpec {
     /// What to do when a change cannot be applied live.
     #[serde(default)]
     pub on_restart_required: OnRestartRequired,
+    /// What the host's shutdown or reboot does to this VM when it runs.
+    #[serde(default)]
+    pub on_host_shutdown: OnHostShutdown,
     #[serde(default = "default_scope")]
     pub org_id: String,
     #[serde(default = "default_scope")]
@@ -243,6 +246,19 @@ pub enum OnRestartRequired {
     Pending,
     /// Restart the VM now to apply it.
     Restart,
+}
+
+/// What a host shutdown or reboot does to a running VM (`plasmavmc shutdown-host`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnHostShutdown {
+    /// ACPI powerdown (all VMs in parallel), then `quit` after the stop timeout.
+    #[default]
+    Powerdown,
+    /// Managed save: the VM's state goes to the state dir and is restored at its next start.
+    Save,
+    /// Move the VM to another host; until live migration exists, the same as `save`.
+    Evacuate,
 }
 
 fn default_true() -> bool {

@@ -42,6 +42,10 @@ pub enum VmState {
     /// A QEMU of this VM runs that the agent cannot manage now (`stateReason` says why): it is
     /// left alone and nothing is started beside it; `plasmavmc stop --force` kills it.
     Unresponsive,
+    /// Its state is being written to a managed save.
+    Saving,
+    /// No QEMU; a managed save holds the VM, and its next start restores it.
+    Saved,
 }
 
 impl VmState {
@@ -54,6 +58,8 @@ impl VmState {
             VmState::Stopping => "stopping",
             VmState::Failed => "failed",
             VmState::Unresponsive => "unresponsive",
+            VmState::Saving => "saving",
+            VmState::Saved => "saved",
         }
     }
 }
@@ -91,6 +97,12 @@ pub struct VmStatus {
     pub held_down: Option<String>,
     /// How often the agent restarted it after QEMU went away (restart policy).
     pub restarts: u32,
+    /// The managed save its next start restores (state `saved`).
+    #[serde(default)]
+    pub saved: Option<String>,
+    /// Saves that could not be restored, kept for the operator: `PATH: REASON` each.
+    #[serde(default)]
+    pub unrestorable_saves: Vec<String>,
 }
 
 impl VmStatus {
@@ -111,6 +123,8 @@ impl VmStatus {
             last_error: None,
             held_down: None,
             restarts: 0,
+            saved: None,
+            unrestorable_saves: Vec::new(),
         }
     }
 }
@@ -308,6 +322,15 @@ fn details(vm: &VmStatus) -> String {
             change.field, change.from, change.to, change.reason
         );
     }
+    if let Some(save) = &vm.saved {
+        let _ = writeln!(out, "  saved at {save}: its next start restores it");
+    }
+    for kept in &vm.unrestorable_saves {
+        let _ = writeln!(
+            out,
+            "  unrestorable save (kept; remove it when no longer needed): {kept}"
+        );
+    }
     if let Some(error) = &vm.last_error {
         let _ = writeln!(out, "  last error: {error}");
     }
@@ -473,6 +496,24 @@ mod tests {
         assert!(text.starts_with("config /etc/plasmavmc/desired.json refused"));
         assert!(text.contains("  vms.web.vcpus: must be at least 1"));
         assert!(text.ends_with("stranger old (pid 77): spec.json unreadable (not touched)\n"));
+    }
+
+    #[test]
+    fn a_saved_vm_says_where_and_unrestorable_saves_are_listed() {
+        let vm = VmStatus {
+            state: VmState::Saved,
+            saved: Some("/var/lib/plasmavmc/saved/web".into()),
+            unrestorable_saves: vec!["/var/lib/plasmavmc/saved/unrestorable/web-1: bad".into()],
+            ..VmStatus::stopped(true)
+        };
+        let status = HostStatus {
+            vms: [("web".to_owned(), vm)].into(),
+            ..HostStatus::default()
+        };
+        let text = render(&status);
+        assert!(text.contains("web   saved"), "{text}");
+        assert!(text.contains("saved at /var/lib/plasmavmc/saved/web: its next start restores it"));
+        assert!(text.contains("unrestorable save (kept; remove it when no longer needed): /var/lib/plasmavmc/saved/unrestorable/web-1: bad"));
     }
 
     #[test]

@@ -1,14 +1,27 @@
 # Evaluate services.plasmavmc with the real nixpkgs module system, on the stub NixOS options.
 #   (import ./eval-host.nix { inherit lib; }) [ { services.plasmavmc = ...; } ]
 # returns the evaluated configuration plus what nixos-rebuild would report.
-{ lib }:
+# With `preSwitchChecks = false`, the stub NixOS is one from before system.preSwitchChecks.
+{
+  lib,
+  preSwitchChecks ? true,
+}:
 modules:
 let
   evaluated = lib.evalModules {
     modules = [
       ./stub-nixos.nix
+      (lib.optionalAttrs preSwitchChecks {
+        options.system.preSwitchChecks = lib.mkOption {
+          type = lib.types.attrsOf lib.types.str;
+          default = { };
+        };
+      })
       ../../nixos-modules
-      { _module.args.pkgs = import ./stub-pkgs.nix; }
+      {
+        _module.args.pkgs = import ./stub-pkgs.nix;
+        _module.args.utils = import ./stub-utils.nix { inherit lib; };
+      }
     ]
     ++ modules;
   };

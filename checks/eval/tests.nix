@@ -36,6 +36,8 @@ let
   failuresOf = modules: (hostWith modules).failedAssertions;
   nic = mac: extra: { inherit mac; bridge = "br0"; } // extra;
   vmA = "services.plasmavmc.vms.a";
+  # An Exec line as systemd gets it: each (space-free) argument quoted.
+  execLine = line: lib.concatMapStringsSep " " (arg: ''"${arg}"'') (lib.splitString " " line);
 in
 {
   # ---- desired state -------------------------------------------------------------------------
@@ -63,6 +65,7 @@ in
         autostart = true;
         restartPolicy = "on-failure";
         onRestartRequired = "pending";
+        onHostShutdown = "powerdown";
         orgId = "default";
         projectId = "default";
         consoleLog = true;
@@ -137,6 +140,7 @@ in
             mac = "52:54:00:ab:cd:02";
           };
         };
+        onHostShutdown = "evacuate";
         onRestartRequired = "restart";
         orgId = "acme";
         projectId = "edge";
@@ -154,7 +158,7 @@ in
       ''"credentials":{},''
       ''"disks":{"root":{"cache":"writeback","deleteOnRemove":false,"format":"qcow2","path":"/var/lib/vms/a.qcow2","readOnly":false}},''
       ''"ha":{"enable":false},"hotplugSlots":8,"machine":"q35","memoryMiB":512,"nics":{},''
-      ''"onRestartRequired":"pending","orgId":"default","projectId":"default","restartPolicy":"on-failure",''
+      ''"onHostShutdown":"powerdown","onRestartRequired":"pending","orgId":"default","projectId":"default","restartPolicy":"on-failure",''
       ''"vcpus":1}}}''
     ];
   };
@@ -176,10 +180,12 @@ in
         (c.systemd.services ? plasmavmc)
         (c.environment.etc ? "plasmavmc/desired.json")
         (c.system.activationScripts ? plasmavmc-plan)
+        (c.system.preSwitchChecks ? plasmavmc)
         c.boot.kernelModules
         c.assertions
       ];
     expected = [
+      false
       false
       false
       false
@@ -208,6 +214,8 @@ in
       chainfire.endpoints
       chainfire.leaseTtl
       hostId
+      stopTimeout
+      shutdownTimeout
       "${package}"
       "${qemuPackage}"
     ];
@@ -217,6 +225,8 @@ in
       [ ]
       10
       null
+      60
+      300
       "${store}-plasmavmc"
       "${store}-qemu"
     ];
@@ -226,29 +236,47 @@ in
 
   agentCommandLine = {
     expr = unit.serviceConfig.ExecStart;
-    expected = lib.concatStringsSep " " [
-      "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json"
-      "--state-dir /var/lib/plasmavmc --run-dir /run/plasmavmc"
-      "--qemu-user plasmavmc-qemu --qemu-group plasmavmc-qemu"
-    ];
+    expected = execLine (
+      lib.concatStringsSep " " [
+        "${store}-plasmavmc/bin/plasmavmc agent --config /run/current-system/etc/plasmavmc/desired.json"
+        "--state-dir /var/lib/plasmavmc --run-dir /run/plasmavmc --stop-timeout 60"
+        "--qemu-user plasmavmc-qemu --qemu-group plasmavmc-qemu"
+      ]
+    );
   };
 
   agentCommandLineWithChainfire = {
     expr = everyField.config.systemd.services.plasmavmc.serviceConfig.ExecStart;
-    expected = lib.concatStringsSep " " [
-      "${store}-plasmavmc/bin/plasmavmc agent --config /etc/plasmavmc/desired.json"
-      "--state-dir /srv/plasmavmc/state --run-dir /run/pvmc"
-      "--qemu-user vmrunner --qemu-group vmrunners"
-      "--chainfire https://10.0.0.1:2379,https://10.0.0.2:2379 --host-id hv-01 --lease-ttl 15"
-      "--chainfire-ca /etc/plasmavmc/ca.pem --chainfire-cert /etc/plasmavmc/client.pem"
-      "--chainfire-key /run/keys/plasmavmc.key --chainfire-password-file /run/keys/plasmavmc.password"
-      "--chainfire-user hv-01"
-    ];
+    expected = execLine (
+      lib.concatStringsSep " " [
+        "${store}-plasmavmc/bin/plasmavmc agent --config /run/current-system/etc/plasmavmc/desired.json"
+        "--state-dir /srv/plasmavmc/state --run-dir /run/pvmc --stop-timeout 30"
+        "--qemu-user vmrunner --qemu-group vmrunners"
+        "--chainfire https://10.0.0.1:2379,https://10.0.0.2:2379 --host-id hv-01 --lease-ttl 15"
+        "--chainfire-ca /etc/plasmavmc/ca.pem --chainfire-cert /etc/plasmavmc/client.pem"
+        "--chainfire-key /run/keys/plasmavmc.key --chainfire-password-file /run/keys/plasmavmc.password"
+        "--chainfire-user hv-01"
+      ]
+    );
   };
 
   reloadCommandLine = {
     expr = everyField.config.systemd.services.plasmavmc.serviceConfig.ExecReload;
-    expected = "${store}-plasmavmc/bin/plasmavmc reload --wait --run-dir /run/pvmc";
+    expected = execLine "${store}-plasmavmc/bin/plasmavmc reload --wait --run-dir /run/pvmc";
+  };
+
+  # systemd expands `%` specifiers and `$` variables in Exec lines: paths keep them literally.
+  execLinesKeepPercentAndDollar = {
+    expr =
+      (hostWith [
+        (withVms { a = minimalVm; })
+        { services.plasmavmc.stateDir = "/srv/50%/$HOME"; }
+      ]).config.systemd.services.plasmavmc.serviceConfig.ExecStart;
+    expected = lib.concatStringsSep " " [
+      ''"${store}-plasmavmc/bin/plasmavmc" "agent" "--config" "/run/current-system/etc/plasmavmc/desired.json"''
+      ''"--state-dir" "/srv/50%%/$$HOME" "--run-dir" "/run/plasmavmc" "--stop-timeout" "60"''
+      ''"--qemu-user" "plasmavmc-qemu" "--qemu-group" "plasmavmc-qemu"''
+    ];
   };
 
   switchReloadsForConfigRestartsForNewAgent = {
@@ -283,12 +311,89 @@ in
     };
   };
 
-  unitPathHasQemuIpAndSystemdRun = {
+  # A reload that stops (stopTimeout) and starts VMs must not hit systemd's default 90 s.
+  reloadTimeoutFollowsStopTimeout = {
+    expr = [
+      unit.serviceConfig.TimeoutStartSec
+      everyField.config.systemd.services.plasmavmc.serviceConfig.TimeoutStartSec
+    ];
+    expected = [
+      240
+      210
+    ];
+  };
+
+  # Stopped before the agent (After=), started at boot, never restarted by a switch; its
+  # ExecStop acts only when the host really shuts down.
+  hostShutdownUnit = {
+    expr =
+      let
+        u = everyField.config.systemd.services.plasmavmc-host-shutdown;
+      in
+      {
+        inherit (u) after wantedBy restartIfChanged;
+        inherit (u.serviceConfig)
+          Type
+          RemainAfterExit
+          ExecStop
+          TimeoutStopSec
+          ;
+      };
+    expected = {
+      after = [ "plasmavmc.service" ];
+      wantedBy = [ "multi-user.target" ];
+      restartIfChanged = false;
+      Type = "oneshot";
+      RemainAfterExit = true;
+      ExecStop = execLine "${store}-plasmavmc/bin/plasmavmc shutdown-host --only-when-system-stops --timeout 120 --run-dir /run/pvmc";
+      TimeoutStopSec = 240;
+    };
+  };
+
+  hostShutdownDefaultsToPowerdownWithin300s = {
+    expr = [
+      minimal.config.services.plasmavmc.vms.a.onHostShutdown
+      minimal.config.systemd.services.plasmavmc-host-shutdown.serviceConfig.TimeoutStopSec
+    ];
+    expected = [
+      "powerdown"
+      420
+    ];
+  };
+
+  onHostShutdownIsAnEnum = {
+    throws = (hostWith [ (withVms { a = minimalVm // { onHostShutdown = "hibernate"; }; }) ]).desired;
+  };
+
+  shutdownTimeoutMustBePositive = {
+    throws = (hostWith [ (withVms { a = minimalVm; }) { services.plasmavmc.shutdownTimeout = 0; } ]).config.systemd.services.plasmavmc-host-shutdown.serviceConfig.TimeoutStopSec;
+  };
+
+  # systemd (systemd-run) is on every unit's PATH already.
+  unitPathHasQemuAndIp = {
     expr = map toString unit.path;
     expected = [
       "${store}-qemu"
       "${store}-iproute2"
-      "${store}-systemd"
+    ];
+  };
+
+  withChainfireStartsAfterNetworkOnlineAndRemoteFs = {
+    expr = [
+      unit.after
+      unit.wants
+      everyField.config.systemd.services.plasmavmc.after
+      everyField.config.systemd.services.plasmavmc.wants
+    ];
+    expected = [
+      [ "network.target" ]
+      [ ]
+      [
+        "network.target"
+        "network-online.target"
+        "remote-fs.target"
+      ]
+      [ "network-online.target" ]
     ];
   };
 
@@ -385,32 +490,72 @@ in
 
   # ---- the plan during a switch --------------------------------------------------------------
 
-  activationPreviewsThePlan =
+  # The switch validates and previews before anything changes, and refuses on failure.
+  preSwitchCheckRefusesAndPreviews =
     let
-      # Compared as plain text: store-path context is irrelevant here and regexes refuse it.
       plain = builtins.unsafeDiscardStringContext;
-      script = minimal.config.system.activationScripts.plasmavmc-plan // {
-        text = plain minimal.config.system.activationScripts.plasmavmc-plan.text;
+      check = plain minimal.config.system.preSwitchChecks.plasmavmc;
+      newFile = plain (toString minimal.config.environment.etc."plasmavmc/desired.json".source);
+    in
+    {
+      expr = {
+        validatesFirst = lib.hasPrefix "if ! ${store}-coreutils/bin/timeout 30 ${store}-plasmavmc/bin/plasmavmc validate ${newFile}; then" check;
+        plansTheNewFile = lib.hasInfix "if ! ${store}-coreutils/bin/timeout 30 ${store}-plasmavmc/bin/plasmavmc plan --config ${newFile} --run-dir /run/plasmavmc; then" check;
+        refusals = builtins.length (lib.splitString "refusing the switch" check) - 1;
+        exits = builtins.length (lib.splitString "exit 1" check) - 1;
+        planOnlyWithAnAgent = lib.hasInfix "if [ -S /run/plasmavmc/control.sock ]; then" check;
+        noWarning = minimal.config.warnings;
       };
+      expected = {
+        validatesFirst = true;
+        plansTheNewFile = true;
+        refusals = 2;
+        exits = 2;
+        planOnlyWithAnAgent = true;
+        noWarning = [ ];
+      };
+    };
+
+  # dry-activate keeps the preview; a real switch leaves it to the pre-switch check.
+  dryActivateKeepsThePreview =
+    let
+      plain = builtins.unsafeDiscardStringContext;
+      script = minimal.config.system.activationScripts.plasmavmc-plan;
+      text = plain script.text;
       newFile = plain (toString minimal.config.environment.etc."plasmavmc/desired.json".source);
     in
     {
       expr = {
         inherit (script) supportsDryActivation;
-        plansTheNewFile = lib.hasInfix "plasmavmc plan --config ${newFile} --run-dir /run/plasmavmc" script.text;
-        validatesWithoutAgent = lib.hasInfix "plasmavmc validate ${newFile}" script.text;
-        checksTheAgentFirst = lib.hasPrefix "if [ -S /run/plasmavmc/control.sock ]; then" script.text;
+        onlyOnDryActivate = lib.hasPrefix ''if [ "''${NIXOS_ACTION:-}" = dry-activate ]; then'' text;
+        plansTheNewFile = lib.hasInfix "plasmavmc plan --config ${newFile} --run-dir /run/plasmavmc" text;
         # Each command is guarded by `|| echo`: the snippet cannot fail the activation.
-        guardedCommands = builtins.length (lib.splitString "|| echo" script.text) - 1;
-        boundedInTime = builtins.length (lib.splitString "/bin/timeout 30 " script.text) - 1;
+        guardedCommands = builtins.length (lib.splitString "|| echo" text) - 1;
       };
       expected = {
         supportsDryActivation = true;
+        onlyOnDryActivate = true;
         plansTheNewFile = true;
-        validatesWithoutAgent = true;
-        checksTheAgentFirst = true;
         guardedCommands = 2;
-        boundedInTime = 2;
+      };
+    };
+
+  # A NixOS without system.preSwitchChecks: the preview on every activation, and a warning.
+  withoutPreSwitchChecksFallsBackWithAWarning =
+    let
+      old = (import ./eval-host.nix { inherit lib; preSwitchChecks = false; }) [ (withVms { a = minimalVm; }) ];
+      text = builtins.unsafeDiscardStringContext old.config.system.activationScripts.plasmavmc-plan.text;
+    in
+    {
+      expr = {
+        previewsOnEverySwitch = lib.hasPrefix "if [ -S /run/plasmavmc/control.sock ]; then" text;
+        guardedCommands = builtins.length (lib.splitString "|| echo" text) - 1;
+        warned = map (w: lib.hasInfix "has no system.preSwitchChecks" w) old.config.warnings;
+      };
+      expected = {
+        previewsOnEverySwitch = true;
+        guardedCommands = 2;
+        warned = [ true ];
       };
     };
 
@@ -694,6 +839,17 @@ in
     expected = {
       cpuWeight = 300;
     };
+  };
+
+  assertHaVmIsNeverSaved = {
+    expr = failuresOf [
+      (withVms { a = lib.recursiveUpdate minimalVm { ha.enable = true; onHostShutdown = "save"; }; })
+      {
+        services.plasmavmc.hostId = "hv";
+        services.plasmavmc.chainfire.endpoints = [ "http://127.0.0.1:2379" ];
+      }
+    ];
+    expected = [ ''${vmA}.onHostShutdown = "save" cannot be used with ${vmA}.ha.enable: another host may start an HA VM while it is saved here, and restoring it later would run an older copy. Use "powerdown" (or "evacuate", which powers HA VMs down until live migration exists).'' ];
   };
 
   # ---- option types reject bad values at their definition -------------------------------------

@@ -2,15 +2,14 @@
 #   nixos-anywhere --flake .#example-hypervisor root@HOST
 # Replace the SSH key, the uplink interface and the disk (./disko.nix) with the host's own; see
 # docs/provisioning.md.
-{ modulesPath, ... }:
+{ ... }:
 {
   imports = [
-    (modulesPath + "/installer/scan/not-detected.nix")
+    ./hardware-configuration.nix
     ./disko.nix
     ./vms.nix
   ];
 
-  nixpkgs.hostPlatform = "x86_64-linux";
   system.stateVersion = "25.11";
 
   # GRUB installed as the removable EFI loader also boots machines whose NVRAM nixos-anywhere
@@ -20,20 +19,6 @@
     efiSupport = true;
     efiInstallAsRemovable = true;
   };
-  boot.initrd.availableKernelModules = [
-    "ahci"
-    "nvme"
-    "sd_mod"
-    "xhci_pci"
-    "virtio_pci"
-    "virtio_blk"
-    "virtio_scsi"
-  ];
-  boot.kernelModules = [
-    "kvm-intel"
-    "kvm-amd"
-  ];
-
   networking.hostName = "hypervisor";
   networking.useDHCP = false;
   # The uplink is enslaved to br0, which the VMs' NICs join (./vms.nix).

@@ -3,8 +3,9 @@
 {
   disko.devices.disk.main = {
     type = "disk";
-    # The install target: set it to the host's disk (`lsblk` on the target), e.g. /dev/nvme0n1.
-    device = "/dev/sda";
+    # The install target: the host's disk by a stable name (`ls -l /dev/disk/by-id/` on the
+    # target; /dev/sda or /dev/nvme0n1 can change between boots and kernels).
+    device = "/dev/disk/by-id/nvme-EXAMPLE_SERIAL_REPLACE_ME";
     content = {
       type = "gpt";
       partitions = {

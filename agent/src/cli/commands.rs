@@ -204,7 +204,44 @@ impl Drop for Progress {
 }
 
 pub fn reset(run_dir: &Path, vm: String, soft: bool) -> ExitCode {
-    match ask(run_dir, Request::Reset { vm, soft }) {
+    done(ask(run_dir, Request::Reset { vm, soft }))
+}
+
+pub fn save(run_dir: &Path, vm: String) -> ExitCode {
+    done(ask(run_dir, Request::Save { vm }))
+}
+
+pub fn shutdown_host(
+    run_dir: &Path,
+    timeout_seconds: u64,
+    only_when_system_stops: bool,
+) -> ExitCode {
+    if only_when_system_stops {
+        let state = system_state();
+        if state != "stopping" {
+            println!(
+                "the host is not shutting down (systemctl is-system-running: {state}); VMs are left alone"
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
+    done(ask(run_dir, Request::ShutdownHost { timeout_seconds }))
+}
+
+/// What `systemctl is-system-running` says (`stopping` while the host shuts down).
+fn system_state() -> String {
+    match std::process::Command::new("systemctl")
+        .arg("is-system-running")
+        .output()
+    {
+        Ok(output) => String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// Prints the agent's `Done` message.
+fn done(answer: Result<Response, ClientError>) -> ExitCode {
+    match answer {
         Ok(Response::Done { message }) => {
             println!("{message}");
             ExitCode::SUCCESS

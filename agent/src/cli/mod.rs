@@ -186,6 +186,34 @@ enum Command {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Managed save: write the running VM's whole state (memory and devices) to
+    /// <state-dir>/saved/NAME, stop its QEMU, and keep it saved (across agent restarts and
+    /// reboots) until `plasmavmc start NAME`, which restores it: the guest goes on where it was.
+    ///
+    /// Refused for HA VMs and for a VM changed live since it booted (restart it first). A save
+    /// that cannot be restored later (QEMU refuses it, or the declared VM changed in a setting
+    /// only a boot applies) is kept under <state-dir>/saved/unrestorable/, shown by `status`,
+    /// and the VM boots fresh.
+    Save {
+        vm: String,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+    /// (Run by the NixOS module at host shutdown.) Take every running VM down as its
+    /// `onHostShutdown` says: `powerdown` (ACPI, then quit after the stop timeout) or `save`
+    /// (`evacuate` saves too, until live migration exists), all VMs in parallel; the agent
+    /// starts no VM afterwards.
+    ShutdownHost {
+        /// Upper bound for the powerdowns (each also bounded by the agent's --stop-timeout).
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+        /// Do nothing unless systemd is shutting the host down (`systemctl is-system-running`
+        /// says `stopping`): a unit stopped by hand or by a switch leaves the VMs alone.
+        #[arg(long)]
+        only_when_system_stops: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
     /// (Started by the agent.) Run an HA VM's QEMU as this process's child and kill it when the
     /// agent stops renewing the ChainFire lease its lock is bound to.
     ///
@@ -321,6 +349,12 @@ pub fn run() -> ExitCode {
         ),
         Command::Completions { shell } => generate::print(&generate::completions(shell)),
         Command::Manpages { dir } => generate::manpages(&dir),
+        Command::Save { vm, run_dir } => commands::save(&run_dir.run_dir, vm),
+        Command::ShutdownHost {
+            timeout,
+            only_when_system_stops,
+            run_dir,
+        } => commands::shutdown_host(&run_dir.run_dir, timeout, only_when_system_stops),
         Command::FenceGuard(args) => crate::qemu::guard::run(GuardOptions {
             trust_file: args.trust_file,
             lease: args.lease,
@@ -400,11 +434,13 @@ mod tests {
             "plasmavmc",
             "agent",
             "--config",
-            "/etc/plasmavmc/desired.json",
+            "/run/current-system/etc/plasmavmc/desired.json",
             "--state-dir",
             "/var/lib/plasmavmc",
             "--run-dir",
             "/run/plasmavmc",
+            "--stop-timeout",
+            "60",
             "--chainfire",
             "https://a:2379,https://b:2379",
             "--host-id",

@@ -50,9 +50,13 @@ pub fn timeout_for(request: &Request) -> Duration {
             timeout_ms: Some(ms),
             ..
         } => Duration::from_secs(600).max(Duration::from_millis(*ms) + Duration::from_secs(60)),
-        Request::Reload | Request::Start { .. } | Request::Stop { .. } | Request::Reset { .. } => {
-            Duration::from_secs(600)
-        }
+        Request::Reload
+        | Request::Start { .. }
+        | Request::Stop { .. }
+        | Request::Reset { .. }
+        | Request::Save { .. } => Duration::from_secs(600),
+        // The powerdowns' bound, plus what saves may take beyond it (as the NixOS unit allows).
+        Request::ShutdownHost { timeout_seconds } => Duration::from_secs(timeout_seconds + 180),
     }
 }
 

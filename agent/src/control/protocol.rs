@@ -46,6 +46,13 @@ pub enum Request {
         /// The client's terminal, to tell a refused writer who holds the console.
         tty: Option<String>,
     },
+    /// Managed save: write the VM's state to the state dir, stop QEMU, keep the VM saved until
+    /// `Start`, which restores it.
+    Save { vm: String },
+    /// The host is going down: every running VM is powered down or saved as its
+    /// `onHostShutdown` says, in parallel, powerdowns bounded by `timeout_seconds`; no VM starts
+    /// afterwards.
+    ShutdownHost { timeout_seconds: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -65,6 +65,7 @@ async fn adopt_one(daemon: &Daemon, name: String) -> bool {
     match slot.adopt(&daemon.shell, running).await {
         Ok(()) => {
             tracing::info!(vm = %name, pid, "adopted running QEMU");
+            slot.settle_save(&daemon.shell).await;
             daemon.insert_adopted(Arc::clone(&slot));
             true
         }

@@ -19,6 +19,7 @@ mod handover;
 mod operator;
 mod restart;
 mod run_lock;
+mod saves;
 mod supervisor;
 mod vm;
 mod watch;
@@ -32,6 +33,7 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use crate::chainfire::{ChainFireConfig, Session};
+use crate::control::protocol::StepOutcome;
 use crate::control::server;
 use crate::paths::RunDir;
 use crate::qemu::cgroup::Cgroups;
@@ -42,6 +44,9 @@ use vm::{Fencing, Shell};
 
 /// Quiet time after a config directory event before the file is compared and reloaded.
 const CONFIG_DEBOUNCE: Duration = Duration::from_millis(200);
+/// How long the agent waits for its first apply before it tells systemd it is ready (well within
+/// the unit's TimeoutStartSec, which the module sizes from the stop timeout).
+const FIRST_APPLY_WAIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
@@ -120,6 +125,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let (triggers, mut trigger_rx) = mpsc::unbounded_channel();
     let shell = Shell {
         run_dir: run_dir.clone(),
+        saved: crate::paths::SavedDir::new(&options.state_dir),
         qemu: crate::qemu::process::qemu_binary(options.qemu.as_deref()),
         stop_timeout: options.stop_timeout,
         unplug_timeout: options.unplug_timeout,
@@ -160,9 +166,17 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     };
     watch::forward_sighup(triggers.clone())?;
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    tracing::info!(control = %run_dir.control_socket().display(), "agent ready");
-    daemon.trigger(Trigger::Reconcile);
+    // READY only once the first apply is done (or has run for FIRST_APPLY_WAIT): a switch that
+    // restarts the agent then waits for it, and `systemctl status` says how it went.
+    let first_apply = first_apply(&daemon).await;
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&first_apply),
+        ],
+    );
+    tracing::info!(control = %run_dir.control_socket().display(), "agent ready: {first_apply}");
     if let Some(may_run) = daemon.may_run() {
         tokio::spawn(follow_may_run(Arc::clone(&daemon), may_run));
     }
@@ -197,6 +211,47 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         tracing::info!(trust = %trust_file.display(), "chainfire: leaving the lease to the next agent");
     }
     Ok(())
+}
+
+/// Runs the first reconcile, waiting for it at most FIRST_APPLY_WAIT (it goes on in the
+/// background after that); says how it went, in one line.
+async fn first_apply(daemon: &Arc<Daemon>) -> String {
+    let reconcile = tokio::spawn({
+        let daemon = Arc::clone(daemon);
+        async move { daemon.reconcile(false).await }
+    });
+    match tokio::time::timeout(FIRST_APPLY_WAIT, reconcile).await {
+        Ok(Ok(Ok(report))) => {
+            let failed: Vec<String> = report
+                .steps
+                .iter()
+                .filter(|step| matches!(step.outcome, StepOutcome::Failed { .. }))
+                .map(|step| step.vm.clone())
+                .collect();
+            if failed.is_empty() {
+                format!("first apply done ({} steps)", report.steps.len())
+            } else {
+                let line = format!(
+                    "first apply FAILED for {} (plasmavmc status says why)",
+                    failed.join(", ")
+                );
+                tracing::error!("{line}");
+                line
+            }
+        }
+        Ok(Ok(Err((_, message)))) => {
+            tracing::error!("first apply refused: {message}");
+            format!(
+                "first apply refused: {}",
+                message.lines().next().unwrap_or("")
+            )
+        }
+        Ok(Err(e)) => format!("first apply crashed: {e}"),
+        Err(_) => format!(
+            "first apply still running after {}s; it goes on",
+            FIRST_APPLY_WAIT.as_secs()
+        ),
+    }
 }
 
 /// Fences at once when HA VMs leave `may_run`, and reconciles so new ones start here.

@@ -14,6 +14,8 @@ pub enum OperatorIntent {
     Started,
     /// `plasmavmc stop`: keep it down until `plasmavmc start`.
     Stopped,
+    /// `plasmavmc save`: keep it saved until `plasmavmc start`, which restores it.
+    Saved,
 }
 
 #[derive(Debug)]
@@ -51,8 +53,17 @@ impl OperatorIntents {
     /// could not be written (a full disk) takes no effect, so what runs never differs from what
     /// the next agent will read.
     pub fn set(&mut self, vm: &str, intent: OperatorIntent) -> Result<()> {
+        self.put_back(vm, Some(intent))
+    }
+
+    /// Makes `intent` (as `get` returned it, `None` for no decision) the decision for `vm`
+    /// again: undoes a `set` whose action failed. Like `set`, only once persisted.
+    pub fn put_back(&mut self, vm: &str, intent: Option<OperatorIntent>) -> Result<()> {
         let mut intents = self.intents.clone();
-        intents.insert(vm.to_owned(), intent);
+        match intent {
+            Some(intent) => intents.insert(vm.to_owned(), intent),
+            None => intents.remove(vm),
+        };
         self.replace(intents)
     }
 

@@ -19,6 +19,7 @@ use super::config_file;
 use super::handover::{self, Handover};
 use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
+use super::saves;
 use super::vm::{Exit, Progress, Shell, VmEvent, VmSlot};
 use crate::action::{Action, Plan};
 use crate::chainfire::{HandleRecord, SessionHandle, VmKey};
@@ -29,8 +30,9 @@ use crate::control::protocol::{
 use crate::observed::ObservedHost;
 use crate::plan::{plan, RunIntent, RunIntents};
 use crate::qemu::lifecycle::StopOutcome;
-use crate::spec::{DesiredState, RestartPolicy};
-use crate::status::{ConfigStatus, HostStatus, Stranger, VmState};
+use crate::save::{self, ShutdownStep};
+use crate::spec::{DesiredState, OnHostShutdown, RestartPolicy, VmSpec};
+use crate::status::{ConfigStatus, HostStatus, Stranger, VmState, VmStatus};
 
 /// How long `status` waits for a VM busy with something else before showing its last snapshot.
 const STATUS_WAIT: Duration = Duration::from_millis(500);
@@ -69,6 +71,8 @@ pub struct Daemon {
     host_id: String,
     /// HA VMs killed because this host lost its lease: their exit is no failure to restart.
     fenced: Mutex<BTreeSet<String>>,
+    /// Set by `shutdown-host`: from then on every VM stays down.
+    host_stopping: std::sync::atomic::AtomicBool,
 }
 
 type Refusal = (ErrorKind, String);
@@ -100,6 +104,7 @@ impl Daemon {
             chainfire: Mutex::new(chainfire),
             host_id,
             fenced: Mutex::new(BTreeSet::new()),
+            host_stopping: Default::default(),
         }
     }
 
@@ -466,6 +471,11 @@ impl Daemon {
                 ErrorKind::BadRequest,
                 "a console request needs its own connection".into(),
             )),
+            Request::Save { vm } => self.save(&vm).await,
+            Request::ShutdownHost { timeout_seconds } => {
+                self.shutdown_host(Duration::from_secs(timeout_seconds))
+                    .await
+            }
         };
         result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
     }
@@ -554,7 +564,12 @@ impl Daemon {
         HostStatus {
             vms: slots
                 .iter()
-                .map(|slot| (slot.name.clone(), slot.status()))
+                .map(|slot| {
+                    (
+                        slot.name.clone(),
+                        self.with_saves(&slot.name, slot.status()),
+                    )
+                })
                 .collect(),
             strangers: self.strangers.lock().unwrap().clone(),
             config: ConfigStatus {
@@ -631,6 +646,138 @@ impl Daemon {
         })
     }
 
+    /// A VM's status with its managed saves, as they are on disk now.
+    fn with_saves(&self, name: &str, mut status: VmStatus) -> VmStatus {
+        let saved = &self.shell.saved;
+        let committed = saved.committed(name);
+        if status.pid.is_none() && committed.is_dir() {
+            status.state = VmState::Saved;
+            status.saved = Some(committed.display().to_string());
+        }
+        status.unrestorable_saves = saves::unrestorable(saved, name);
+        status
+    }
+
+    /// `plasmavmc save`: keeps the VM down (across agent restarts and reboots) until
+    /// `plasmavmc start`, then saves it; the start restores it.
+    async fn save(&self, vm: &str) -> Result<Response, Refusal> {
+        let spec = self.declared(vm)?;
+        if let Some(why) = save::ha_blocker(vm, &spec) {
+            return Err((ErrorKind::BadRequest, why));
+        }
+        let Some(slot) = self.slot(vm) else {
+            return Err((ErrorKind::BadRequest, format!("VM {vm} is not running")));
+        };
+        // Under the VM's reconcile lock, with the hold recorded first: no reconcile can see
+        // the VM gone and restore it right away.
+        let _this_vm = slot.reconciling.lock().await;
+        let previous = self.operator.lock().unwrap().get(vm);
+        self.operator
+            .lock()
+            .unwrap()
+            .set(vm, OperatorIntent::Saved)
+            .map_err(|e| (ErrorKind::Failed, format!("{e:#}")))?;
+        match slot.save(&self.shell).await {
+            Ok(message) => {
+                tracing::info!(vm = %vm, "{message}");
+                Ok(Response::Done { message })
+            }
+            Err(e) => {
+                if let Err(undo) = self.operator.lock().unwrap().put_back(vm, previous) {
+                    tracing::error!(vm = %vm, "{undo:#}");
+                }
+                Err((ErrorKind::Failed, format!("save {vm}: {e:#}")))
+            }
+        }
+    }
+
+    /// The host is going down (`plasmavmc shutdown-host`, run by the NixOS module before
+    /// systemd stops the QEMU scopes): every running VM is powered down or saved as its
+    /// `onHostShutdown` says, all at once; from now on no VM starts.
+    async fn shutdown_host(&self, timeout: Duration) -> Result<Response, Refusal> {
+        self.host_stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let desired = self
+            .desired
+            .lock()
+            .unwrap()
+            .clone()
+            .unwrap_or(DesiredState {
+                version: crate::spec::SCHEMA_VERSION,
+                vms: BTreeMap::new(),
+            });
+        let deadline = Instant::now() + timeout;
+        let running: Vec<Arc<VmSlot>> = self
+            .slots()
+            .into_iter()
+            .filter(|slot| slot.status().pid.is_some())
+            .collect();
+        tracing::info!(
+            vms = running.len(),
+            ?timeout,
+            "host shutdown: taking every VM down"
+        );
+        let each = running.iter().map(|slot| {
+            let spec = desired.vms.get(&slot.name);
+            self.shut_down_vm(slot, spec, deadline)
+        });
+        let lines = join_all(each).await;
+        let message = if lines.is_empty() {
+            "host shutdown: no VM was running".to_owned()
+        } else {
+            lines.join("\n")
+        };
+        Ok(Response::Done { message })
+    }
+
+    /// One VM's part of a host shutdown: a line saying what happened to it.
+    async fn shut_down_vm(
+        &self,
+        slot: &VmSlot,
+        spec: Option<&VmSpec>,
+        deadline: Instant,
+    ) -> String {
+        let name = &slot.name;
+        let _this_vm = slot.reconciling.lock().await;
+        let policy = spec.map_or(OnHostShutdown::Powerdown, |s| s.on_host_shutdown);
+        let (mut step, note) = save::shutdown_step(policy);
+        let mut said = Vec::new();
+        if let Some(note) = note {
+            tracing::warn!(vm = %name, "{note}");
+            said.push(note.to_owned());
+        }
+        if let Some(why) = spec.and_then(|spec| save::ha_blocker(name, spec)) {
+            said.push(format!("{why}; powering down instead"));
+            step = ShutdownStep::Powerdown;
+        }
+        if step == ShutdownStep::Save {
+            match slot.save(&self.shell).await {
+                Ok(message) => {
+                    tracing::info!(vm = %name, "{message}");
+                    said.push(message);
+                    return said.join("; ");
+                }
+                Err(e) => {
+                    tracing::error!(vm = %name, "host shutdown: save failed, powering down instead: {e:#}");
+                    said.push(format!("save failed ({e:#}); powering down instead"));
+                }
+            }
+        }
+        let timeout = self
+            .shell
+            .stop_timeout
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let outcome = match slot
+            .stop_within(&self.shell, "the host is shutting down", timeout)
+            .await
+        {
+            Ok(()) => format!("{name}: stopped"),
+            Err(e) => format!("{name}: stop FAILED: {e:#}"),
+        };
+        said.push(outcome);
+        said.join("; ")
+    }
+
     async fn plan_only(&self, desired: Option<DesiredDocument>) -> Result<Plan, Refusal> {
         let desired = match desired {
             Some(document) => match config_file::validate(document.text().to_owned()).await {
@@ -666,19 +813,23 @@ impl Daemon {
         Ok(plan(&desired, &observed, &self.intents(&desired)))
     }
 
-    async fn operator(&self, vm: &str, intent: OperatorIntent) -> Result<Response, Refusal> {
-        let declared = self
-            .desired
+    /// The declared spec of `vm`, or the refusal naming the config file.
+    fn declared(&self, vm: &str) -> Result<VmSpec, Refusal> {
+        self.desired
             .lock()
             .unwrap()
             .as_ref()
-            .is_some_and(|d| d.vms.contains_key(vm));
-        if !declared {
-            return Err((
-                ErrorKind::BadRequest,
-                format!("VM {vm} is not declared in {}", self.config_path.display()),
-            ));
-        }
+            .and_then(|d| d.vms.get(vm).cloned())
+            .ok_or_else(|| {
+                (
+                    ErrorKind::BadRequest,
+                    format!("VM {vm} is not declared in {}", self.config_path.display()),
+                )
+            })
+    }
+
+    async fn operator(&self, vm: &str, intent: OperatorIntent) -> Result<Response, Refusal> {
+        self.declared(vm)?;
         self.operator.lock().unwrap().set(vm, intent).map_err(|e| {
             (
                 ErrorKind::Failed,
@@ -722,9 +873,21 @@ impl Daemon {
                         cluster::ha_hold(&self.host_id, &key, may_run, view)
                     });
             let held = restarts.get(name).and_then(|t| t.held_down(now));
+            if self.host_stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                intents.insert(
+                    name.clone(),
+                    RunIntent::StayDown {
+                        reason: "the host is shutting down".into(),
+                    },
+                );
+                continue;
+            }
             let intent = match (operator.get(name), ha_hold, held) {
                 (Some(OperatorIntent::Stopped), _, _) => RunIntent::StayDown {
                     reason: format!("stopped by operator (plasmavmc start {name} to run it)"),
+                },
+                (Some(OperatorIntent::Saved), _, _) => RunIntent::StayDown {
+                    reason: format!("saved by operator (plasmavmc start {name} restores it)"),
                 },
                 (_, Some(reason), _) => RunIntent::StayDown { reason },
                 (_, None, Some(reason)) => RunIntent::StayDown {
@@ -744,12 +907,15 @@ impl Daemon {
         let operator = self.operator.lock().unwrap();
         let restarts = self.restarts.lock().unwrap();
         let now = Instant::now();
+        if self.host_stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            return BTreeSet::new();
+        }
         desired
             .vms
             .iter()
             .filter(|(name, spec)| {
                 let by_operator = match operator.get(name) {
-                    Some(OperatorIntent::Stopped) => false,
+                    Some(OperatorIntent::Stopped | OperatorIntent::Saved) => false,
                     Some(OperatorIntent::Started) => true,
                     None => spec.autostart,
                 };

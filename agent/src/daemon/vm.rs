@@ -20,17 +20,19 @@ use futures::future::join_all;
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
 
+use super::saves;
 use crate::action::Action;
 use crate::chainfire::{HaGate, VmKey};
 use crate::control::protocol::StepOutcome;
 use crate::observed::ObservedVm;
-use crate::paths::RunDir;
+use crate::paths::{RunDir, SavedDir};
 use crate::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
 use crate::qemu::live::{apply_live, LiveError, LiveOutcome};
 use crate::qemu::process::{AlreadyRuns, Found};
 use crate::qemu::{
     cgroup, images, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu,
 };
+use crate::save::{self, SavedRecord};
 use crate::spec::{DiskSpec, VmSpec};
 use crate::status::{Device, DiskStatus, VmState, VmStatus};
 use crate::{devices, ids};
@@ -44,6 +46,8 @@ const EXIT_WAIT: Duration = Duration::from_secs(10);
 /// What every VM needs from the daemon: where things are, how long to wait, whom to tell.
 pub struct Shell {
     pub run_dir: RunDir,
+    /// Where managed saves live (`<state-dir>/saved`).
+    pub saved: SavedDir,
     pub qemu: PathBuf,
     pub stop_timeout: Duration,
     pub unplug_timeout: Duration,
@@ -150,6 +154,14 @@ impl Drop for Conn {
     fn drop(&mut self) {
         self.watcher.abort();
     }
+}
+
+/// What `VmSlot::restore` did.
+enum Restore {
+    Restored,
+    NoSave,
+    /// There was a save, set aside as unrestorable: why, for the status.
+    SetAside(String),
 }
 
 /// A QEMU that went away, as `VmSlot::on_exit` found it.
@@ -499,6 +511,8 @@ impl VmSlot {
         Ok(StepOutcome::Done)
     }
 
+    /// Starts the VM: restored from its managed save when it has one that fits `spec`, booted
+    /// fresh otherwise.
     async fn start(&self, rt: &mut Runtime, shell: &Shell, spec: &VmSpec) -> Result<()> {
         if let Some(conn) = &rt.conn {
             bail!("already running as pid {}", conn.pid);
@@ -506,6 +520,32 @@ impl VmSlot {
         if let Some(already) = &rt.untouchable {
             bail!("not started: {already}");
         }
+        let set_aside = match self.restore(rt, shell, spec).await? {
+            Restore::Restored => return Ok(()),
+            Restore::NoSave => None,
+            Restore::SetAside(why) => Some(why),
+        };
+        let (pid, qmp) = self.launch(rt, shell, spec, &[]).await?;
+        self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
+        // A save set aside stays the VM's last error: the operator has something to look at.
+        self.update_status(|s| {
+            s.last_error = set_aside;
+            s.state_reason = None;
+        });
+        Ok(())
+    }
+
+    /// Launches QEMU for `spec` (plus `extra` arguments) and connects to its QMP. On failure
+    /// nothing is left behind: a QEMU launched for nothing is killed (and waited for) before
+    /// anything can retry, its taps, cgroup and runtime files go, and the status says `failed`.
+    /// A QEMU of this VM found already running is left alone and makes the VM untouchable.
+    async fn launch(
+        &self,
+        rt: &mut Runtime,
+        shell: &Shell,
+        spec: &VmSpec,
+        extra: &[&str],
+    ) -> Result<(u32, Qmp)> {
         self.update_status(|s| s.state = VmState::Starting);
         let vm_dir = shell.run_dir.vm(&self.name);
         let mut launched_pid = None;
@@ -523,11 +563,12 @@ impl VmSlot {
             .await
             .with_context(|| format!("preparing the disks of VM {}", self.name))?;
             lifecycle::prepare_host_devices(&self.name, spec, confinement.run_as.as_ref())?;
-            let pid = crate::qemu::launch(
+            let pid = process::launch_with_extra(
                 &self.name,
                 spec,
                 &vm_dir,
                 &shell.qemu,
+                extra,
                 guard.as_ref(),
                 confinement,
             )?;
@@ -537,14 +578,7 @@ impl VmSlot {
         }
         .await;
         let e = match launched {
-            Ok((pid, qmp)) => {
-                self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
-                self.update_status(|s| {
-                    s.last_error = None;
-                    s.state_reason = None;
-                });
-                return Ok(());
-            }
+            Ok(launched) => return Ok(launched),
             Err(e) => e,
         };
         if let Some(already) = e.downcast_ref::<AlreadyRuns>() {
@@ -552,32 +586,221 @@ impl VmSlot {
             self.set_untouchable(rt, already.clone());
             return Err(e.context(format!("VM {} not started", self.name)));
         }
-        // A QEMU launched for nothing: gone for sure before anything retries.
         if let Some(pid) = launched_pid {
-            let _ = lifecycle::kill(pid);
-            if !process::wait_for_exit(pid, EXIT_WAIT).await {
-                self.set_untouchable(
-                    rt,
-                    AlreadyRuns {
-                        pid,
-                        reason: format!("it failed to start ({e:#}) and did not die on SIGKILL"),
-                    },
-                );
+            if !self.kill_launched(rt, pid, &e).await {
                 return Err(e.context(format!("starting VM {}", self.name)));
             }
         }
+        self.launch_failed(shell, spec);
+        Err(e.context(format!("starting VM {}", self.name)))
+    }
+
+    /// Kills a QEMU launched for nothing: gone for sure before anything retries. False (and the
+    /// VM untouchable) when it does not die.
+    async fn kill_launched(&self, rt: &mut Runtime, pid: u32, why: &anyhow::Error) -> bool {
+        let _ = lifecycle::kill(pid);
+        if process::wait_for_exit(pid, EXIT_WAIT).await {
+            return true;
+        }
+        self.set_untouchable(
+            rt,
+            AlreadyRuns {
+                pid,
+                reason: format!("it failed to start ({why:#}) and did not die on SIGKILL"),
+            },
+        );
+        false
+    }
+
+    /// Cleans up after a QEMU that never became usable (it is gone already).
+    fn launch_failed(&self, shell: &Shell, spec: &VmSpec) {
         let _ = lifecycle::release_host_devices(&self.name, spec);
         if let Some(cgroups) = &shell.confinement.cgroups {
             cgroups.remove(&self.name);
         }
-        let _ = process::clear_runtime_files(&self.name, &vm_dir);
+        let _ = process::clear_runtime_files(&self.name, &shell.run_dir.vm(&self.name));
         self.update_status(|s| {
             *s = VmStatus {
                 state: VmState::Failed,
                 ..VmStatus::stopped(s.declared)
             }
         });
-        Err(e.context(format!("starting VM {}", self.name)))
+    }
+
+    /// Restores the VM from its managed save, if it has one that fits `declared`. A save that
+    /// cannot be restored is set aside (kept, logged, shown in `status`): the caller boots fresh.
+    async fn restore(&self, rt: &mut Runtime, shell: &Shell, declared: &VmSpec) -> Result<Restore> {
+        let (state, record) = match saves::committed(&shell.saved, &self.name) {
+            Ok(None) => return Ok(Restore::NoSave),
+            Ok(Some(save)) => save,
+            Err(e) => return Ok(self.set_save_aside(shell, &format!("{e:#}"))),
+        };
+        if let Err(why) = save::restore_verdict(&self.name, &record, declared) {
+            return Ok(self.set_save_aside(shell, &why));
+        }
+        tracing::info!(vm = %self.name, saved_by = %record.qemu_version, "restoring from the managed save");
+        let spec = &record.spec;
+        let (pid, qmp) = self
+            .launch(rt, shell, spec, &["-S", "-incoming", "defer"])
+            .await?;
+        let vm_dir = shell.run_dir.vm(&self.name);
+        let log_tail = || process::qemu_log_tail(&vm_dir);
+        let loaded = crate::qemu::save::load_from_file(
+            &qmp,
+            pid,
+            &vm_dir.migration_socket(),
+            &state,
+            log_tail,
+        )
+        .await
+        // Consumed before the guest runs: a save is never restored twice.
+        .and_then(|()| saves::consume(&shell.saved, &self.name));
+        if let Err(e) = loaded {
+            let _ = lifecycle::stop(None, pid, Duration::ZERO).await;
+            self.launch_failed(shell, spec);
+            return Ok(self.set_save_aside(
+                shell,
+                &format!(
+                    "QEMU could not load it (saved by QEMU {}): {e:#}",
+                    record.qemu_version
+                ),
+            ));
+        }
+        if let Err(e) = qmp.cont().await {
+            // The save is gone already and the state lives only in this QEMU: keep it, paused.
+            tracing::error!(vm = %self.name, pid, "restored but could not resume the guest: {e}");
+        }
+        self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
+        self.update_status(|s| s.last_error = None);
+        tracing::info!(vm = %self.name, pid, "restored from the managed save");
+        Ok(Restore::Restored)
+    }
+
+    /// Sets the committed save aside as unrestorable, says so in the log and the status.
+    fn set_save_aside(&self, shell: &Shell, why: &str) -> Restore {
+        let message = match saves::set_aside(&shell.saved, &self.name, why) {
+            Ok(kept) => format!(
+                "the managed save could not be restored ({why}); it is kept at {} and the VM boots fresh",
+                kept.display()
+            ),
+            Err(e) => format!(
+                "the managed save could not be restored ({why}) nor set aside ({e:#}); the VM boots fresh"
+            ),
+        };
+        tracing::error!(vm = %self.name, "{message}");
+        self.update_status(|s| s.last_error = Some(message.clone()));
+        Restore::SetAside(message)
+    }
+
+    /// Managed save: stops the guest, writes its whole state under the state dir, commits the
+    /// save, then quits QEMU. The VM's next start restores it. Refused (the VM untouched) when
+    /// the VM was changed live since it booted.
+    pub async fn save(&self, shell: &Shell) -> Result<String> {
+        let mut rt = self.runtime.lock().await;
+        let conn = rt
+            .conn
+            .as_ref()
+            .with_context(|| format!("VM {} is not running", self.name))?;
+        if let Some(existing) = saves::committed(&shell.saved, &self.name).ok().flatten() {
+            bail!(
+                "VM {} already has a save that was never restored ({}); set it aside by hand first",
+                self.name,
+                existing.0.display()
+            );
+        }
+        let mut observed = observe::observe(&conn.qmp, conn.pid, conn.boot_spec.clone()).await?;
+        observed.unplugging = rt.unplugging.clone();
+        if let Some(why) = save::save_blocker(&self.name, &conn.boot_spec, &observed) {
+            bail!(why);
+        }
+        let started = Instant::now();
+        let partial = saves::begin(&shell.saved, &self.name)?;
+        let socket = shell.run_dir.vm(&self.name).migration_socket();
+        self.update_status(|s| s.state = VmState::Saving);
+        let written = match crate::qemu::save::save_to_file(
+            &conn.qmp,
+            &socket,
+            &crate::paths::saved_state(&partial),
+            shell.confinement.run_as.as_ref().map(|u| (u.uid, u.gid)),
+        )
+        .await
+        {
+            Ok(written) => written,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                self.update_status(|s| s.state = VmState::Running);
+                return Err(e);
+            }
+        };
+        let record = SavedRecord {
+            format: save::RECORD_FORMAT,
+            spec: conn.boot_spec.clone(),
+            qemu_version: written.qemu_version,
+            saved_at_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            bytes: written.bytes,
+        };
+        if let Err(e) = saves::commit(&shell.saved, &self.name, &partial, &record) {
+            let _ = std::fs::remove_dir_all(&partial);
+            let _ = conn.qmp.cont().await;
+            self.update_status(|s| s.state = VmState::Running);
+            return Err(e);
+        }
+        // Committed: from here the save is the VM. QEMU (paused since the save) goes.
+        let conn = rt.conn.take().expect("checked above");
+        if let Err(e) = lifecycle::force_quit(Some(&conn.qmp), conn.pid).await {
+            tracing::error!(vm = %self.name, pid = conn.pid, "saved, but QEMU would not exit: {e:#}");
+        }
+        self.forget_process(&mut rt, shell, &conn.boot_spec);
+        self.update_status(|s| {
+            let declared = s.declared;
+            *s = VmStatus {
+                state: VmState::Saved,
+                restarts: s.restarts,
+                ..VmStatus::stopped(declared)
+            };
+        });
+        Ok(format!(
+            "{}: saved ({} MiB in {:.2} s) to {}; the next start restores it",
+            self.name,
+            record.bytes >> 20,
+            started.elapsed().as_secs_f64(),
+            shell.saved.committed(&self.name).display()
+        ))
+    }
+
+    /// After adopting a QEMU whose VM also has a committed save (an agent that died between
+    /// committing a save and quitting QEMU, or between launching a restore and consuming it):
+    /// a QEMU whose guest never ran past the save is quit and the save stays; a guest that runs
+    /// is newer than the save, which is set aside.
+    pub async fn settle_save(&self, shell: &Shell) {
+        if !shell.saved.committed(&self.name).is_dir() {
+            return;
+        }
+        let mut rt = self.runtime.lock().await;
+        let Some(conn) = rt.conn.as_ref() else { return };
+        match conn.qmp.query_status().await {
+            Ok(status) if status.running => {
+                drop(rt);
+                self.set_save_aside(
+                    shell,
+                    "the VM was found running after the save was made: the save is older than the guest",
+                );
+            }
+            _ => {
+                tracing::warn!(vm = %self.name, pid = conn.pid, "found a QEMU that never ran past the VM's managed save; quitting it and keeping the save");
+                let conn = rt.conn.take().expect("checked above");
+                let _ = lifecycle::force_quit(Some(&conn.qmp), conn.pid).await;
+                self.forget_process(&mut rt, shell, &conn.boot_spec);
+                self.update_status(|s| {
+                    *s = VmStatus {
+                        state: VmState::Saved,
+                        ..VmStatus::stopped(s.declared)
+                    }
+                });
+            }
+        }
     }
 
     /// An operator stop (`plasmavmc stop`): powerdown and wait up to `timeout` (then quit,
@@ -650,13 +873,30 @@ impl VmSlot {
         });
     }
 
+    /// Stops the VM now (ACPI powerdown, `quit` after `timeout`), outside any plan: the host
+    /// shutdown.
+    pub async fn stop_within(&self, shell: &Shell, reason: &str, timeout: Duration) -> Result<()> {
+        let mut rt = self.runtime.lock().await;
+        self.stop_with(&mut rt, shell, reason, timeout).await
+    }
+
     async fn stop(&self, rt: &mut Runtime, shell: &Shell, reason: &str) -> Result<()> {
+        self.stop_with(rt, shell, reason, shell.stop_timeout).await
+    }
+
+    async fn stop_with(
+        &self,
+        rt: &mut Runtime,
+        shell: &Shell,
+        reason: &str,
+        timeout: Duration,
+    ) -> Result<()> {
         let Some(conn) = rt.conn.take() else {
             return Ok(());
         };
         tracing::info!(vm = %self.name, pid = conn.pid, "stopping: {reason}");
         self.update_status(|s| s.state = VmState::Stopping);
-        match lifecycle::stop(Some(&conn.qmp), conn.pid, shell.stop_timeout).await {
+        match lifecycle::stop(Some(&conn.qmp), conn.pid, timeout).await {
             Ok(outcome) => tracing::info!(vm = %self.name, ?outcome, "stopped"),
             Err(e) => {
                 rt.conn = Some(conn);

@@ -14,6 +14,7 @@ pub mod observe;
 pub mod passed;
 pub mod process;
 pub mod qmp;
+pub mod save;
 pub mod tap;
 
 pub use confine::Confinement;

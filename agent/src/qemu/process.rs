@@ -31,6 +31,9 @@ use crate::spec::VmSpec;
 /// Environment variable naming the QEMU binary (the CLI's `--qemu` takes precedence).
 pub const QEMU_ENV: &str = "PLASMAVMC_QEMU";
 pub const DEFAULT_QEMU: &str = "qemu-system-x86_64";
+/// The unit that runs `plasmavmc shutdown-host` when the host goes down (nixos-modules/systemd.nix);
+/// ordering after a unit that does not exist is a no-op.
+pub const HOST_SHUTDOWN_UNIT: &str = "plasmavmc-host-shutdown.service";
 
 /// A QEMU process that is provably this VM's.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,9 +82,23 @@ pub fn launch(
     guard: Option<&Guard>,
     confinement: &Confinement,
 ) -> Result<u32> {
+    launch_with_extra(name, spec, vm_dir, qemu, &[], guard, confinement)
+}
+
+/// `launch` with `extra` arguments after the spec's (`-incoming` for a restore, say).
+pub fn launch_with_extra(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    qemu: &Path,
+    extra: &[&str],
+    guard: Option<&Guard>,
+    confinement: &Confinement,
+) -> Result<u32> {
     let passed = passed::open(name, spec)?;
     let block_devices = super::backing::block_devices(spec);
-    let args = argv::qemu_argv(name, spec, vm_dir, &block_devices, &passed.fds);
+    let mut args = argv::qemu_argv(name, spec, vm_dir, &block_devices, &passed.fds);
+    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
     spawn(
         name,
         spec,
@@ -559,7 +576,10 @@ fn detached_command(
             let mut command = Command::new("systemd-run");
             command
                 .args(["--scope", "--collect", "--quiet", "--unit"])
-                .arg(crate::cgroup::scope_unit(name));
+                .arg(crate::cgroup::scope_unit(name))
+                // At host shutdown systemd stops units in reverse order: the scope only after
+                // the NixOS module's host-shutdown unit has powered the VM down or saved it.
+                .arg(format!("--property=After={HOST_SHUTDOWN_UNIT}"));
             for property in &scope.properties {
                 command.arg("-p").arg(property);
             }

@@ -362,6 +362,53 @@ impl Qmp {
     pub async fn quit(&self) -> Result<(), QmpError> {
         self.execute(qmp::quit {}).await.map(drop)
     }
+
+    /// Stops the vCPUs (the guest freezes; QEMU and its devices stay).
+    pub async fn stop(&self) -> Result<(), QmpError> {
+        self.execute(qmp::stop {}).await.map(drop)
+    }
+
+    /// `major.minor.micro` of the QEMU behind this monitor.
+    pub async fn qemu_version(&self) -> Result<String, QmpError> {
+        let info = self.execute(qmp::query_version {}).await?;
+        let v = info.qemu;
+        let package = info.package.trim();
+        Ok(match package {
+            "" => format!("{}.{}.{}", v.major, v.minor, v.micro),
+            _ => format!("{}.{}.{} ({package})", v.major, v.minor, v.micro),
+        })
+    }
+
+    /// Starts an outgoing migration to `uri` (returns at once; see `query_migrate`).
+    pub async fn migrate(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute(raw::Migrate {
+            uri: uri.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Makes a QEMU started with `-incoming defer` receive the migration on `uri`.
+    pub async fn migrate_incoming(&self, uri: &str) -> Result<(), QmpError> {
+        self.execute(raw::MigrateIncoming {
+            uri: uri.to_owned(),
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn query_migrate(&self) -> Result<raw::MigrationInfo, QmpError> {
+        self.execute(raw::QueryMigrate {}).await
+    }
+
+    /// Caps the outgoing migration's bandwidth (QEMU's default is 128 MiB/s).
+    pub async fn set_migration_bandwidth(&self, bytes_per_second: u64) -> Result<(), QmpError> {
+        self.execute(raw::MigrateSetParameters {
+            max_bandwidth: bytes_per_second,
+        })
+        .await
+        .map(drop)
+    }
 }
 
 /// Commands whose typed `qapi` form does not fit QEMU 7.2, or that the agent only needs a few
@@ -410,6 +457,34 @@ pub mod raw {
         pub no_flush: bool,
     }
 
+    #[derive(Serialize)]
+    pub struct Migrate {
+        pub uri: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct MigrateIncoming {
+        pub uri: String,
+    }
+
+    #[derive(Serialize)]
+    pub struct QueryMigrate {}
+
+    /// The part of `query-migrate` a save or restore waits on (both directions report here).
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct MigrationInfo {
+        /// `setup`, `active`, `completed`, `failed`, ...; absent before any migration.
+        pub status: Option<String>,
+        #[serde(rename = "error-desc")]
+        pub error_desc: Option<String>,
+    }
+
+    #[derive(Serialize)]
+    pub struct MigrateSetParameters {
+        #[serde(rename = "max-bandwidth")]
+        pub max_bandwidth: u64,
+    }
+
     macro_rules! command {
         ($ty:ty, $name:literal, $ok:ty) => {
             impl qapi::Command for $ty {
@@ -422,6 +497,10 @@ pub mod raw {
     }
 
     command!(BlockdevAdd, "blockdev-add", qapi::Empty);
+    command!(Migrate, "migrate", qapi::Empty);
+    command!(MigrateIncoming, "migrate-incoming", qapi::Empty);
+    command!(QueryMigrate, "query-migrate", MigrationInfo);
+    command!(MigrateSetParameters, "migrate-set-parameters", qapi::Empty);
     command!(NetdevAdd, "netdev_add", qapi::Empty);
     command!(
         QueryNamedBlockNodes,

@@ -79,7 +79,7 @@ pub fn write_config(dir: &Path, names: &[String]) -> Result<std::path::PathBuf> 
     Ok(config)
 }
 
-fn kill_vms<'a>(pids: impl Iterator<Item = &'a u64>) {
+pub fn kill_vms<'a>(pids: impl Iterator<Item = &'a u64>) {
     for &pid in pids {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid as i32),

@@ -20,6 +20,23 @@ pub fn plasmavmc_binary() -> Result<PathBuf> {
     Ok(agent)
 }
 
+/// `plasmavmc ARGS --run-dir RUN_DIR`; an error with its stderr unless it succeeds.
+pub fn cli(binary: &Path, run_dir: &Path, args: &[&str]) -> Result<()> {
+    let output = Command::new(binary)
+        .args(args)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .output()?;
+    if !output.status.success() {
+        bail!(
+            "plasmavmc {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// A running `plasmavmc agent` on a config, state dir and run dir of the bench's own.
 pub struct Agent {
     binary: PathBuf,

@@ -210,7 +210,7 @@ impl Bench {
     }
 
     fn cli(&self, args: &[&str]) -> Result<()> {
-        cli(&self.binary, &self.run_dir, args)
+        crate::agent::cli(&self.binary, &self.run_dir, args)
     }
 
     fn vm_status(&self) -> Result<Value> {

@@ -16,6 +16,7 @@ mod local_etcd;
 mod plan;
 #[path = "../../../tests/support/procs.rs"]
 mod procs;
+mod save;
 mod stats;
 mod status;
 
@@ -26,8 +27,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",
-    about = "Measure plasmavmc: planning, adoption, live changes, disks, console, ChainFire, HA \
-             failover and status under load"
+    about = "Measure plasmavmc: planning, adoption, live changes, disks, console, save/restore, \
+             host shutdown, ChainFire, HA failover, status under load and faults"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -88,6 +89,27 @@ enum Bench {
         /// Keys typed (each one timed).
         #[arg(long, default_value_t = 200)]
         keys: usize,
+    },
+    /// Managed save and restore of one real guest (TCG) against its boot; host shutdown of N
+    /// guest-less VMs that ignore ACPI, in parallel (`shutdown-host`) against one by one.
+    Save {
+        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/test-guest")]
+        guest_dir: PathBuf,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+        /// Memory of the saved guest.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Save/restore rounds (boots: at most 3).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// VMs taken down by the host-shutdown measurement.
+        #[arg(long, default_value_t = 10)]
+        shutdown_vms: usize,
+        /// The agent's --stop-timeout there (each VM ignores ACPI, so each waits this long).
+        #[arg(long, default_value_t = 2)]
+        stop_timeout: u64,
     },
     /// ChainFire against loopback etcd: host-failure detection and HA failover after a kill -9
     /// per TTL, store writes per minute in steady state, publish latency of a state change.
@@ -247,6 +269,21 @@ fn main() -> anyhow::Result<()> {
             guest_dir: std::path::absolute(guest_dir)?,
             work_dir,
             rounds,
+        })?,
+        Bench::Save {
+            guest_dir,
+            work_dir,
+            memory_mib,
+            rounds,
+            shutdown_vms,
+            stop_timeout,
+        } => save::report(&save::Options {
+            guest_dir: std::path::absolute(guest_dir)?,
+            work_dir,
+            memory_mib,
+            rounds,
+            shutdown_vms,
+            stop_timeout,
         })?,
         Bench::Hotplug {
             guest_dir,
