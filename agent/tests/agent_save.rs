@@ -20,6 +20,11 @@ fn console(host: &Host, name: &str) -> Console {
     Console::new(host.run_dir.join("vms").join(name).join("console.log"))
 }
 
+/// How often the guest of VM `name` booted: the console log keeps every QEMU's output.
+fn boots(host: &Host, name: &str) -> usize {
+    host.console(name).matches(BOOT_MARKER).count()
+}
+
 fn save(host: &Host, name: &str) -> Cli {
     host.cli(&["save", name])
 }
@@ -44,8 +49,9 @@ fn start_restored(host: &Host, name: &str, old_pid: u32) -> u32 {
     assert_eq!(host.qemu_count(name), 1, "one QEMU: the restored one");
     let vm = host.vm_status(name);
     assert!(vm["saved"].is_null(), "the save is consumed: {vm:#}");
-    assert!(
-        !host.console(name).contains(BOOT_MARKER),
+    assert_eq!(
+        boots(host, name),
+        1,
         "a restored guest does not boot again; console:\n{}",
         host.console(name)
     );
@@ -78,7 +84,7 @@ fn a_saved_guest_is_restored_not_booted_also_across_an_agent_restart() {
     console(&host, "web")
         .wait_for_state(|s| s.online_cpus == 2, BOOT)
         .unwrap();
-    assert!(!host.console("web").contains(BOOT_MARKER));
+    assert_eq!(boots(&host, "web"), 1);
 
     // Changed live since boot: a save would not load into the boot command line; refused.
     let refused = save(&host, "web").expect_code(1, "save after a live change");
@@ -109,7 +115,11 @@ fn a_save_qemu_refuses_is_kept_and_reported_and_the_vm_boots_fresh() {
 
     host.cli(&["start", "web"]).expect_code(0, "start");
     host.wait_running("web");
-    host.wait_boot("web");
+    let deadline = Instant::now() + BOOT;
+    while boots(&host, "web") < 2 {
+        assert!(Instant::now() < deadline, "the VM boots fresh");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(host.qemu_count("web"), 1, "the failed restore left no QEMU");
     let vm = host.vm_status("web");
     let kept = vm["unrestorableSaves"]
@@ -122,8 +132,6 @@ fn a_save_qemu_refuses_is_kept_and_reported_and_the_vm_boots_fresh() {
         vec![0x5a; size],
         "the refused save is kept as it was"
     );
-    let error = vm["lastError"].as_str().unwrap_or_default();
-    assert!(error.contains("could not be restored"), "{vm:#}");
     assert!(host
         .agent_log_text()
         .contains("the managed save could not be restored"));
@@ -191,8 +199,9 @@ fn host_shutdown_takes_vms_down_in_parallel_and_saved_ones_come_back_restored() 
         host.wait_running(vm);
         assert_eq!(host.qemu_count(vm), 1, "{vm}");
     }
-    assert!(
-        !host.console("kept").contains(BOOT_MARKER),
+    assert_eq!(
+        boots(&host, "kept"),
+        1,
         "restored, not booted:\n{}",
         host.console("kept")
     );
