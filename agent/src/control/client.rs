@@ -87,8 +87,41 @@ pub fn request_within(
         }))
 }
 
+/// How often a read-only request is sent again after the agent closed its connection unanswered.
+const READ_ONLY_RETRIES: u32 = 20;
+
 fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
-    ask(socket, request).map(|(_, response)| response)
+    let mut attempt = 0;
+    loop {
+        match ask(socket, request) {
+            // At its connection cap the agent closes the oldest connection whose request has not
+            // arrived yet (limits.rs): it never acted on it, and asking again is safe for a
+            // request that changes nothing. (The caller's deadline still bounds the whole.)
+            Err(error) if closed_unanswered(&error) && read_only(request) => {
+                attempt += 1;
+                if attempt > READ_ONLY_RETRIES {
+                    return Err(error);
+                }
+                std::thread::sleep(Duration::from_millis(10 * u64::from(attempt)));
+            }
+            other => return other.map(|(_, response)| response),
+        }
+    }
+}
+
+fn read_only(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::Status | Request::Plan { .. } | Request::ClusterStatus
+    )
+}
+
+/// The agent closed the connection before answering (an end of stream, or a reset when it closed
+/// with the request unread).
+fn closed_unanswered(error: &ClientError) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+    matches!(error, ClientError::Io { source, .. }
+        if matches!(source.kind(), UnexpectedEof | ConnectionReset | BrokenPipe))
 }
 
 /// Connects, sends `request`, reads the answer line (waiting at most `timeout_for(request)`);
