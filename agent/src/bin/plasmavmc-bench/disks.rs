@@ -10,8 +10,9 @@ use plasmavmc_agent::qemu::images;
 use plasmavmc_agent::spec::{DiskCreate, DiskSpec};
 use serde_json::{json, Value};
 
+use crate::agent::cli;
 use crate::agent::{plasmavmc_binary, Agent};
-use crate::hotplug::{cli, write_config, VM};
+use crate::hotplug::{write_config, VM};
 use crate::stats::Summary;
 
 const BLKSIZE: &str = "PLASMAVMC-GUEST-BLKSIZE ";

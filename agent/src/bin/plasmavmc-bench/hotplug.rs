@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 
 use crate::agent::{plasmavmc_binary, Agent};
@@ -295,24 +295,6 @@ impl Drop for Netns {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "del", &self.name]);
     }
-}
-
-/// `plasmavmc ARGS --run-dir RUN_DIR`; an error with its stderr unless it succeeded.
-pub(crate) fn cli(binary: &Path, run_dir: &Path, args: &[&str]) -> Result<()> {
-    let output = Command::new(binary)
-        .args(args)
-        .arg("--run-dir")
-        .arg(run_dir)
-        .output()?;
-    if !output.status.success() {
-        bail!(
-            "plasmavmc {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
 }
 
 /// Writes `{"version": 1, "vms": {"bench": vm}}`, with `@WORK@` replaced by `work`.
