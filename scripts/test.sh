@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 ./scripts/install-deps.sh
 cargo build --locked --all-targets
 # QEMU-booting tests serialize themselves (tests/support); TCG guests are slow on 2 cores.
-cargo test --locked --workspace
+cargo test --locked --workspace --no-fail-fast
 bash checks/run-nix-checks.sh
