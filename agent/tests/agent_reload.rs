@@ -2,7 +2,9 @@
 //! disk moved from one VM to another in one reload reaches the second guest and leaves the first;
 //! a failed live change is the VM's `lastError` until a later one succeeds; an operator `start`
 //! does not outlive its VM's declaration; two unplugs the guest ignores cost one timeout, not
-//! two; a `plan` request's document is validated like the file; logs carry no colour codes.
+//! two; a `plan` request's document is validated like the file (one image reached through a
+//! symlink or `..` from two VMs included: paths resolved on the host, as a reload does); logs carry
+//! no colour codes.
 
 #[path = "support/agent.rs"]
 mod harness;
@@ -193,6 +195,40 @@ fn a_plan_request_is_validated_like_the_file_and_logs_have_no_colours() {
 
     let answer = plan(r#"{"version":1}"#.into());
     assert_eq!(answer["response"], "planned", "{answer:#}");
+
+    // One image reached through a symlink and through `..` from two VMs: the plan request
+    // resolves the paths on this host as a reload of the file does, and both refuse it.
+    let image = host.image("shared.qcow2");
+    let link = host.dir.path().join("link.qcow2");
+    std::os::unix::fs::symlink(&image, &link).unwrap();
+    let dotted = host.dir.path().join("sub/../shared.qcow2");
+    std::fs::create_dir(host.dir.path().join("sub")).unwrap();
+    let with_disk = |path: &std::path::Path| {
+        host.vm(json!({"disks": {"data": {"path": path, "format": "qcow2"}}}))
+    };
+    let shared = json!({
+        "web": with_disk(&image),
+        "db": with_disk(&link),
+        "cache": with_disk(&dotted),
+    });
+    let answer = plan(json!({"version": 1, "vms": shared}).to_string());
+    assert_eq!(answer["kind"], "invalidConfig", "{answer:#}");
+    let message = answer["message"].as_str().unwrap();
+    for expected in [
+        "vms.db.disks.data.path: image also used by vms.cache.disks.data",
+        "vms.web.disks.data.path: image also used by vms.cache.disks.data",
+    ] {
+        assert!(message.contains(expected), "{expected:?} in:\n{message}");
+    }
+    host.write_config(shared);
+    let reload = host
+        .cli(&["reload"])
+        .expect_code(2, "reload of one image twice");
+    assert!(
+        reload.stderr.contains("image also used by"),
+        "{}",
+        reload.stderr
+    );
 
     let log = host.agent_log_text();
     assert!(log.contains("config loaded"), "{log}");
