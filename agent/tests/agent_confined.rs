@@ -1,7 +1,10 @@
 //! The agent with `--qemu-user`: every QEMU runs as that unprivileged user under QEMU's seccomp
 //! sandbox, in a cgroup of its own with the declared limits (changed live by a reload), with its
 //! disk given to it; the agent's control socket stays root's alone. Checked against what the
-//! kernel says (`/proc/PID/status`, `/proc/PID/cgroup`, the cgroup's files), not status.
+//! kernel says (`/proc/PID/status` of every QEMU thread, `/proc/PID/cgroup`, the cgroup's files,
+//! the sockets' owners and modes), not status; and only once the guest has booted under that
+//! confinement and seen its disk, so a sandbox or a permission that breaks a running guest (not
+//! only QEMU's start) fails here too.
 
 #[path = "support/agent.rs"]
 mod harness;
@@ -10,9 +13,34 @@ mod qemu_harness;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
+use harness::guest::Console;
 use harness::*;
 use qemu_harness::{cgroup_file, proc_status, qemu_test_user, TEST_QEMU_USER};
 use serde_json::json;
+
+/// `/proc/PID/status` field `field` of every thread of `pid` (QEMU's vCPU, I/O and RCU threads
+/// included: a filter installed on one thread only would show here).
+fn every_thread(pid: u32, field: &str) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc/PID/task");
+    let threads: Vec<u32> = tasks
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    assert!(threads.len() > 1, "QEMU runs more than one thread");
+    threads
+        .into_iter()
+        .map(|tid| proc_status_of(&format!("/proc/{pid}/task/{tid}/status"), field))
+        .collect()
+}
+
+fn proc_status_of(path: &str, field: &str) -> String {
+    let status = std::fs::read_to_string(path).expect("a status file");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in {path}"))
+        .trim()
+        .to_owned()
+}
 
 #[test]
 fn qemu_runs_unprivileged_sandboxed_and_limited_and_the_control_socket_stays_roots() {
@@ -23,23 +51,51 @@ fn qemu_runs_unprivileged_sandboxed_and_limited_and_the_control_socket_stays_roo
     let image = host.image("data.qcow2");
     let vm = |host: &Host, weight: u32| {
         host.vm(json!({
-            "disks": {"data": {"path": image, "format": "qcow2"}},
+            "disks": {"data": {"path": image, "format": "qcow2", "serial": "confined-data"}},
             "limits": {"cpuWeight": weight, "memoryMaxMiB": 1536},
         }))
     };
     host.write_config(json!({ "web": vm(&host, 300) }));
     host.start_agent_with(&["--stop-timeout", "5", "--qemu-user", TEST_QEMU_USER]);
     let pid = host.wait_running("web");
-
-    let uid = user.uid.to_string();
+    // The guest boots and finds its disk while confined: QEMU survived its own sandbox and could
+    // read the kernel, the initrd and the image as the unprivileged user.
+    let console = Console::new(host.run_dir.join("vms/web/console.log"));
+    console
+        .wait_for_state(
+            |guest| guest.blocks.values().any(|s| s == "confined-data"),
+            BOOT,
+        )
+        .unwrap_or_else(|e| panic!("the confined guest: {e}"));
     assert_eq!(
-        proc_status(pid, "Uid")
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        [uid.as_str(); 4]
+        harness::procs::qemu_pids(&host.run_dir, "web"),
+        [pid],
+        "status names the one QEMU of the VM"
     );
-    assert_eq!(proc_status(pid, "CapEff"), "0000000000000000");
-    assert_eq!(proc_status(pid, "Seccomp"), "2", "QEMU's -sandbox filter");
+
+    let (uid, gid) = (user.uid.to_string(), user.gid.to_string());
+    for (field, id) in [("Uid", &uid), ("Gid", &gid)] {
+        for ids in every_thread(pid, field) {
+            let ids: Vec<&str> = ids.split_whitespace().collect();
+            assert_eq!(ids, [id.as_str(); 4], "real, effective, saved, fs {field}");
+        }
+    }
+    assert!(every_thread(pid, "CapEff")
+        .iter()
+        .all(|caps| caps == "0000000000000000"));
+    assert!(every_thread(pid, "NoNewPrivs").iter().all(|n| n == "1"));
+    assert!(
+        every_thread(pid, "Seccomp").iter().all(|mode| mode == "2"),
+        "QEMU's -sandbox filter on every thread"
+    );
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    assert!(
+        args.windows(2).any(|w| w[0] == b"-sandbox"
+            && w[1] == b"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+        "every denial asked for: {}",
+        String::from_utf8_lossy(&cmdline).replace('\0', " ")
+    );
     assert_eq!(
         proc_status(host.agent_pid(), "Uid")
             .split_whitespace()
@@ -62,6 +118,18 @@ fn qemu_runs_unprivileged_sandboxed_and_limited_and_the_control_socket_stays_roo
     assert_eq!(
         (run.uid(), run.gid(), run.mode() & 0o777),
         (0, user.gid, 0o710)
+    );
+    let qmp = std::fs::metadata(host.run_dir.join("vms/web/qmp.sock")).unwrap();
+    assert_eq!(
+        (qmp.uid(), qmp.mode() & 0o777),
+        (user.uid, 0o600),
+        "QMP socket: QEMU's (and root's) alone"
+    );
+    let vm_dir = std::fs::metadata(host.run_dir.join("vms/web")).unwrap();
+    assert_eq!(
+        (vm_dir.uid(), vm_dir.gid(), vm_dir.mode() & 0o7777),
+        (0, user.gid, 0o710),
+        "the VM dir: QEMU may enter, not write"
     );
 
     let weight = |pid| {
