@@ -19,6 +19,19 @@ pub struct HostStatus {
     #[serde(default)]
     pub strangers: Vec<Stranger>,
     pub config: ConfigStatus,
+    /// Set while the host is cordoned (`plasmavmc evacuate` or `cordon`, until `uncordon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cordon: Option<Cordon>,
+}
+
+/// Why and since when the host is closed to HA VMs coming from elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cordon {
+    /// When it was cordoned (RFC 3339).
+    pub since: String,
+    /// What cordoned it: `evacuate`, `cordon`, or why an unreadable cordon file counts as one.
+    pub by: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +210,14 @@ pub fn render(status: &HostStatus) -> String {
              running VMs are left as they are):\n{}\n",
             status.config.path,
             indent(error, "  ")
+        );
+    }
+    if let Some(cordon) = &status.cordon {
+        let _ = writeln!(
+            out,
+            "host CORDONED since {} ({}): no HA VM is failed over, migrated or started here; \
+             `plasmavmc uncordon` opens it\n",
+            cordon.since, cordon.by
         );
     }
     if status.vms.is_empty() {
@@ -496,6 +517,23 @@ mod tests {
         assert!(text.starts_with("config /etc/plasmavmc/desired.json refused"));
         assert!(text.contains("  vms.web.vcpus: must be at least 1"));
         assert!(text.ends_with("stranger old (pid 77): spec.json unreadable (not touched)\n"));
+    }
+
+    #[test]
+    fn a_cordoned_host_says_so_first() {
+        let status = HostStatus {
+            cordon: Some(Cordon {
+                since: "2026-01-01T00:00:00Z".into(),
+                by: "evacuate".into(),
+            }),
+            ..HostStatus::default()
+        };
+        let text = render(&status);
+        assert!(
+            text.starts_with("host CORDONED since 2026-01-01T00:00:00Z (evacuate)"),
+            "{text}"
+        );
+        assert!(text.contains("plasmavmc uncordon"), "{text}");
     }
 
     #[test]

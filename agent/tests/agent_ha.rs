@@ -273,3 +273,72 @@ fn guard_alive(pid: u32) -> bool {
         .is_ok_and(|c| String::from_utf8_lossy(&c).contains("fence-guard"))
         && is_alive(pid)
 }
+
+/// Copies of ha1 on both hosts, counted by scanning `/proc` (not from status or pidfiles).
+fn qemus(a: &Host, b: &Host) -> usize {
+    a.qemu_count(VM) + b.qemu_count(VM)
+}
+
+#[test]
+fn a_cordoned_host_takes_no_vm_over_until_uncordoned_and_a_cordoned_holder_lets_a_dead_vm_go() {
+    let etcd = single();
+    let endpoint = etcd.endpoint(0);
+    let endpoints = etcd.endpoints();
+    let (mut a, mut b) = pair(json!({}));
+    start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], "3");
+
+    // Cordoned, then its agent restarted: the cordon is in the store and stays.
+    b.cli(&["cordon"]).expect_code(0, "cordon b");
+    b.kill_agent();
+    b.start_agent_with(&flags(&endpoint, "b", "3"));
+    let status = b.status();
+    assert_eq!(status["cordon"]["by"], "cordon", "{status:#}");
+    let published = || get_json(&endpoints, "/plasmavmc/hosts/b").unwrap();
+    let deadline = Instant::now() + AGENT;
+    while published()["cordoned"] != true {
+        assert!(Instant::now() < deadline, "b's cordon never published");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(b
+        .cli(&["status", "--cluster"])
+        .stdout
+        .contains("b (cordoned)"));
+
+    // The holder dies for good: its lock expires, and cordoned b takes nothing.
+    a.kill_agent();
+    let watch_until = Instant::now() + Duration::from_secs(10);
+    never_two(&a, &b, "three lease TTLs pass", |_, on_b| {
+        assert_eq!(on_b, None, "cordoned b started ha1");
+        assert!(qemus(&a, &b) <= 1);
+        (Instant::now() > watch_until).then_some(())
+    });
+    assert_eq!(qemus(&a, &b), 0, "a's guard fenced it");
+    let held = b.vm_status(VM)["heldDown"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(held.contains("this host is cordoned"), "{held}");
+
+    // Uncordoned: b takes it over.
+    b.cli(&["uncordon"]).expect_code(0, "uncordon b");
+    never_two(&a, &b, "b take ha1 over", |_, on_b| on_b);
+    let b_pid = b.wait_running(VM);
+
+    // b cordoned while it runs ha1: it stays. Its QEMU killed: b lets it go to a instead of
+    // restarting it.
+    a.start_agent_with(&flags(&endpoint, "a", "3"));
+    b.cli(&["cordon"])
+        .expect_code(0, "cordon b while it runs ha1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        live_qemu(&b),
+        Some(b_pid),
+        "a cordon moves or stops nothing"
+    );
+    kill_9(b_pid);
+    never_two(&a, &b, "a take ha1 over", |on_a, _| {
+        assert!(qemus(&a, &b) <= 1);
+        on_a
+    });
+    assert_eq!(b.qemu_count(VM), 0);
+}

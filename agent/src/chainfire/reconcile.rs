@@ -51,8 +51,9 @@ pub fn own_writes(
     view: &ClusterView,
 ) -> Vec<Write> {
     let mut writes = Vec::new();
+    let cordoned = view.is_cordoned(host);
     for (key, vm) in local {
-        if vm.record.spec.ha && vm.wants_to_run && !view.locks.contains_key(key) {
+        if vm.record.spec.ha && seeks_lock(vm, cordoned) && !view.locks.contains_key(key) {
             writes.push(Write::AcquireLock { key: key.clone() });
         }
         if !publishable(host, lease, key, vm, view) {
@@ -99,12 +100,19 @@ pub fn own_writes(
     for (key, lock) in &view.locks {
         let still_wanted = local
             .get(key)
-            .is_some_and(|vm| vm.record.spec.ha && vm.wants_to_run);
+            .is_some_and(|vm| vm.record.spec.ha && seeks_lock(vm, cordoned));
         if lock.host == host && lock.lease == lease && !still_wanted {
             writes.push(Write::ReleaseLock { key: key.clone() });
         }
     }
     writes
+}
+
+/// Whether this host holds on to (or competes for) an HA VM's lock. A cordoned host keeps the
+/// locks of the VMs running here (evacuation moves them away live) and no other: nothing is
+/// failed over or started here while it is cordoned.
+fn seeks_lock(vm: &LocalVm, cordoned: bool) -> bool {
+    vm.wants_to_run && (!cordoned || vm.handle.is_some())
 }
 
 /// Entries that claim this host but have no VM here: `own_writes` removes them; the daemon
@@ -351,6 +359,44 @@ mod tests {
         assert_eq!(own_writes("h2", 9, &unwanted, &view), vec![]);
     }
 
+    fn cordon(view: &mut ClusterView, host: &str, cordoned: bool) {
+        view.apply(&StateEvent::HostUp {
+            host_id: host.into(),
+            record: HostRecord {
+                cordoned,
+                ..HostRecord::of(host, "t", false, &BTreeMap::new())
+            },
+        });
+    }
+
+    #[test]
+    fn a_cordoned_host_keeps_the_locks_of_what_runs_here_and_seeks_or_keeps_no_other() {
+        let vms = [
+            (record("running", "h2", "running", true), Some(handle("h2"))),
+            (record("stopped", "h2", "stopped", true), None),
+            (record("free", "h2", "stopped", true), None),
+        ];
+        let mut view = view_of(&vms[..2], 4);
+        lock(&mut view, "running", "h2", 9);
+        lock(&mut view, "stopped", "h2", 9);
+        cordon(&mut view, "h2", true);
+        assert_eq!(
+            own_writes("h2", 9, &local(&vms), &view),
+            vec![Write::ReleaseLock {
+                key: VmKey::new("o", "p", "stopped")
+            }],
+            "keeps the running VM's lock, lets the stopped one's go, seeks no free one"
+        );
+        cordon(&mut view, "h2", false);
+        assert_eq!(
+            own_writes("h2", 9, &local(&vms), &view),
+            vec![Write::AcquireLock {
+                key: VmKey::new("o", "p", "free")
+            }],
+            "uncordoned: competes again"
+        );
+    }
+
     #[test]
     fn vms_of_hosts_without_a_host_key_become_unknown_once() {
         let mut view = view_of(
@@ -362,11 +408,7 @@ mod tests {
         );
         view.apply(&StateEvent::HostUp {
             host_id: "h3".into(),
-            record: HostRecord {
-                host_id: "h3".into(),
-                agent_version: "0".into(),
-                started_at: "t".into(),
-            },
+            record: HostRecord::of("h3", "t", false, &BTreeMap::new()),
         });
         let writes = lost_host_writes("h1", &view, "T");
         let [Write::PutVm {

@@ -63,6 +63,15 @@ pub struct HostRecord {
     pub host_id: String,
     pub agent_version: String,
     pub started_at: String,
+    /// Set by `plasmavmc evacuate` (or `cordon`) until `plasmavmc uncordon`: no VM is migrated
+    /// to, failed over to or started here as HA. Kept in the host's state dir, so an agent
+    /// restart or a reboot republishes it.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// The HA VMs declared on this host (`org/project/vm`), running here or not: the hosts a VM
+    /// could move to. (A standby writes no VM record, so this is where the cluster learns it.)
+    #[serde(default)]
+    pub ha_vms: Vec<String>,
 }
 
 /// `/plasmavmc/locks/{orgId}/{projectId}/{vm}`: who may run an HA VM.
@@ -85,6 +94,28 @@ pub struct LocalVm {
     /// keeps it down). An HA VM's lock is sought only while true and let go when false, so a
     /// host that cannot or may not run the VM leaves it to another.
     pub wants_to_run: bool,
+}
+
+impl HostRecord {
+    /// What `host` publishes about itself: its cordon, and the HA VMs of its local picture.
+    pub fn of(
+        host: &str,
+        started_at: &str,
+        cordoned: bool,
+        local: &std::collections::BTreeMap<VmKey, LocalVm>,
+    ) -> Self {
+        HostRecord {
+            host_id: host.to_owned(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: started_at.to_owned(),
+            cordoned,
+            ha_vms: local
+                .iter()
+                .filter(|(_, vm)| vm.record.spec.ha)
+                .map(|(key, _)| key.to_string())
+                .collect(),
+        }
+    }
 }
 
 impl VmRecord {
@@ -169,6 +200,40 @@ mod tests {
         };
         assert!(a.same_content(&b));
         assert!(!a.same_content(&record("h1", "stopped")));
+    }
+
+    #[test]
+    fn a_host_publishes_its_cordon_and_its_ha_vms_only() {
+        let mut ha = record("h1", "stopped");
+        ha.spec.ha = true;
+        let plain = VmRecord {
+            name: "vm2".into(),
+            ..record("h1", "running")
+        };
+        let local = [ha, plain]
+            .into_iter()
+            .map(|record| {
+                let vm = LocalVm {
+                    record,
+                    handle: None,
+                    wants_to_run: true,
+                };
+                (vm.record.key(), vm)
+            })
+            .collect();
+        let host = HostRecord::of("h1", "t0", true, &local);
+        assert_eq!(host.ha_vms, ["acme/web/vm1"]);
+        let json = serde_json::to_value(&host).unwrap();
+        assert_eq!(
+            (json["cordoned"].clone(), json["haVms"].clone()),
+            (true.into(), serde_json::json!(["acme/web/vm1"]))
+        );
+        // A record written by an older agent reads as uncordoned, declaring nothing.
+        let old: HostRecord = serde_json::from_value(serde_json::json!(
+            {"hostId": "h2", "agentVersion": "0.1.0", "startedAt": "t"}
+        ))
+        .unwrap();
+        assert!(!old.cordoned && old.ha_vms.is_empty());
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub struct Session;
 pub struct SessionHandle {
     config: ChainFireConfig,
     local: watch::Sender<Option<BTreeMap<VmKey, LocalVm>>>,
+    cordoned: watch::Sender<bool>,
     may_run: watch::Receiver<BTreeSet<VmKey>>,
     cluster: watch::Receiver<Arc<ClusterView>>,
     lease: watch::Receiver<Option<LeaseStatus>>,
@@ -70,10 +71,20 @@ impl Session {
     /// agent of this host (same host id, same boot), its lease is resumed and its locks trusted
     /// until the same deadline: a restarted agent keeps running the HA VMs it holds.
     pub fn start(config: ChainFireConfig) -> anyhow::Result<SessionHandle> {
+        Session::start_cordoned(config, false)
+    }
+
+    /// [`Session::start`] for a host that is cordoned from its first write on (the cordon an
+    /// earlier agent left in the state dir): no instant where it looks open to the cluster.
+    pub fn start_cordoned(
+        config: ChainFireConfig,
+        cordoned: bool,
+    ) -> anyhow::Result<SessionHandle> {
         config.check()?;
         let (lease, held) = restore(&config);
         let allowed = fence::may_run(&held, lease.as_ref(), BootTime::now());
         let (local_tx, local_rx) = watch::channel(None);
+        let (cordoned_tx, cordoned_rx) = watch::channel(cordoned);
         let (lease_tx, lease_rx) = watch::channel(lease);
         let (held_tx, held_rx) = watch::channel(held);
         let (may_run_tx, may_run_rx) = watch::channel(allowed);
@@ -86,6 +97,7 @@ impl Session {
             registered_lease: None,
             started_at: records::now(),
             local: local_rx,
+            cordoned: cordoned_rx,
             lease: lease_rx.clone(),
             held: held_tx,
             cluster: cluster_tx,
@@ -99,6 +111,7 @@ impl Session {
         Ok(SessionHandle {
             config,
             local: local_tx,
+            cordoned: cordoned_tx,
             may_run: may_run_rx,
             cluster: cluster_rx,
             lease: lease_rx,
@@ -142,6 +155,13 @@ impl SessionHandle {
             })
             .collect();
         self.local.send_replace(Some(local));
+    }
+
+    /// Publishes this host cordoned (or not): a cordoned host seeks no HA lock for a VM that
+    /// does not already run here, and lets go of the locks of those that stop.
+    pub fn set_cordoned(&self, cordoned: bool) {
+        self.cordoned
+            .send_if_modified(|current| std::mem::replace(current, cordoned) != cordoned);
     }
 
     /// HA VMs this host may run now: their lock is held under a lease the host still trusts.
@@ -255,6 +275,7 @@ struct Worker {
     registered_lease: Option<i64>,
     started_at: String,
     local: watch::Receiver<Option<BTreeMap<VmKey, LocalVm>>>,
+    cordoned: watch::Receiver<bool>,
     lease: watch::Receiver<Option<LeaseStatus>>,
     held: watch::Sender<BTreeMap<VmKey, i64>>,
     cluster: watch::Sender<Arc<ClusterView>>,
@@ -322,6 +343,7 @@ impl Worker {
                     }
                 }
                 changed = self.local.changed() => changed.context("daemon gone")?,
+                changed = self.cordoned.changed() => changed.context("daemon gone")?,
                 changed = self.lease.changed() => changed.context("lease task gone")?,
                 _ = liveness.tick() => {
                     if unanswered {
@@ -360,20 +382,24 @@ impl Worker {
         let Some(lease) = self.lease.borrow_and_update().map(|l| l.id) else {
             return Ok(()); // nothing is written before the host key can be bound to a lease
         };
-        if self.registered_lease != Some(lease) || !self.view.hosts.contains_key(&host) {
-            store::put_host(client, &host, lease, &self.started_at, limit).await?;
-            let record = HostRecord {
-                host_id: host.clone(),
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                started_at: self.started_at.clone(),
-            };
+        let local = self.local.borrow_and_update().clone();
+        let cordoned = *self.cordoned.borrow_and_update();
+        let record = HostRecord::of(
+            &host,
+            &self.started_at,
+            cordoned,
+            local.as_ref().unwrap_or(&BTreeMap::new()),
+        );
+        // Before the VM entries: a cordon is in the view (and the store) before `own_writes`
+        // decides which locks to seek.
+        if self.registered_lease != Some(lease) || self.view.hosts.get(&host) != Some(&record) {
+            store::put_host(client, &record, lease, limit).await?;
             self.view.apply(&StateEvent::HostUp {
                 host_id: host.clone(),
                 record,
             });
             self.registered_lease = Some(lease);
         }
-        let local = self.local.borrow_and_update().clone();
         // A few rounds: each failed compare refreshes one key; a stale view converges quickly.
         for _ in 0..4 {
             let mut writes = reconcile::lost_host_writes(&host, &self.view, &records::now());

@@ -102,19 +102,13 @@ pub async fn execute(
 /// Registers this host under its lease. Unconditional: the key is this host's alone.
 pub async fn put_host(
     client: &mut Client,
-    host: &str,
+    record: &HostRecord,
     lease: i64,
-    started_at: &str,
     timeout: Duration,
 ) -> anyhow::Result<i64> {
-    let record = HostRecord {
-        host_id: host.to_owned(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        started_at: started_at.to_owned(),
-    };
     let put = client.put(
-        keys::host(host),
-        serde_json::to_vec(&record)?,
+        keys::host(&record.host_id),
+        serde_json::to_vec(record)?,
         Some(PutOptions::new().with_lease(lease)),
     );
     let resp = tokio::time::timeout(timeout, put)

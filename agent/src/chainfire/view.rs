@@ -180,6 +180,19 @@ impl ClusterView {
         self.vms.iter().filter(move |(_, r)| r.value.host == host)
     }
 
+    /// Whether `host` is live and cordoned (`plasmavmc evacuate`): nothing moves or starts there.
+    pub fn is_cordoned(&self, host: &str) -> bool {
+        self.hosts.get(host).is_some_and(|h| h.cordoned)
+    }
+
+    /// Whether live `host` declares HA VM `key` (so it could run it).
+    pub fn declares(&self, host: &str, key: &VmKey) -> bool {
+        let key = key.to_string();
+        self.hosts
+            .get(host)
+            .is_some_and(|h| h.ha_vms.contains(&key))
+    }
+
     /// A table of every VM by host, for `plasmavmc status --cluster`.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -192,10 +205,10 @@ impl ClusterView {
         rows.sort_by(|a, b| (&a.1.value.host, a.0).cmp(&(&b.1.value.host, b.0)));
         for (key, vm) in rows {
             let vm = &vm.value;
-            let alive = if self.hosts.contains_key(&vm.host) {
-                "yes"
-            } else {
-                "no"
+            let alive = match self.hosts.get(&vm.host) {
+                Some(host) if host.cordoned => "cordoned",
+                Some(_) => "yes",
+                None => "no",
             };
             let pid = self
                 .handles
@@ -227,6 +240,15 @@ impl ClusterView {
                 ha
             );
         }
+        let hosts: Vec<String> = self
+            .hosts
+            .values()
+            .map(|h| match h.cordoned {
+                true => format!("{} (cordoned)", h.host_id),
+                false => h.host_id.clone(),
+            })
+            .collect();
+        let _ = writeln!(out, "live hosts: {}", hosts.join(", "));
         for (key, reason) in &self.malformed {
             let _ = writeln!(out, "unreadable {key}: {reason}");
         }
@@ -318,11 +340,7 @@ mod tests {
     fn host(host_id: &str, started_at: &str) -> StateEvent {
         StateEvent::HostUp {
             host_id: host_id.into(),
-            record: HostRecord {
-                host_id: host_id.into(),
-                agent_version: "0.1.0".into(),
-                started_at: started_at.into(),
-            },
+            record: HostRecord::of(host_id, started_at, false, &BTreeMap::new()),
         }
     }
 
@@ -436,6 +454,20 @@ mod tests {
             key,
             record: record("running"),
             revision: 1,
+        });
+        view.apply(&host("h1", "t0"));
+        view.apply(&StateEvent::HostUp {
+            host_id: "h2".into(),
+            record: HostRecord {
+                cordoned: true,
+                ..HostRecord::of("h2", "t0", false, &BTreeMap::new())
+            },
+        });
+        let table = view.render();
+        assert!(table.contains(" yes "), "{table}");
+        assert!(table.contains("live hosts: h1, h2 (cordoned)"), "{table}");
+        view.apply(&StateEvent::HostDown {
+            host_id: "h1".into(),
         });
         let table = view.render();
         assert!(

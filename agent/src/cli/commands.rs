@@ -211,6 +211,14 @@ pub fn save(run_dir: &Path, vm: String) -> ExitCode {
     done(ask(run_dir, Request::Save { vm }))
 }
 
+pub fn cordon(run_dir: &Path) -> ExitCode {
+    done(ask(run_dir, Request::Cordon))
+}
+
+pub fn uncordon(run_dir: &Path) -> ExitCode {
+    done(ask(run_dir, Request::Uncordon))
+}
+
 pub fn shutdown_host(
     run_dir: &Path,
     timeout_seconds: u64,

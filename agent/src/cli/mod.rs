@@ -199,6 +199,22 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// Close this host to HA VMs from elsewhere: none is failed over, migrated or started here
+    /// until `plasmavmc uncordon`. VMs running here stay; an HA VM stopped here lets its lock go
+    /// to another host.
+    ///
+    /// The cordon is published in ChainFire and kept in the state dir, so it survives agent
+    /// restarts and reboots. VMs declared on this host only (not `ha.enable`) are not affected:
+    /// they have no other host.
+    Cordon {
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+    /// Open a cordoned host again (see `cordon` and `evacuate`): it takes HA VMs again.
+    Uncordon {
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
     /// (Run by the NixOS module at host shutdown.) Take every running VM down as its
     /// `onHostShutdown` says: `powerdown` (ACPI, then quit after the stop timeout) or `save`
     /// (`evacuate` saves too, until live migration exists), all VMs in parallel; the agent
@@ -355,6 +371,8 @@ pub fn run() -> ExitCode {
             only_when_system_stops,
             run_dir,
         } => commands::shutdown_host(&run_dir.run_dir, timeout, only_when_system_stops),
+        Command::Cordon { run_dir } => commands::cordon(&run_dir.run_dir),
+        Command::Uncordon { run_dir } => commands::uncordon(&run_dir.run_dir),
         Command::FenceGuard(args) => crate::qemu::guard::run(GuardOptions {
             trust_file: args.trust_file,
             lease: args.lease,

@@ -44,7 +44,9 @@ pub fn timeout_for(request: &Request) -> Duration {
         Request::Status
         | Request::Plan { .. }
         | Request::ClusterStatus
-        | Request::Console { .. } => Duration::from_secs(30),
+        | Request::Console { .. }
+        | Request::Cordon
+        | Request::Uncordon => Duration::from_secs(30),
         // A stop given more time than that gets it, and a minute for quit and kill after.
         Request::Stop {
             timeout_ms: Some(ms),

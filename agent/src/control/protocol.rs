@@ -53,6 +53,12 @@ pub enum Request {
     /// `onHostShutdown` says, in parallel, powerdowns bounded by `timeout_seconds`; no VM starts
     /// afterwards.
     ShutdownHost { timeout_seconds: u64 },
+    /// Close this host to HA VMs from elsewhere (published in ChainFire, kept across agent
+    /// restarts and reboots): none is failed over, migrated or started here until `Uncordon`.
+    /// VMs running here stay.
+    Cordon,
+    /// Open this host again.
+    Uncordon,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -10,11 +10,13 @@
 //! - `cluster`: the ChainFire session's config and notices.
 //! - `console`: `plasmavmc console` (QEMU's console socket fanned out) and console log rotation.
 //! - `handover`: disk images moving from one VM to another in one reconcile.
+//! - `cordon`: the host's cordon, persisted in the state dir.
 
 mod adopt;
 mod cluster;
 mod config_file;
 mod console;
+mod cordon;
 mod handover;
 mod operator;
 mod restart;
@@ -102,11 +104,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }),
         None => None,
     };
+    let cordons = cordon::Cordons::load(&options.state_dir);
+    if let Some(cordon) = cordons.get() {
+        tracing::warn!(since = %cordon.since, by = %cordon.by, "this host is cordoned (`plasmavmc uncordon` opens it)");
+    }
     let session = match chainfire {
         Some(config) => {
             tracing::info!(endpoints = ?config.endpoints, host = %config.host_id, "chainfire: starting the session");
             let host_id = config.host_id.clone();
-            let session = Session::start(config)?;
+            let session = Session::start_cordoned(config, cordons.get().is_some())?;
             cluster::log_notices(&session);
             Some((host_id, session))
         }
@@ -140,6 +146,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         operator,
         triggers.clone(),
         session,
+        cordons,
     ));
 
     // An invalid config at startup: adopt (watch) what runs, touch nothing until a valid one.

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::cluster;
 use super::config_file;
+use super::cordon::Cordons;
 use super::handover::{self, Handover};
 use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
@@ -73,6 +74,8 @@ pub struct Daemon {
     fenced: Mutex<BTreeSet<String>>,
     /// Set by `shutdown-host`: from then on every VM stays down.
     host_stopping: std::sync::atomic::AtomicBool,
+    /// `plasmavmc evacuate`/`cordon` until `uncordon`: no HA VM comes here.
+    cordons: Mutex<Cordons>,
 }
 
 type Refusal = (ErrorKind, String);
@@ -84,6 +87,7 @@ impl Daemon {
         operator: OperatorIntents,
         triggers: mpsc::UnboundedSender<Trigger>,
         chainfire: Option<(String, SessionHandle)>,
+        cordons: Cordons,
     ) -> Self {
         let (host_id, chainfire) = match chainfire {
             Some((host_id, session)) => (host_id, Some(session)),
@@ -105,6 +109,7 @@ impl Daemon {
             host_id,
             fenced: Mutex::new(BTreeSet::new()),
             host_stopping: Default::default(),
+            cordons: Mutex::new(cordons),
         }
     }
 
@@ -476,6 +481,10 @@ impl Daemon {
                 self.shutdown_host(Duration::from_secs(timeout_seconds))
                     .await
             }
+            Request::Cordon => self
+                .cordon("cordon")
+                .map(|message| Response::Done { message }),
+            Request::Uncordon => self.uncordon().await,
         };
         result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
     }
@@ -576,6 +585,7 @@ impl Daemon {
                 path: self.config_path.display().to_string(),
                 error: self.config_error.lock().unwrap().clone(),
             },
+            cordon: self.cordons.lock().unwrap().get().cloned(),
         }
     }
 
@@ -859,6 +869,7 @@ impl Daemon {
             .unwrap()
             .as_ref()
             .map(|s| (s.may_run().borrow().clone(), s.cluster().borrow().clone()));
+        let cordoned = self.cordons.lock().unwrap().get().is_some();
         let operator = self.operator.lock().unwrap();
         let restarts = self.restarts.lock().unwrap();
         let now = Instant::now();
@@ -873,6 +884,11 @@ impl Daemon {
                         cluster::ha_hold(&self.host_id, &key, may_run, view)
                     });
             let held = restarts.get(name).and_then(|t| t.held_down(now));
+            // A cordoned host starts no HA VM (one that runs here stays until it is moved).
+            let ha_hold = match cordoned && spec.ha.enable && !self.runs_here(name) {
+                true => Some(format!("HA: {CORDONED}")),
+                false => ha_hold,
+            };
             if self.host_stopping.load(std::sync::atomic::Ordering::SeqCst) {
                 intents.insert(
                     name.clone(),
@@ -1008,6 +1024,60 @@ impl Daemon {
             .retain(|name, slot| desired.vms.contains_key(name) || slot.status().pid.is_some());
     }
 
+    /// Whether a QEMU of `vm` runs here now.
+    fn runs_here(&self, vm: &str) -> bool {
+        self.slot(vm)
+            .is_some_and(|slot| slot.status().pid.is_some())
+    }
+
+    /// `plasmavmc cordon` (and the first step of `evacuate`): persisted, then published. VMs
+    /// running here stay; HA VMs stopped here let their lock go to another host.
+    fn cordon(&self, by: &str) -> Result<String, Refusal> {
+        let since = {
+            let mut cordons = self.cordons.lock().unwrap();
+            let cordon = cordons.cordon(by).map_err(|e| {
+                (
+                    ErrorKind::Failed,
+                    format!("could not record the cordon, so the host stays open: {e:#}"),
+                )
+            })?;
+            cordon.since.clone()
+        };
+        tracing::warn!(since = %since, "host cordoned: {CORDONED}");
+        if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
+            session.set_cordoned(true);
+        }
+        self.trigger(Trigger::Reconcile);
+        Ok(format!("host cordoned since {since}: {CORDONED}"))
+    }
+
+    /// `plasmavmc uncordon`: the host takes HA VMs again (failover, migration, placement).
+    async fn uncordon(&self) -> Result<Response, Refusal> {
+        let previous = self.cordons.lock().unwrap().uncordon().map_err(|e| {
+            (
+                ErrorKind::Failed,
+                format!("could not remove the cordon, so the host stays cordoned: {e:#}"),
+            )
+        })?;
+        let Some(previous) = previous else {
+            return Ok(Response::Done {
+                message: "the host was not cordoned".into(),
+            });
+        };
+        tracing::info!(since = %previous.since, "host uncordoned: it takes HA VMs again");
+        if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
+            session.set_cordoned(false);
+        }
+        self.publish();
+        self.trigger(Trigger::Reconcile);
+        Ok(Response::Done {
+            message: format!(
+                "host uncordoned (it was cordoned since {} by {}): it takes HA VMs again",
+                previous.since, previous.by
+            ),
+        })
+    }
+
     fn slots(&self) -> Vec<Arc<VmSlot>> {
         self.vms.lock().unwrap().values().cloned().collect()
     }
@@ -1016,6 +1086,10 @@ impl Daemon {
         self.vms.lock().unwrap().get(name).cloned()
     }
 }
+
+/// What a cordon means, in every message that mentions one.
+const CORDONED: &str = "this host is cordoned: no HA VM is failed over, migrated or started \
+    here (running VMs stay until moved; `plasmavmc uncordon` opens it)";
 
 /// Steps that let go of something another VM may take next (they come first in a VM's plan).
 fn releases(action: &Action) -> bool {
