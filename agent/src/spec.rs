@@ -174,6 +174,11 @@ pub struct NicSpec {
 pub struct HaSpec {
     #[serde(default)]
     pub enable: bool,
+    /// Host ids (`--host-id`) in order of preference: the VM runs on the first of them that is
+    /// live and not cordoned, and is moved there live when that changes (after the host has been
+    /// live for the agent's `--placement-settle`). Empty: it stays wherever it runs.
+    #[serde(default)]
+    pub preferred_hosts: Vec<String>,
 }
 
 /// Limits on the VM's cgroup (QEMU and, for HA VMs, its fence guard). Absent: no limit.

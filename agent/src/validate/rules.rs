@@ -97,6 +97,7 @@ fn check_vm(report: &mut Report, name: &str, vm: &VmSpec) {
         provisioning::check_cloud_init(report, name, cloud_init);
     }
     check_unique_serials(report, name, vm);
+    check_preferred_hosts(report, name, vm);
     for (id, nic) in &vm.nics {
         check_nic(report, &["vms", name, "nics", id], nic);
     }
@@ -126,6 +127,37 @@ fn check_vm(report: &mut Report, name: &str, vm: &VmSpec) {
                 &at(field),
                 "must be non-empty, without '/', whitespace or control characters",
             );
+        }
+    }
+}
+
+/// `ha.preferredHosts`: host ids as `--host-id` takes them, each once, on an HA VM (a VM
+/// declared on one host only has nowhere to move).
+fn check_preferred_hosts(report: &mut Report, name: &str, vm: &VmSpec) {
+    let hosts = &vm.ha.preferred_hosts;
+    let at = ["vms", name, "ha", "preferredHosts"];
+    if !hosts.is_empty() && !vm.ha.enable {
+        report.at(
+            &at,
+            "needs ha.enable: only an HA VM (declared on several hosts) can be placed, \
+             by moving it live",
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let index = i.to_string();
+        let at = ["vms", name, "ha", "preferredHosts", &index];
+        if host.is_empty()
+            || host
+                .chars()
+                .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+        {
+            report.at(
+                &at,
+                format!("{host:?} is no host id (non-empty, without '/', whitespace or control characters)"),
+            );
+        } else if !seen.insert(host) {
+            report.at(&at, format!("{host} is listed twice"));
         }
     }
 }

@@ -647,3 +647,20 @@ fn cloud_init_parts_have_one_source_each() {
     web(&mut doc)["cloudInit"] = json!({"vendorData": {"text": ""}});
     assert_problem(&doc, "vms.web.cloudInit.vendorData", "unknown field");
 }
+
+#[test]
+fn preferred_hosts_need_ha_and_are_host_ids_each_once() {
+    let mut doc = base();
+    web(&mut doc)["ha"] = json!({"enable": true, "preferredHosts": ["hv-01", "hv-02"]});
+    assert_eq!(problems(&doc), Vec::<String>::new());
+    let parsed = parse_desired_state(&doc.to_string()).unwrap();
+    assert_eq!(parsed.vms["web"].ha.preferred_hosts, ["hv-01", "hv-02"]);
+
+    web(&mut doc)["ha"]["enable"] = json!(false);
+    assert_problem(&doc, "vms.web.ha.preferredHosts", "needs ha.enable");
+
+    web(&mut doc)["ha"] = json!({"enable": true, "preferredHosts": ["hv-01", "hv-01"]});
+    assert_problem(&doc, "vms.web.ha.preferredHosts.1", "hv-01 is listed twice");
+    web(&mut doc)["ha"] = json!({"enable": true, "preferredHosts": ["hv/01"]});
+    assert_problem(&doc, "vms.web.ha.preferredHosts.0", "is no host id");
+}
