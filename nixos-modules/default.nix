@@ -10,5 +10,6 @@
     ./provisioning-assertions.nix
     ./host.nix
     ./qemu-user.nix
+    ./metrics.nix
   ];
 }

@@ -179,6 +179,13 @@ in
       '';
     };
 
+    extraAgentArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      internal = true;
+      description = "Arguments other files of this module add to the agent's command line.";
+    };
+
     desiredState = mkOption {
       type = types.attrsOf types.anything;
       readOnly = true;

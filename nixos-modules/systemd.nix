@@ -62,7 +62,8 @@ let
     (toString cfg.stopTimeout)
   ]
   ++ qemuUserArgs
-  ++ chainfireArgs;
+  ++ chainfireArgs
+  ++ cfg.extraAgentArgs;
 
   # A reload stops and starts VMs, each on its own: a stop (stopTimeout, then 10 s for `quit`),
   # a wait for a VM busy with something else (up to 120 s), a launch (up to 30 s), and margin.

@@ -15,6 +15,7 @@ pub mod evacuation;
 pub mod files;
 pub mod identity;
 pub mod ids;
+pub mod metrics;
 pub mod observed;
 pub mod paths;
 pub mod placement;

@@ -118,6 +118,8 @@ in
 
     boot.kernelModules = listOf types.str;
 
+    networking.firewall.allowedTCPPorts = listOf types.port;
+
     networking.bridges = mkOption {
       type = types.attrsOf (types.submodule { options.interfaces = listOf types.str; });
       default = { };

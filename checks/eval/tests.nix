@@ -474,6 +474,77 @@ in
       };
     };
 
+  # ---- metrics (nixos-modules/metrics.nix) ---------------------------------------------------
+
+  metricsOffByDefault = {
+    expr = {
+      flag = lib.hasInfix "--metrics-listen" unit.serviceConfig.ExecStart;
+      firewall = minimal.config.networking.firewall.allowedTCPPorts;
+    };
+    expected = {
+      flag = false;
+      firewall = [ ];
+    };
+  };
+
+  metricsListenAndOpenFirewall =
+    let
+      metrics = hostWith [
+        (withVms { a = minimalVm; })
+        {
+          services.plasmavmc.metrics = {
+            enable = true;
+            openFirewall = true;
+          };
+        }
+      ];
+    in
+    {
+      expr = {
+        flag = lib.hasSuffix ''"--metrics-listen" "0.0.0.0:9850"'' metrics.config.systemd.services.plasmavmc.serviceConfig.ExecStart;
+        firewall = metrics.config.networking.firewall.allowedTCPPorts;
+      };
+      expected = {
+        flag = true;
+        firewall = [ 9850 ];
+      };
+    };
+
+  metricsIpv6AddressInBracketsFirewallClosed =
+    let
+      metrics = hostWith [
+        (withVms { a = minimalVm; })
+        {
+          services.plasmavmc.metrics = {
+            enable = true;
+            listenAddress = "::1";
+            port = 9100;
+          };
+        }
+      ];
+    in
+    {
+      expr = {
+        flag = lib.hasSuffix ''"--metrics-listen" "[::1]:9100"'' metrics.config.systemd.services.plasmavmc.serviceConfig.ExecStart;
+        firewall = metrics.config.networking.firewall.allowedTCPPorts;
+      };
+      expected = {
+        flag = true;
+        firewall = [ ];
+      };
+    };
+
+  typeRejectsMetricsPortOutOfRange.throws =
+    (hostWith [
+      (withVms { a = minimalVm; })
+      {
+        services.plasmavmc.metrics = {
+          enable = true;
+          port = 70000;
+        };
+      }
+    ]).config.systemd.services.plasmavmc.serviceConfig.ExecStart;
+
   kernelModulesForTapsBridgesVhost = {
     expr = minimal.config.boot.kernelModules;
     expected = [

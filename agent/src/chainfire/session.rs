@@ -62,6 +62,7 @@ pub struct SessionHandle {
     cluster: watch::Receiver<Arc<ClusterView>>,
     lease: watch::Receiver<Option<LeaseStatus>>,
     notices: broadcast::Sender<Notice>,
+    connected: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -90,6 +91,7 @@ impl Session {
         let (may_run_tx, may_run_rx) = watch::channel(allowed);
         let (cluster_tx, cluster_rx) = watch::channel(Arc::new(ClusterView::default()));
         let (notices, _) = broadcast::channel(4096);
+        let (connected_tx, connected) = watch::channel(false);
         let worker = Worker {
             config: config.clone(),
             view: ClusterView::default(),
@@ -102,6 +104,7 @@ impl Session {
             held: held_tx,
             cluster: cluster_tx,
             notices: notices.clone(),
+            connected: connected_tx,
         };
         let tasks = vec![
             tokio::spawn(lease::keep_alive(config.clone(), lease_tx)),
@@ -116,6 +119,7 @@ impl Session {
             cluster: cluster_rx,
             lease: lease_rx,
             notices,
+            connected,
             tasks,
         })
     }
@@ -181,6 +185,16 @@ impl SessionHandle {
 
     pub fn lease_id(&self) -> Option<i64> {
         self.lease.borrow().map(|l| l.id)
+    }
+
+    /// The lease as the keep-alive loop last saw it (None: no lease yet, or lost).
+    pub fn lease_status(&self) -> Option<LeaseStatus> {
+        *self.lease.borrow()
+    }
+
+    /// Whether the session is connected to the store now.
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
     }
 
     /// What HA VMs are launched under (see [`HaGate`]).
@@ -280,6 +294,7 @@ struct Worker {
     held: watch::Sender<BTreeMap<VmKey, i64>>,
     cluster: watch::Sender<Arc<ClusterView>>,
     notices: broadcast::Sender<Notice>,
+    connected: watch::Sender<bool>,
 }
 
 impl Worker {
@@ -432,6 +447,11 @@ impl Worker {
     }
 
     fn notify(&self, notice: Notice) {
+        match notice {
+            Notice::Connected { .. } => self.connected.send_replace(true),
+            Notice::Disconnected { .. } => self.connected.send_replace(false),
+            _ => false,
+        };
         let _ = self.notices.send(notice); // nobody listening is fine
     }
 }

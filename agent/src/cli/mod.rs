@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::daemon::{AgentOptions, ChainfireOptions};
+use crate::daemon::{AgentOptions, ChainfireOptions, MetricsOptions};
 use crate::paths::{DEFAULT_CONFIG, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
 use crate::qemu::guard::GuardOptions;
 
@@ -289,6 +289,15 @@ struct AgentArgs {
     qemu_group: Option<String>,
     #[command(flatten)]
     chainfire: ChainfireArgs,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (per-VM state, vCPUs, memory, disk
+    /// and NIC counters, QEMU CPU and RSS; reconcile durations, reloads, ChainFire health).
+    /// Scrapes never wait for QEMU: they show each VM's last sample and its age.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the metrics sampler asks each VM's QEMU for its figures (a few QMP queries
+    /// per VM), whatever the scrape rate.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), requires = "metrics_listen")]
+    metrics_interval: u64,
 }
 
 #[derive(Debug, clap::Args)]
@@ -393,6 +402,10 @@ impl AgentArgs {
             qemu: self.qemu,
             qemu_user: self.qemu_user,
             qemu_group: self.qemu_group,
+            metrics: self.metrics_listen.map(|listen| MetricsOptions {
+                listen,
+                interval: std::time::Duration::from_secs(self.metrics_interval),
+            }),
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
             unplug_timeout: std::time::Duration::from_secs(self.unplug_timeout),
             chainfire: (!c.chainfire.is_empty()).then_some(ChainfireOptions {

@@ -11,6 +11,7 @@
 //! - `console`: `plasmavmc console` (QEMU's console socket fanned out) and console log rotation.
 //! - `handover`: disk images moving from one VM to another in one reconcile.
 //! - `cordon`: the host's cordon, persisted in the state dir.
+//! - `metrics`, `metrics_http`: the sampler behind `/metrics`, and the endpoint.
 
 mod adopt;
 mod cluster;
@@ -18,6 +19,8 @@ mod config_file;
 mod console;
 mod cordon;
 mod handover;
+mod metrics;
+mod metrics_http;
 mod operator;
 mod restart;
 mod run_lock;
@@ -62,6 +65,15 @@ pub struct AgentOptions {
     pub stop_timeout: Duration,
     pub unplug_timeout: Duration,
     pub chainfire: Option<ChainfireOptions>,
+    /// `--metrics-listen`: serve Prometheus metrics.
+    pub metrics: Option<MetricsOptions>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsOptions {
+    pub listen: std::net::SocketAddr,
+    /// How often each VM's QEMU is sampled (QMP, /proc, sysfs).
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +95,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let _one_agent = run_lock::lock(run_dir.root())?;
     create_dir(&run_dir.vms_dir(), 0o700)?;
     create_dir(&options.state_dir, 0o700)?;
+    // Bound first: a port in use is said at once, before anything is touched.
+    let metrics_listener = match &options.metrics {
+        Some(metrics) => Some(metrics_http::bind(metrics.listen).await?),
+        None => None,
+    };
     let confinement = Confinement {
         run_as: match &options.qemu_user {
             Some(user) => Some(confine::resolve_user(user, options.qemu_group.as_deref())?),
@@ -108,6 +125,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     if let Some(cordon) = cordons.get() {
         tracing::warn!(since = %cordon.since, by = %cordon.by, "this host is cordoned (`plasmavmc uncordon` opens it)");
     }
+    let host_label = metrics::host_label(chainfire.as_ref().map(|c| c.host_id.as_str()))?;
     let session = match chainfire {
         Some(config) => {
             tracing::info!(endpoints = ?config.endpoints, host = %config.host_id, "chainfire: starting the session");
@@ -165,6 +183,19 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let attach = Arc::new(move |attached| Arc::clone(&consoles).attach(attached));
     tokio::spawn(server::serve(listener, handler, attach));
     tokio::spawn(console::rotate_logs(run_dir.clone()));
+    if let (Some(listener), Some(options)) = (metrics_listener, &options.metrics) {
+        let figures = {
+            let daemon = Arc::clone(&daemon);
+            move || metrics::figures(&daemon)
+        };
+        let registry = crate::metrics::registry(&host_label, &daemon.metrics, figures);
+        tracing::info!(listen = %options.listen, interval = ?options.interval, "serving Prometheus metrics at /metrics");
+        tokio::spawn(metrics::sample_forever(
+            Arc::clone(&daemon),
+            options.interval,
+        ));
+        tokio::spawn(metrics_http::serve(listener, Arc::new(registry)));
+    }
     let config_watch = match watch::ConfigWatch::start(&options.config, triggers.clone()) {
         Ok(watch) => Some(watch),
         Err(e) => {

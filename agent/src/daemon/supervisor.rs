@@ -28,6 +28,7 @@ use crate::control::document::DesiredDocument;
 use crate::control::protocol::{
     ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport, StopHow, StopReport,
 };
+use crate::metrics::{AgentMetrics, ReloadResult};
 use crate::observed::ObservedHost;
 use crate::plan::{plan, RunIntent, RunIntents};
 use crate::qemu::lifecycle::StopOutcome;
@@ -76,6 +77,8 @@ pub struct Daemon {
     host_stopping: std::sync::atomic::AtomicBool,
     /// `plasmavmc evacuate`/`cordon` until `uncordon`: no HA VM comes here.
     cordons: Mutex<Cordons>,
+    /// Reconcile durations and reload results, for `/metrics`.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 type Refusal = (ErrorKind, String);
@@ -110,6 +113,7 @@ impl Daemon {
             fenced: Mutex::new(BTreeSet::new()),
             host_stopping: Default::default(),
             cordons: Mutex::new(cordons),
+            metrics: Default::default(),
         }
     }
 
@@ -299,6 +303,27 @@ impl Daemon {
     /// `reconcile`, limited to VM `only` when given (an operator command waits for its own VM,
     /// not for every other one).
     async fn reconcile_vms(
+        &self,
+        reload: bool,
+        only: Option<&str>,
+    ) -> Result<ApplyReport, Refusal> {
+        let started = Instant::now();
+        let result = self.reconcile_vms_untimed(reload, only).await;
+        self.metrics
+            .observe_reconcile(started.elapsed().as_secs_f64());
+        if reload {
+            self.metrics.count_reload(match &result {
+                Err(_) => ReloadResult::Invalid,
+                Ok(report) if report.steps.iter().all(|s| s.outcome == StepOutcome::Done) => {
+                    ReloadResult::Applied
+                }
+                Ok(_) => ReloadResult::Incomplete,
+            });
+        }
+        result
+    }
+
+    async fn reconcile_vms_untimed(
         &self,
         reload: bool,
         only: Option<&str>,
@@ -824,6 +849,20 @@ impl Daemon {
     }
 
     /// The declared spec of `vm`, or the refusal naming the config file.
+    /// VM `vm` as declared now (None: not declared, or no valid config yet).
+    pub(super) fn declared_spec(&self, vm: &str) -> Option<VmSpec> {
+        self.desired.lock().unwrap().as_ref()?.vms.get(vm).cloned()
+    }
+
+    /// With `--chainfire`: whether the session is connected, and its lease.
+    pub(super) fn chainfire_health(
+        &self,
+    ) -> Option<(bool, Option<crate::chainfire::fence::LeaseStatus>)> {
+        let session = self.chainfire.lock().unwrap();
+        let session = session.as_ref()?;
+        Some((session.is_connected(), session.lease_status()))
+    }
+
     fn declared(&self, vm: &str) -> Result<VmSpec, Refusal> {
         self.desired
             .lock()
@@ -1078,7 +1117,7 @@ impl Daemon {
         })
     }
 
-    fn slots(&self) -> Vec<Arc<VmSlot>> {
+    pub(super) fn slots(&self) -> Vec<Arc<VmSlot>> {
         self.vms.lock().unwrap().values().cloned().collect()
     }
 

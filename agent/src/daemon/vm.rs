@@ -130,6 +130,8 @@ pub struct VmSlot {
     /// disk removed from the declaration is known to have said `deleteOnRemove`. Lost with the
     /// agent: then images are kept, never deleted by mistake.
     declared_disks: Mutex<BTreeMap<String, DiskSpec>>,
+    /// QMP counters, the QEMU to sample and its last sample (`/metrics`).
+    pub metrics: super::metrics::SlotMetrics,
 }
 
 #[derive(Default)]
@@ -183,6 +185,7 @@ impl VmSlot {
             images: Default::default(),
             refreshing: AtomicBool::new(false),
             declared_disks: Default::default(),
+            metrics: Default::default(),
         })
     }
 
@@ -1010,7 +1013,8 @@ impl VmSlot {
         started: Instant,
     ) {
         rt.generation += 1;
-        let qmp = Arc::new(qmp);
+        let qmp = Arc::new(qmp.count_into(Arc::clone(&self.metrics.qmp)));
+        self.metrics.connected(&qmp, pid, started);
         let watcher = tokio::spawn(watch_events(
             self.name.clone(),
             rt.generation,
@@ -1042,6 +1046,7 @@ impl VmSlot {
     /// socket.
     fn forget_process(&self, rt: &mut Runtime, shell: &Shell, boot_spec: &VmSpec) {
         rt.unplugging.clear();
+        self.metrics.disconnected();
         self.set_images([]);
         if let Some(cgroups) = &shell.confinement.cgroups {
             cgroups.remove(&self.name);

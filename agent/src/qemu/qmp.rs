@@ -9,6 +9,8 @@ mod transport;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use qapi::qmp;
@@ -109,6 +111,32 @@ pub struct Qmp {
     events: broadcast::Sender<QemuEvent>,
     connected: watch::Receiver<bool>,
     command_timeout: Duration,
+    counters: Option<Arc<QmpCounters>>,
+}
+
+/// Failed and timed-out commands, counted across the connections of one VM (for metrics).
+#[derive(Debug, Default)]
+pub struct QmpCounters {
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+impl QmpCounters {
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    pub fn timeouts(&self) -> u64 {
+        self.timeouts.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, error: &QmpError) {
+        let counter = match error {
+            QmpError::Timeout { .. } => &self.timeouts,
+            _ => &self.errors,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Qmp {
@@ -135,7 +163,14 @@ impl Qmp {
             transport,
             events: event_tx,
             command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            counters: None,
         })
+    }
+
+    /// Counts this connection's failed and timed-out commands into `counters`.
+    pub fn count_into(mut self, counters: Arc<QmpCounters>) -> Self {
+        self.counters = Some(counters);
+        self
     }
 
     pub fn with_command_timeout(mut self, timeout: Duration) -> Self {
@@ -166,6 +201,14 @@ impl Qmp {
     /// Runs any `qapi` command with the connection's timeout. Safe to give up on (drop): a late
     /// answer is recognised by its id and dropped.
     pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
+        let result = self.execute_uncounted(command).await;
+        if let (Err(error), Some(counters)) = (&result, &self.counters) {
+            counters.count(error);
+        }
+        result
+    }
+
+    async fn execute_uncounted<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
         let name = C::NAME;
         let arguments = serde_json::to_value(&command).map_err(|e| QmpError::Io {
             command: name,
@@ -324,6 +367,13 @@ impl Qmp {
 
     pub async fn query_named_block_nodes(&self) -> Result<Vec<raw::BlockNode>, QmpError> {
         self.execute(raw::QueryNamedBlockNodes { flat: true }).await
+    }
+
+    /// I/O counters of every block backend (for metrics).
+    pub async fn query_blockstats(
+        &self,
+    ) -> Result<Vec<crate::metrics::sample::BlockStatsEntry>, QmpError> {
+        self.execute(raw::QueryBlockstats {}).await
     }
 
     pub async fn query_memory_size_summary(&self) -> Result<qmp::MemoryInfo, QmpError> {
@@ -496,7 +546,15 @@ pub mod raw {
         };
     }
 
+    #[derive(Serialize)]
+    pub struct QueryBlockstats {}
+
     command!(BlockdevAdd, "blockdev-add", qapi::Empty);
+    command!(
+        QueryBlockstats,
+        "query-blockstats",
+        Vec<crate::metrics::sample::BlockStatsEntry>
+    );
     command!(Migrate, "migrate", qapi::Empty);
     command!(MigrateIncoming, "migrate-incoming", qapi::Empty);
     command!(QueryMigrate, "query-migrate", MigrationInfo);

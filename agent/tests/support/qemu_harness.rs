@@ -104,9 +104,20 @@ pub fn mode_of(path: &Path) -> u32 {
 }
 
 /// Runs `test` on a fresh single-threaded runtime inside a new network namespace of this thread
-/// (QEMU and `ip` inherit it), with `lo` up and an empty bridge `br0`: bridges and taps never
-/// touch the host's network.
+/// (see `enter_netns`).
 pub fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
+    enter_netns();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(test());
+}
+
+/// Moves this thread into a new network namespace (processes it starts, QEMU and `ip` and the
+/// agent, inherit it), with `lo` up and an empty bridge `br0`: bridges and taps never touch the
+/// host's network.
+pub fn enter_netns() {
     // SAFETY: unshare only changes this thread's namespaces.
     let rc = unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) };
     assert_eq!(
@@ -126,11 +137,6 @@ pub fn in_netns<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) {
             .expect("ip");
         assert!(status.success(), "ip {args:?}");
     }
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(test());
 }
 
 pub fn spec(json: serde_json::Value) -> VmSpec {

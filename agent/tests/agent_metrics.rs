@@ -1,0 +1,294 @@
+//! `/metrics` against a real guest (TCG), parsed with a Prometheus text-format parser: every
+//! metric docs/metrics.md lists (but the ChainFire ones) is there with its labels for a running
+//! VM with a disk and a NIC; the disk's write counters grow after the guest writes; a QEMU stopped
+//! with SIGSTOP does not stall a scrape (its sample ages instead), and its figures move again once
+//! it runs. The agent and its taps live in a network namespace of the test's own.
+
+#[path = "support/agent.rs"]
+mod harness;
+#[path = "support/qemu_harness.rs"]
+mod qemu_harness;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use harness::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use prometheus_parse::{Sample, Scrape, Value};
+use serde_json::json;
+
+const LISTEN: &str = "127.0.0.1:9850";
+/// A scrape that waited for the stalled QEMU would take the QMP timeout (5 s) at least.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(4);
+const VM_LABELS: [&str; 4] = ["host", "vm", "org", "project"];
+
+#[test]
+fn metrics_show_every_documented_figure_disk_writes_and_survive_a_stalled_qemu() {
+    qemu_harness::enter_netns();
+    let mut host = Host::new();
+    let data = host.image("data.qcow2");
+    host.write_config(json!({"web": host.vm(json!({
+        "orgId": "acme", "projectId": "shop",
+        "disks": {"data": {"path": data, "format": "qcow2"}},
+        "nics": {"eth0": {"mac": "52:54:00:12:34:56", "bridge": "br0"}},
+    }))}));
+    host.start_agent_with(&[
+        "--stop-timeout",
+        "2",
+        "--metrics-listen",
+        LISTEN,
+        "--metrics-interval",
+        "1",
+    ]);
+    let pid = host.wait_running("web");
+    host.wait_boot("web");
+
+    // Every documented metric, with its labels, once the first sample is in.
+    let scrape = wait_scrape("the first sample of web", |s| {
+        find(s, "plasmavmc_vm_sample_age_seconds", &[("vm", "web")]).is_some()
+    });
+    for name in documented_metrics() {
+        let samples: Vec<&Sample> = scrape.samples.iter().filter(|s| s.metric == name).collect();
+        assert!(
+            !samples.is_empty(),
+            "{name} is missing:\n{}",
+            names(&scrape)
+        );
+        if name.starts_with("plasmavmc_vm_") {
+            let web = samples
+                .iter()
+                .find(|s| s.labels.get("vm") == Some("web"))
+                .unwrap_or_else(|| panic!("{name} has no series for web"));
+            for label in VM_LABELS {
+                assert!(
+                    web.labels.get(label).is_some(),
+                    "{name} lacks {label}: {web:?}"
+                );
+            }
+            assert_eq!(web.labels.get("org"), Some("acme"), "{name}");
+            assert_eq!(web.labels.get("project"), Some("shop"), "{name}");
+            if name.starts_with("plasmavmc_vm_disk_") {
+                assert_eq!(web.labels.get("disk"), Some("data"), "{name}");
+            }
+            if name.starts_with("plasmavmc_vm_network_") {
+                assert_eq!(web.labels.get("nic"), Some("eth0"), "{name}");
+                assert!(web.labels.get("tap").is_some(), "{name}");
+            }
+        } else {
+            assert!(
+                samples[0].labels.get("host").is_some(),
+                "{name}: {:?}",
+                samples[0]
+            );
+        }
+    }
+    let running = find(
+        &scrape,
+        "plasmavmc_vm_state",
+        &[("vm", "web"), ("state", "running")],
+    );
+    assert_eq!(running.map(value), Some(1.0));
+    assert_eq!(
+        find(&scrape, "plasmavmc_vm_vcpus", &[("vm", "web")]).map(value),
+        Some(1.0)
+    );
+    assert_eq!(
+        find(&scrape, "plasmavmc_vm_memory_bytes", &[("vm", "web")]).map(value),
+        Some(128.0 * 1024.0 * 1024.0)
+    );
+
+    // The guest writes 1 MiB to its data disk (vda): the counters follow.
+    let written = |s: &Scrape| {
+        find(
+            s,
+            "plasmavmc_vm_disk_written_bytes_total",
+            &[("disk", "data")],
+        )
+        .map_or(0.0, value)
+    };
+    let before = written(&scrape);
+    write_in_guest(
+        &host,
+        "dd if=/dev/urandom of=/dev/vda bs=64k count=16 conv=fsync",
+    );
+    let after = wait_scrape("the guest's writes in the disk counters", |s| {
+        written(s) >= before + 1024.0 * 1024.0
+    });
+    let writes = find(
+        &after,
+        "plasmavmc_vm_disk_writes_completed_total",
+        &[("disk", "data")],
+    );
+    assert!(writes.map_or(0.0, value) > 0.0);
+
+    // A stalled QEMU: every scrape still answers at once, with the sample aging.
+    let age = |s: &Scrape| find(s, "plasmavmc_vm_sample_age_seconds", &[("vm", "web")]).map(value);
+    kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+    let stalled = (|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let scrape = get_metrics()?;
+            if age(&scrape).is_some_and(|age| age > 4.0) {
+                return Ok(scrape);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the sample never aged:\n{}", names(&scrape)));
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    })();
+    kill(Pid::from_raw(pid as i32), Signal::SIGCONT).unwrap();
+    let stalled = stalled.unwrap_or_else(|e| panic!("while QEMU was stopped: {e}"));
+    assert!(find(
+        &stalled,
+        "plasmavmc_vm_disk_written_bytes_total",
+        &[("disk", "data")]
+    )
+    .is_some());
+    wait_scrape("a fresh sample after SIGCONT", |s| {
+        age(s).is_some_and(|age| age < 3.0)
+    });
+}
+
+/// Metric names in docs/metrics.md's tables, but the ChainFire ones (this agent is standalone).
+fn documented_metrics() -> BTreeSet<String> {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .expect("docs/metrics.md");
+    let standalone = doc.split("With ChainFire").next().unwrap();
+    let names: BTreeSet<String> = standalone
+        .lines()
+        .filter_map(|line| line.strip_prefix("| `")?.split('`').next())
+        .filter(|name| name.starts_with("plasmavmc_"))
+        .map(str::to_owned)
+        .collect();
+    assert!(names.len() > 20, "docs/metrics.md lists {names:?}");
+    names
+}
+
+/// Every metric the example Grafana dashboard queries is a documented one.
+#[test]
+fn the_grafana_dashboard_queries_documented_metrics() {
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/grafana-dashboard.json"
+    ))
+    .expect("docs/grafana-dashboard.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).expect("valid JSON");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md"))
+        .unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(metric) = word.strip_prefix("plasmavmc_") {
+                    let metric = format!("plasmavmc_{}", metric.trim_end_matches("_bucket"));
+                    assert!(
+                        doc.contains(&format!("`{metric}`")),
+                        "{metric} is not in docs/metrics.md"
+                    );
+                    queried += 1;
+                }
+            }
+        }
+    }
+    assert!(queried > 10, "{queried}");
+}
+
+/// GET /metrics, parsed; Err when the endpoint does not answer within SCRAPE_TIMEOUT.
+fn get_metrics() -> Result<Scrape, String> {
+    let mut stream = TcpStream::connect(LISTEN).map_err(|e| format!("connect {LISTEN}: {e}"))?;
+    stream.set_read_timeout(Some(SCRAPE_TIMEOUT)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("no full answer within {SCRAPE_TIMEOUT:?}: {e}"))?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or("no HTTP header")?;
+    if !head.starts_with("HTTP/1.1 200") || !head.contains("text/plain; version=0.0.4") {
+        return Err(format!("unexpected answer:\n{head}"));
+    }
+    Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).map_err(|e| format!("parse: {e}"))
+}
+
+fn wait_scrape(what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + AGENT;
+    loop {
+        let scrape = get_metrics().unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
+        if done(&scrape) {
+            return scrape;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never saw {what}:\n{}",
+            names(&scrape)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn find<'a>(scrape: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+}
+
+fn value(sample: &Sample) -> f64 {
+    match sample.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+        _ => panic!("not a plain value: {sample:?}"),
+    }
+}
+
+fn names(scrape: &Scrape) -> String {
+    scrape
+        .samples
+        .iter()
+        .map(|s| format!("{} {:?} {:?}", s.metric, s.labels, s.value))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `command` in the guest's shell through `plasmavmc console`, until it printed its end.
+fn write_in_guest(host: &Host, command: &str) {
+    let mut child = plasmavmc()
+        .args(["console", "web", "--run-dir"])
+        .arg(&host.run_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plasmavmc console");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{command}; echo wrote-$((40+2))\n").as_bytes())
+        .unwrap();
+    // Stdin stays open until the guest said it is done (a piped console ends on a quiet line).
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&seen).contains("wrote-42") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let done = rx.recv_timeout(AGENT);
+    let _ = child.kill();
+    let _ = child.wait();
+    drop(stdin);
+    assert!(done.is_ok(), "the guest never finished {command:?}");
+}
