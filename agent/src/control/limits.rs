@@ -17,8 +17,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-/// Upper bound of open control connections.
-pub const MAX_CONNECTIONS: usize = 128;
+/// Upper bound of open control connections: many more than clients ask at once in practice
+/// (200 concurrent `status` callers fit, none evicted; each costs a descriptor and a few KiB).
+pub const MAX_CONNECTIONS: usize = 1024;
 /// The fewest connections the cap allows, however low the fd limit.
 const MIN_CONNECTIONS: usize = 4;
 /// One request line, newline included (a `plan` request carries a whole desired state).
@@ -161,7 +162,8 @@ mod tests {
 
     #[test]
     fn the_cap_leaves_three_quarters_of_the_descriptors() {
-        assert_eq!(connection_cap(1024), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(20_000), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(1024), 256);
         assert_eq!(connection_cap(256), 64);
         assert_eq!(connection_cap(8), MIN_CONNECTIONS);
         assert_eq!(connection_cap(u64::MAX), MAX_CONNECTIONS);

@@ -38,6 +38,9 @@ use crate::status::{ConfigStatus, HostStatus, Stranger, VmState, VmStatus};
 
 /// How long `status` waits for a VM busy with something else before showing its last snapshot.
 const STATUS_WAIT: Duration = Duration::from_millis(500);
+/// How long a snapshot read from QEMU serves `status` while nothing is done to the VM (what
+/// only QEMU or the guest change, a pause on an I/O error say, shows this much later at most).
+const STATUS_FRESH_FOR: Duration = Duration::from_secs(1);
 /// How long a reconcile waits for a VM busy with something else (a soft reset, say).
 const RECONCILE_WAIT: Duration = Duration::from_secs(120);
 /// How long `plan` waits for a busy VM (it runs inside activation scripts with a timeout).
@@ -614,20 +617,34 @@ impl Daemon {
         }
     }
 
-    /// Refreshes `slot`'s snapshot from QEMU, waiting at most `STATUS_WAIT`: a VM that does not
-    /// answer in time (or is known not to) shows its last snapshot while the refresh goes on in
-    /// the background, so one silent QEMU never slows the status of the others.
+    /// Refreshes `slot`'s snapshot from QEMU unless it is fresh (`STATUS_FRESH_FOR`, nothing
+    /// done to the VM since), waiting at most `STATUS_WAIT`: a VM that does not answer in time
+    /// (or is known not to) shows its last snapshot while the refresh goes on in the background,
+    /// so one silent QEMU never slows the status of the others. Requests asking at once share
+    /// one refresh.
     async fn refresh_for_status(self: &Arc<Self>, slot: &Arc<VmSlot>) {
-        let Some(claim) = slot.claim_refresh() else {
-            return;
-        };
-        let (daemon, vm) = (Arc::clone(self), Arc::clone(slot));
-        let refresh = tokio::spawn(async move {
-            let _claim = claim;
-            let _ = vm.observe(&daemon.shell, STATUS_WAIT).await;
-        });
-        if slot.status().state != VmState::Unresponsive {
-            let _ = tokio::time::timeout(STATUS_WAIT, refresh).await;
+        let deadline = tokio::time::Instant::now() + STATUS_WAIT;
+        // Twice at most: a refresh already running when this request came may have read the VM
+        // before the change this request wants to see.
+        for _ in 0..2 {
+            if slot.is_fresh(STATUS_FRESH_FOR) {
+                return;
+            }
+            let mut ended = slot.refreshes();
+            if let Some(claim) = slot.claim_refresh() {
+                let (daemon, vm) = (Arc::clone(self), Arc::clone(slot));
+                tokio::spawn(async move {
+                    let _claim = claim;
+                    let _ = vm.observe(&daemon.shell, STATUS_WAIT).await;
+                });
+            }
+            if slot.status().state == VmState::Unresponsive
+                || tokio::time::timeout_at(deadline, ended.changed())
+                    .await
+                    .is_err()
+            {
+                return;
+            }
         }
     }
 

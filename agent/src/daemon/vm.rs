@@ -4,6 +4,11 @@
 //! are serialized while VMs stay independent. The status snapshot is separate and never held
 //! across an await: `status` answers even while a VM is busy shutting down.
 //!
+//! The snapshot remembers when it was last read from QEMU (`read_at`); anything the agent does to
+//! the VM (every other user of the runtime lock, see `change`) forgets that, so a `status` asked
+//! after a change always reads QEMU again, while `status` asked many times a second reads it at
+//! most once per `fresh_for` (200 clients asking at once cost one QMP round per VM, not 200).
+//!
 //! A QEMU of this VM that the agent cannot manage (it does not answer on QMP, its pidfile or boot
 //! spec is wrong, see `identity`) is held as `untouchable`: shown `unresponsive` with why, never
 //! started beside, looked at again on every observe (adopted once it can be, forgotten once it is
@@ -17,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures::future::join_all;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::saves;
@@ -126,6 +131,11 @@ pub struct VmSlot {
     images: Mutex<BTreeSet<PathBuf>>,
     /// A status refresh runs (at most one at a time, so a silent QEMU never piles them up).
     refreshing: AtomicBool,
+    /// Counts the status refreshes that ended, for requests waiting on one.
+    refreshes: watch::Sender<u64>,
+    /// When the snapshot was last read from QEMU with nothing done to the VM since (None: never,
+    /// or something was done).
+    read_at: Mutex<Option<Instant>>,
     /// The disks as last declared (kept while still plugged after their declaration went), so a
     /// disk removed from the declaration is known to have said `deleteOnRemove`. Lost with the
     /// agent: then images are kept, never deleted by mistake.
@@ -184,6 +194,8 @@ impl VmSlot {
             status: Mutex::new(VmStatus::stopped(declared)),
             images: Default::default(),
             refreshing: AtomicBool::new(false),
+            refreshes: watch::channel(0).0,
+            read_at: Mutex::new(None),
             declared_disks: Default::default(),
             metrics: Default::default(),
         })
@@ -218,7 +230,7 @@ impl VmSlot {
 
     /// A slot for a process of this VM the agent cannot take over (found at startup).
     pub async fn hold_untouchable(&self, already: AlreadyRuns) {
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         self.set_untouchable(&mut rt, already);
     }
 
@@ -241,11 +253,36 @@ impl VmSlot {
         (!self.refreshing.swap(true, Ordering::AcqRel)).then(|| RefreshClaim(Arc::clone(self)))
     }
 
+    /// Whether the snapshot was read from QEMU less than `fresh_for` ago and nothing was done to
+    /// the VM since.
+    pub fn is_fresh(&self, fresh_for: Duration) -> bool {
+        self.read_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|at| at.elapsed() < fresh_for)
+    }
+
+    /// Tells when the status refreshes running now (or claimed after this call) end.
+    pub fn refreshes(&self) -> watch::Receiver<u64> {
+        self.refreshes.subscribe()
+    }
+
+    fn set_read_at(&self, at: Option<Instant>) {
+        *self.read_at.lock().unwrap_or_else(PoisonError::into_inner) = at;
+    }
+
+    /// The runtime lock, for doing something to the VM: the snapshot is no longer fresh.
+    async fn change(&self) -> tokio::sync::MutexGuard<'_, Runtime> {
+        let rt = self.runtime.lock().await;
+        self.set_read_at(None);
+        rt
+    }
+
     /// Takes over a QEMU found running (identity already checked): reconnects QMP, nothing else.
     pub async fn adopt(&self, shell: &Shell, running: RunningQemu) -> Result<()> {
         let qmp = self.connect_to(shell, running.pid).await?;
         let started = Instant::now() - process_uptime(running.pid).unwrap_or_default();
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         self.connect(&mut rt, shell, qmp, running.pid, running.boot_spec, started);
         Ok(())
     }
@@ -313,10 +350,12 @@ impl VmSlot {
         let mut rt = tokio::time::timeout(wait, self.runtime.lock())
             .await
             .context("busy with another operation")?;
+        let reading_since = Instant::now();
         if rt.untouchable.is_some() {
             self.look_again(&mut rt, shell).await?;
         }
         let Some(conn) = &rt.conn else {
+            self.set_read_at(Some(reading_since));
             return Ok(None);
         };
         let read = async {
@@ -380,6 +419,7 @@ impl VmSlot {
                 })
                 .collect();
         });
+        self.set_read_at(Some(reading_since));
         Ok(Some(observed))
     }
 
@@ -394,7 +434,7 @@ impl VmSlot {
         actions: &[Action],
         progress: &mut Progress,
     ) -> Vec<StepOutcome> {
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         let mut outcomes = Vec::with_capacity(actions.len());
         for batch in removal_batches(actions) {
             if batch.len() > 1 && batch.iter().all(|action| progress.skip(action).is_none()) {
@@ -699,7 +739,7 @@ impl VmSlot {
     /// save, then quits QEMU. The VM's next start restores it. Refused (the VM untouched) when
     /// the VM was changed live since it booted.
     pub async fn save(&self, shell: &Shell) -> Result<String> {
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         let conn = rt
             .conn
             .as_ref()
@@ -781,7 +821,7 @@ impl VmSlot {
         if !shell.saved.committed(&self.name).is_dir() {
             return;
         }
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         let Some(conn) = rt.conn.as_ref() else { return };
         match conn.qmp.query_status().await {
             Ok(status) if status.running => {
@@ -815,7 +855,7 @@ impl VmSlot {
         timeout: Duration,
         force: bool,
     ) -> Result<StopOutcome> {
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         if let Some(conn) = rt.conn.take() {
             tracing::info!(vm = %self.name, pid = conn.pid, force, "stopping: operator");
             self.update_status(|s| s.state = VmState::Stopping);
@@ -879,7 +919,7 @@ impl VmSlot {
     /// Stops the VM now (ACPI powerdown, `quit` after `timeout`), outside any plan: the host
     /// shutdown.
     pub async fn stop_within(&self, shell: &Shell, reason: &str, timeout: Duration) -> Result<()> {
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         self.stop_with(&mut rt, shell, reason, timeout).await
     }
 
@@ -925,7 +965,7 @@ impl VmSlot {
         clean: bool,
         decide: impl FnOnce(&Exit),
     ) -> Option<Exit> {
-        let mut rt = self.runtime.lock().await;
+        let mut rt = self.change().await;
         if rt.generation != generation || rt.conn.is_none() {
             return None;
         }
@@ -980,7 +1020,7 @@ impl VmSlot {
     }
 
     pub async fn reset(&self, shell: &Shell, soft: bool) -> Result<String> {
-        let rt = self.runtime.lock().await;
+        let rt = self.change().await;
         let conn = rt
             .conn
             .as_ref()
@@ -1173,12 +1213,13 @@ fn record_live(
     }
 }
 
-/// Releases a `VmSlot::claim_refresh` however the refresh ends.
+/// Releases a `VmSlot::claim_refresh` however the refresh ends, and tells whoever waits for it.
 pub struct RefreshClaim(Arc<VmSlot>);
 
 impl Drop for RefreshClaim {
     fn drop(&mut self) {
         self.0.refreshing.store(false, Ordering::Release);
+        self.0.refreshes.send_modify(|ended| *ended += 1);
     }
 }
 
