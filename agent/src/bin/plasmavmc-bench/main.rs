@@ -148,10 +148,13 @@ enum Bench {
         #[arg(long)]
         etcd: Option<PathBuf>,
     },
-    /// The fault matrix: inject each fault the agent must survive (agent kill -9 mid-apply,
-    /// corrupt operator.json, FIFO config, full state filesystem) a few times into a real agent
-    /// with guest-less QEMUs, count every VM's QEMU processes in /proc throughout, and print
-    /// fault, tried, duplicates, VMs lost. Needs root (the state dir is a small tmpfs).
+    /// The fault matrix: inject each fault the agent must survive (agent kill -9, also mid-apply;
+    /// corrupt operator.json; FIFO config; full state filesystem; a stalled QEMU, also across an
+    /// agent restart; a held qmp.sock; corrupt or newer spec.json; garbage or deleted pidfile; a
+    /// start failing after launch; a second agent), in a run dir whose path has commas, a few
+    /// times into a real agent with guest-less QEMUs; count every VM's QEMU processes in /proc
+    /// throughout, and print fault, tried, duplicates, VMs lost, VMs restarted. Needs root (the
+    /// state and run dirs are small tmpfs).
     Faults {
         #[arg(long, default_value_t = 3)]
         vms: usize,
