@@ -52,19 +52,29 @@ impl OperatorIntents {
     /// Persists (atomically) the operator's decision for `vm`, then records it: a decision that
     /// could not be written (a full disk) takes no effect, so what runs never differs from what
     /// the next agent will read.
+    #[cfg(test)]
     pub fn set(&mut self, vm: &str, intent: OperatorIntent) -> Result<()> {
-        self.put_back(vm, Some(intent))
+        self.replace(self.change(vm, Some(intent)).intents)
     }
 
-    /// Makes `intent` (as `get` returned it, `None` for no decision) the decision for `vm`
-    /// again: undoes a `set` whose action failed. Like `set`, only once persisted.
-    pub fn put_back(&mut self, vm: &str, intent: Option<OperatorIntent>) -> Result<()> {
+    /// The decisions with `intent` (`None`: no decision) for `vm`, to be written (`write`, off
+    /// the async runtime: a hung state filesystem must not hold up anything else) and then put
+    /// in force (`commit`).
+    pub fn change(&self, vm: &str, intent: Option<OperatorIntent>) -> Change {
         let mut intents = self.intents.clone();
         match intent {
             Some(intent) => intents.insert(vm.to_owned(), intent),
             None => intents.remove(vm),
         };
-        self.replace(intents)
+        Change {
+            path: self.path.clone(),
+            intents,
+        }
+    }
+
+    /// Puts a written `change` in force.
+    pub fn commit(&mut self, change: Change) {
+        self.intents = change.intents;
     }
 
     /// Forgets the operator `start` of every VM `declared` rejects: a VM taken out of the config
@@ -89,10 +99,26 @@ impl OperatorIntents {
     }
 
     fn replace(&mut self, intents: BTreeMap<String, OperatorIntent>) -> Result<()> {
-        let json = serde_json::to_vec_pretty(&intents).expect("intents serialize");
-        crate::files::write_atomically(&self.path, &json)?;
-        self.intents = intents;
+        let change = Change {
+            path: self.path.clone(),
+            intents,
+        };
+        change.write()?;
+        self.commit(change);
         Ok(())
+    }
+}
+
+/// Operator decisions not yet written (see `OperatorIntents::change`).
+pub struct Change {
+    path: PathBuf,
+    intents: BTreeMap<String, OperatorIntent>,
+}
+
+impl Change {
+    pub fn write(&self) -> Result<()> {
+        let json = serde_json::to_vec_pretty(&self.intents).expect("intents serialize");
+        crate::files::write_atomically(&self.path, &json)
     }
 }
 

@@ -68,6 +68,8 @@ pub struct Daemon {
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     strangers: Mutex<Vec<Stranger>>,
     operator: Mutex<OperatorIntents>,
+    /// Held while operator decisions are written (see `record_operator`).
+    operator_writes: tokio::sync::Mutex<()>,
     restarts: Mutex<BTreeMap<String, RestartTracker>>,
     /// Config loads one at a time; reconciles themselves run per VM.
     config_lock: tokio::sync::Mutex<()>,
@@ -109,6 +111,7 @@ impl Daemon {
             vms: Mutex::new(BTreeMap::new()),
             strangers: Mutex::new(Vec::new()),
             operator: Mutex::new(operator),
+            operator_writes: Default::default(),
             restarts: Mutex::new(BTreeMap::new()),
             config_lock: tokio::sync::Mutex::new(()),
             chainfire: Mutex::new(chainfire),
@@ -660,10 +663,8 @@ impl Daemon {
             return Err((ErrorKind::BadRequest, format!("no VM named {vm}")));
         };
         if slot.status().declared {
-            self.operator
-                .lock()
-                .unwrap()
-                .set(vm, OperatorIntent::Stopped)
+            self.record_operator(vm, Some(OperatorIntent::Stopped))
+                .await
                 .map_err(|e| {
                     (
                         ErrorKind::Failed,
@@ -724,10 +725,8 @@ impl Daemon {
         // the VM gone and restore it right away.
         let _this_vm = slot.reconciling.lock().await;
         let previous = self.operator.lock().unwrap().get(vm);
-        self.operator
-            .lock()
-            .unwrap()
-            .set(vm, OperatorIntent::Saved)
+        self.record_operator(vm, Some(OperatorIntent::Saved))
+            .await
             .map_err(|e| (ErrorKind::Failed, format!("{e:#}")))?;
         match slot.save(&self.shell).await {
             Ok(message) => {
@@ -735,7 +734,7 @@ impl Daemon {
                 Ok(Response::Done { message })
             }
             Err(e) => {
-                if let Err(undo) = self.operator.lock().unwrap().put_back(vm, previous) {
+                if let Err(undo) = self.record_operator(vm, previous).await {
                     tracing::error!(vm = %vm, "{undo:#}");
                 }
                 Err((ErrorKind::Failed, format!("save {vm}: {e:#}")))
@@ -896,7 +895,7 @@ impl Daemon {
 
     async fn operator(&self, vm: &str, intent: OperatorIntent) -> Result<Response, Refusal> {
         self.declared(vm)?;
-        self.operator.lock().unwrap().set(vm, intent).map_err(|e| {
+        self.record_operator(vm, Some(intent)).await.map_err(|e| {
             (
                 ErrorKind::Failed,
                 format!(
@@ -914,6 +913,21 @@ impl Daemon {
         }
         let report = self.reconcile_vms(false, Some(vm)).await?;
         Ok(Response::Applied { report })
+    }
+
+    /// Makes `intent` (`None`: none) the operator's decision for `vm`, in force only once
+    /// written. The write runs off the async runtime, one at a time, without the decisions' lock:
+    /// a hung state filesystem holds up this request alone, never `status` or the other VMs.
+    async fn record_operator(
+        &self,
+        vm: &str,
+        intent: Option<OperatorIntent>,
+    ) -> anyhow::Result<()> {
+        let _one_writer = self.operator_writes.lock().await;
+        let change = self.operator.lock().unwrap().change(vm, intent);
+        let change = tokio::task::spawn_blocking(move || change.write().map(|()| change)).await??;
+        self.operator.lock().unwrap().commit(change);
+        Ok(())
     }
 
     /// Run intents: operator stop, then the HA lock (with `--chainfire`), then restart-policy

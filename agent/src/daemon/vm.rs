@@ -435,6 +435,7 @@ impl VmSlot {
         progress: &mut Progress,
     ) -> Vec<StepOutcome> {
         let mut rt = self.change().await;
+        panic_if_injected(&self.name);
         let mut outcomes = Vec::with_capacity(actions.len());
         for batch in removal_batches(actions) {
             if batch.len() > 1 && batch.iter().all(|action| progress.skip(action).is_none()) {
@@ -1210,6 +1211,18 @@ fn record_live(
             rt.unplugging.insert(device.clone());
             Ok(StepOutcome::Unplugging { device })
         }
+    }
+}
+
+/// The environment variable that makes the agent panic while it executes steps for the VM it
+/// names, with that VM's runtime lock held: a stand-in for an agent bug, so tests can prove a
+/// panic costs that VM's steps and nothing else (no QEMU lost or doubled, the agent answering).
+/// Nothing sets it but a test (docs/robustness.md).
+pub const PANIC_IN_VM_ENV: &str = "PLASMAVMC_TEST_PANIC_IN_VM";
+
+fn panic_if_injected(vm: &str) {
+    if std::env::var_os(PANIC_IN_VM_ENV).is_some_and(|named| named == vm) {
+        panic!("{PANIC_IN_VM_ENV}={vm}: injected panic");
     }
 }
 

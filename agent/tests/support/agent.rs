@@ -201,6 +201,11 @@ impl Host {
 
     /// Starts `plasmavmc agent` with extra flags and waits until it answers `status`.
     pub fn start_agent_with(&mut self, flags: &[&str]) {
+        self.start_agent_with_env(flags, &[]);
+    }
+
+    /// `start_agent_with`, the agent's environment extended by `env`.
+    pub fn start_agent_with_env(&mut self, flags: &[&str], env: &[(&str, &str)]) {
         assert!(self.agent.is_none(), "an agent already runs");
         let log = File::options()
             .create(true)
@@ -211,6 +216,7 @@ impl Host {
             .agent_command()
             .args(flags)
             .env("RUST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
