@@ -2,7 +2,8 @@
 //! real QEMUs. Exactly one copy runs, whatever happens to the holder: cut off from the store
 //! (partition), its agent killed -9 and not restarted (its fence guard kills the VM), its agent
 //! killed and restarted at once (the VM stays, the lease is resumed), its QEMU or its guard
-//! killed -9 (restarted on the holder; handed over when the holder's policy gives up).
+//! killed -9 (restarted on the holder; handed over when the holder's policy gives up); its
+//! pidfile deleted under a new agent (the guarded QEMU found by the identity scan, never doubled).
 //! Every test polls both hosts every 50 ms and fails if it ever sees two copies alive.
 
 #[path = "support/etcd.rs"]
@@ -341,4 +342,45 @@ fn a_cordoned_host_takes_no_vm_over_until_uncordoned_and_a_cordoned_holder_lets_
         on_a
     });
     assert_eq!(b.qemu_count(VM), 0);
+}
+
+/// The identity scan of a guarded QEMU: with its pidfile deleted while no agent runs, the next
+/// agent finds the guard and its QEMU by their command lines alone (`/proc`), reports the VM
+/// `unresponsive` with the QEMU's PID and why, and starts nothing beside it.
+#[test]
+fn a_guarded_qemu_whose_pidfile_is_gone_is_found_by_the_scan_and_never_doubled() {
+    let etcd = single();
+    let endpoint = etcd.endpoint(0);
+    let mut a = Host::new();
+    a.write_config(json!({ VM: a.vm(json!({"ha": {"enable": true}})) }));
+    a.start_agent_with(&flags(&endpoint, "a", "10"));
+    let pid = a.wait_running(VM);
+    let guard = parent_of(pid);
+    assert!(
+        guard_alive(guard),
+        "the QEMU of an HA VM runs under its guard"
+    );
+
+    a.kill_agent();
+    std::fs::remove_file(a.run_dir.join("vms").join(VM).join("pid")).unwrap();
+    a.start_agent_with(&flags(&endpoint, "a", "10"));
+    let status = a.wait_status("ha1 found by the scan", AGENT, |s| {
+        s["vms"][VM]["state"] == "unresponsive"
+    });
+    let vm = &status["vms"][VM];
+    assert_eq!(vm["pid"], pid, "{status:#}");
+    assert!(
+        vm["stateReason"].as_str().unwrap().contains("is missing"),
+        "{status:#}"
+    );
+    a.cli(&["reload", "--wait"]).expect_code(0, "reload");
+    for _ in 0..30 {
+        assert_eq!(
+            a.qemu_count(VM),
+            1,
+            "never a second QEMU beside the guarded one"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(guard_alive(guard) && is_alive(pid), "left alone");
 }
