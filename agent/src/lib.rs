@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod devices;
 pub mod disk_image;
 pub mod evacuation;
+pub mod events;
 pub mod files;
 pub mod identity;
 pub mod ids;

@@ -8,6 +8,7 @@
 
 mod commands;
 mod console;
+mod events;
 mod generate;
 
 use std::path::PathBuf;
@@ -104,6 +105,13 @@ enum Command {
         /// "pending", "lastError", ...}}, "strangers": [...], "config": {...}}.
         #[arg(long)]
         json: bool,
+        /// Keep the table on screen, redrawn on every event (see `plasmavmc events`) and every
+        /// --interval, until Ctrl-C.
+        #[arg(long, conflicts_with_all = ["json", "cluster"])]
+        watch: bool,
+        /// With --watch: redraw at least this often (e.g. 2s, 1m).
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration, requires = "watch")]
+        interval: std::time::Duration,
         /// Every host's VMs as ChainFire has them (needs an agent started with --chainfire).
         #[arg(long)]
         cluster: bool,
@@ -146,6 +154,21 @@ enum Command {
         /// falls back to a hard reset (and says so) if the guest does not shut down in time.
         #[arg(long)]
         soft: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
+    /// Follow what happens on this host, one line per event, until Ctrl-C: VMs started, stopped,
+    /// failed, restarted; devices added and removed; pending changes; HA locks gained and lost;
+    /// fences.
+    ///
+    /// Exits 1 when the agent closes the stream (it stopped or restarted), 3 when it is not
+    /// reachable.
+    Events {
+        /// One JSON object per line: {"time", "vm", "event": "started"|"stopped"|"failed"|
+        /// "restarted"|"deviceAdded"|"deviceRemoved"|"unplugWaiting"|"changed"|
+        /// "pendingChanged"|"lockGained"|"lockLost"|"fenced"|"missed", ...details}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -342,10 +365,18 @@ pub fn run() -> ExitCode {
         } => commands::plan(config.as_deref(), &run_dir.run_dir, json),
         Command::Reload { run_dir, json, .. } => commands::reload(&run_dir.run_dir, json),
         Command::Status {
+            watch: true,
+            interval,
+            run_dir,
+            ..
+        } => events::watch_status(&run_dir.run_dir, interval),
+        Command::Status {
             json,
             cluster,
             run_dir,
+            ..
         } => commands::status(&run_dir.run_dir, json, cluster),
+        Command::Events { json, run_dir } => events::events(&run_dir.run_dir, json),
         Command::Start { vm, run_dir } => commands::start(&run_dir.run_dir, vm),
         Command::Stop {
             vm,

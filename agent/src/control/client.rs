@@ -40,11 +40,12 @@ pub enum ClientError {
 /// is reported rather than waited for forever.
 pub fn timeout_for(request: &Request) -> Duration {
     match request {
-        // Console: until the attach is answered; the stream that follows has no deadline.
+        // Console, events: until the attach is answered; the stream that follows has no deadline.
         Request::Status
         | Request::Plan { .. }
         | Request::ClusterStatus
         | Request::Console { .. }
+        | Request::Events
         | Request::Cordon
         | Request::Uncordon => Duration::from_secs(30),
         // A stop given more time than that gets it, and a minute for quit and kill after.

@@ -59,6 +59,9 @@ pub enum Request {
     Cordon,
     /// Open this host again.
     Uncordon,
+    /// Follow this host's events. Answered with `EventsFollow`, then the connection carries one
+    /// JSON `events::Event` per line, until the client closes it.
+    Events,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,6 +94,10 @@ pub enum Response {
     },
     /// The console stream follows on this connection.
     ConsoleAttached {
+        message: String,
+    },
+    /// Event lines follow on this connection.
+    EventsFollow {
         message: String,
     },
 }

@@ -1,8 +1,8 @@
 //! The server side of the control socket: accepts connections and hands each request to a
 //! handler, one task per connection, so a slow request (a reload waiting for a guest) never
 //! blocks `status`. The limits and who gets in at the cap are `limits`' rules. A request that
-//! takes the connection over (`Request::Console`) goes to the `attach` handler with the
-//! connection instead.
+//! takes the connection over (`Request::Console`, `Request::Events`) goes to the `attach` handler
+//! with the connection instead.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -195,7 +195,7 @@ where
         },
     };
     let response = match parsed {
-        Ok(request @ Request::Console { .. }) => {
+        Ok(request @ (Request::Console { .. } | Request::Events)) => {
             let early = reader.buffer().to_vec();
             let read = std::io::Cursor::new(early).chain(reader.into_inner().into_inner());
             attach(Attached {

@@ -12,6 +12,7 @@
 //! - `handover`: disk images moving from one VM to another in one reconcile.
 //! - `cordon`: the host's cordon, persisted in the state dir.
 //! - `metrics`, `metrics_http`: the sampler behind `/metrics`, and the endpoint.
+//! - `journal`: the event stream behind `plasmavmc events`.
 
 mod adopt;
 mod cluster;
@@ -19,6 +20,7 @@ mod config_file;
 mod console;
 mod cordon;
 mod handover;
+mod journal;
 mod metrics;
 mod metrics_http;
 mod operator;
@@ -156,6 +158,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         confinement,
         events: vm_events,
         fencing,
+        journal: journal::Journal::default(),
     };
     let operator = OperatorIntents::load(&options.state_dir)?;
     let daemon = Arc::new(Daemon::new(
@@ -180,7 +183,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         })
     };
     let consoles = console::Consoles::new(run_dir.clone());
-    let attach = Arc::new(move |attached| Arc::clone(&consoles).attach(attached));
+    let attach = {
+        let journal = daemon.shell.journal.clone();
+        Arc::new(move |attached: server::Attached| {
+            let (consoles, journal) = (Arc::clone(&consoles), journal.clone());
+            async move {
+                match attached.request {
+                    crate::control::protocol::Request::Events => journal.stream(attached).await,
+                    _ => consoles.attach(attached).await,
+                }
+            }
+        })
+    };
     tokio::spawn(server::serve(listener, handler, attach));
     tokio::spawn(console::rotate_logs(run_dir.clone()));
     if let (Some(listener), Some(options)) = (metrics_listener, &options.metrics) {
@@ -297,8 +311,17 @@ async fn follow_may_run(
     daemon: Arc<Daemon>,
     mut may_run: tokio::sync::watch::Receiver<std::collections::BTreeSet<crate::chainfire::VmKey>>,
 ) {
+    let mut held = may_run.borrow_and_update().clone();
     while may_run.changed().await.is_ok() {
-        may_run.borrow_and_update();
+        let now = may_run.borrow_and_update().clone();
+        let journal = &daemon.shell.journal;
+        for key in now.difference(&held) {
+            journal.vm(&key.vm, crate::events::What::LockGained);
+        }
+        for key in held.difference(&now) {
+            journal.vm(&key.vm, crate::events::What::LockLost);
+        }
+        held = now;
         daemon.fence_now();
         daemon.trigger(Trigger::Reconcile);
     }

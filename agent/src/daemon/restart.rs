@@ -116,11 +116,13 @@ impl RestartTracker {
         }
     }
 
-    /// The VM was started: an automatic restart if it was held down by a backoff.
-    pub fn on_started(&mut self) {
-        if self.down.take().is_some() {
+    /// The VM was started: an automatic restart (true) if it was held down by a backoff.
+    pub fn on_started(&mut self) -> bool {
+        let restarted = self.down.take().is_some();
+        if restarted {
             self.restarts += 1;
         }
+        restarted
     }
 
     /// An operator `start` or a new spec: a fresh chance, no backoff.

@@ -28,6 +28,7 @@ use crate::control::document::DesiredDocument;
 use crate::control::protocol::{
     ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport, StopHow, StopReport,
 };
+use crate::events::{self, What};
 use crate::metrics::{AgentMetrics, ReloadResult};
 use crate::observed::ObservedHost;
 use crate::plan::{plan, RunIntent, RunIntents};
@@ -155,6 +156,12 @@ impl Daemon {
             tracing::error!(vm = %name, pid, "{}: killing QEMU now", cluster::FENCED);
             self.fenced.lock().unwrap().insert(name.clone());
             slot.update_status(|s| s.last_error = Some(cluster::FENCED.into()));
+            self.shell.journal.vm(
+                name,
+                What::Fenced {
+                    reason: format!("{} (QEMU pid {pid} killed)", cluster::FENCED),
+                },
+            );
             if let Err(e) = crate::qemu::lifecycle::kill(pid) {
                 tracing::error!(vm = %name, pid, "fencing failed: {e:#}");
             }
@@ -424,10 +431,18 @@ impl Daemon {
         };
         let plan = plan(&vm_desired, &vm_observed, &intents);
         slot.remember_declared(desired.vms.get(name));
+        let mut pending_changed = false;
         slot.update_status(|s| {
+            pending_changed = s.pending != plan.pending;
             s.pending = plan.pending.clone();
             s.refused = plan.refused.clone();
         });
+        if pending_changed {
+            let pending = events::pending_lines(&plan.pending);
+            self.shell
+                .journal
+                .vm(name, What::PendingChanged { pending });
+        }
 
         let actions: Vec<Action> = plan.steps.into_iter().map(|step| step.action).collect();
         let outcomes = match &unobservable {
@@ -502,10 +517,10 @@ impl Daemon {
                 None => Err((ErrorKind::BadRequest, format!("no VM named {vm}"))),
             },
             Request::ClusterStatus => self.cluster_status(),
-            // The control server hands console connections to `console::Consoles`.
-            Request::Console { .. } => Err((
+            // The control server hands console and events connections to the attach handler.
+            Request::Console { .. } | Request::Events => Err((
                 ErrorKind::BadRequest,
-                "a console request needs its own connection".into(),
+                "a console or events request needs its own connection".into(),
             )),
             Request::Save { vm } => self.save(&vm).await,
             Request::ShutdownHost { timeout_seconds } => {
@@ -1020,7 +1035,10 @@ impl Daemon {
         match outcome {
             StepOutcome::Done => {
                 self.fenced.lock().unwrap().remove(vm);
-                tracker.on_started()
+                if tracker.on_started() {
+                    let reason = format!("by its restart policy (restart {})", tracker.restarts);
+                    self.shell.journal.vm(vm, What::Restarted { reason });
+                }
             }
             StepOutcome::Failed { error } => {
                 let policy = desired

@@ -29,6 +29,7 @@ use super::saves;
 use crate::action::Action;
 use crate::chainfire::{HaGate, VmKey};
 use crate::control::protocol::StepOutcome;
+use crate::events::What;
 use crate::observed::ObservedVm;
 use crate::paths::{RunDir, SavedDir};
 use crate::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
@@ -61,6 +62,8 @@ pub struct Shell {
     pub events: mpsc::UnboundedSender<VmEvent>,
     /// With `--chainfire`: HA VMs start under a fence guard.
     pub fencing: Option<Fencing>,
+    /// What happens, for `plasmavmc events`.
+    pub journal: super::journal::Journal,
 }
 
 /// How HA VMs are launched under a fence guard: this binary, the lease trust file, and which
@@ -284,6 +287,7 @@ impl VmSlot {
         let started = Instant::now() - process_uptime(running.pid).unwrap_or_default();
         let mut rt = self.change().await;
         self.connect(&mut rt, shell, qmp, running.pid, running.boot_spec, started);
+        self.started(shell, running.pid, "adopted");
         Ok(())
     }
 
@@ -318,6 +322,7 @@ impl VmSlot {
                         rt.untouchable = None;
                         let started = Instant::now() - process_uptime(pid).unwrap_or_default();
                         self.connect(rt, shell, qmp, pid, running.boot_spec, started);
+                        self.started(shell, pid, "adopted");
                         return Ok(());
                     }
                     Err(e) => AlreadyRuns {
@@ -441,7 +446,9 @@ impl VmSlot {
             if batch.len() > 1 && batch.iter().all(|action| progress.skip(action).is_none()) {
                 let results = self.remove_devices(&mut rt, shell, batch).await;
                 for (action, result) in batch.iter().zip(results) {
-                    outcomes.push(self.settle(progress, action, result));
+                    let outcome = self.settle(progress, action, result);
+                    self.journal_step(shell, action, &outcome);
+                    outcomes.push(outcome);
                 }
                 continue;
             }
@@ -451,10 +458,35 @@ impl VmSlot {
                     continue;
                 }
                 let result = self.execute_one(&mut rt, shell, action).await;
-                outcomes.push(self.settle(progress, action, result));
+                let outcome = self.settle(progress, action, result);
+                self.journal_step(shell, action, &outcome);
+                outcomes.push(outcome);
             }
         }
         outcomes
+    }
+
+    /// The event a step made, if any (starts and stops make theirs where they happen).
+    fn journal_step(&self, shell: &Shell, action: &Action, outcome: &StepOutcome) {
+        let what = match (outcome, action) {
+            (StepOutcome::Done, _) => crate::events::of_step(action, false),
+            (StepOutcome::Unplugging { .. }, _) => crate::events::of_step(action, true),
+            (StepOutcome::Failed { error }, Action::StartVm { .. } | Action::RestartVm { .. }) => {
+                Some(What::Failed {
+                    reason: format!("start failed: {error}"),
+                })
+            }
+            _ => None,
+        };
+        if let Some(what) = what {
+            shell.journal.vm(&self.name, what);
+        }
+    }
+
+    /// Says a QEMU of this VM runs now.
+    fn started(&self, shell: &Shell, pid: u32, how: &str) {
+        let how = how.to_owned();
+        shell.journal.vm(&self.name, What::Started { pid, how });
     }
 
     /// A step's result as reported, and what it means for the steps after it.
@@ -571,6 +603,7 @@ impl VmSlot {
         };
         let (pid, qmp) = self.launch(rt, shell, spec, &[]).await?;
         self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
+        self.started(shell, pid, "booted");
         // A save set aside stays the VM's last error: the operator has something to look at.
         self.update_status(|s| {
             s.last_error = set_aside;
@@ -715,6 +748,7 @@ impl VmSlot {
             tracing::error!(vm = %self.name, pid, "restored but could not resume the guest: {e}");
         }
         self.connect(rt, shell, qmp, pid, spec.clone(), Instant::now());
+        self.started(shell, pid, "restored");
         self.update_status(|s| s.last_error = None);
         tracing::info!(vm = %self.name, pid, "restored from the managed save");
         Ok(Restore::Restored)
@@ -797,6 +831,12 @@ impl VmSlot {
             tracing::error!(vm = %self.name, pid = conn.pid, "saved, but QEMU would not exit: {e:#}");
         }
         self.forget_process(&mut rt, shell, &conn.boot_spec);
+        shell.journal.vm(
+            &self.name,
+            What::Stopped {
+                reason: "saved (managed save; the next start restores it)".into(),
+            },
+        );
         self.update_status(|s| {
             let declared = s.declared;
             *s = VmStatus {
@@ -870,6 +910,8 @@ impl VmSlot {
                     tracing::info!(vm = %self.name, ?outcome, "stopped");
                     self.forget_process(&mut rt, shell, &conn.boot_spec);
                     self.mark_stopped();
+                    let reason = format!("operator stop ({})", outcome_words(outcome));
+                    shell.journal.vm(&self.name, What::Stopped { reason });
                     Ok(outcome)
                 }
                 Err(e) => {
@@ -903,6 +945,12 @@ impl VmSlot {
         rt.untouchable = None;
         process::clear_runtime_files(&self.name, &vm_dir)?;
         self.mark_stopped();
+        shell.journal.vm(
+            &self.name,
+            What::Stopped {
+                reason: "operator stop --force (the unresponsive QEMU was killed)".into(),
+            },
+        );
         Ok(StopOutcome::Killed)
     }
 
@@ -941,7 +989,11 @@ impl VmSlot {
         tracing::info!(vm = %self.name, pid = conn.pid, "stopping: {reason}");
         self.update_status(|s| s.state = VmState::Stopping);
         match lifecycle::stop(Some(&conn.qmp), conn.pid, timeout).await {
-            Ok(outcome) => tracing::info!(vm = %self.name, ?outcome, "stopped"),
+            Ok(outcome) => {
+                tracing::info!(vm = %self.name, ?outcome, "stopped");
+                let reason = format!("{reason} ({})", outcome_words(outcome));
+                shell.journal.vm(&self.name, What::Stopped { reason });
+            }
             Err(e) => {
                 rt.conn = Some(conn);
                 self.update_status(|s| s.state = VmState::Running);
@@ -1009,6 +1061,18 @@ impl VmSlot {
                 ..VmStatus::stopped(declared)
             };
         });
+        let what = match &fenced {
+            Some(why) => What::Fenced {
+                reason: why.clone(),
+            },
+            None if clean => What::Stopped {
+                reason: reason.clone(),
+            },
+            None => What::Failed {
+                reason: reason.clone(),
+            },
+        };
+        shell.journal.vm(&self.name, what);
         let exit = Exit {
             ran_for: conn.started.elapsed(),
             clean,
@@ -1233,6 +1297,16 @@ impl Drop for RefreshClaim {
     fn drop(&mut self) {
         self.0.refreshing.store(false, Ordering::Release);
         self.0.refreshes.send_modify(|ended| *ended += 1);
+    }
+}
+
+/// How a stop ended, in a few words for its event.
+fn outcome_words(outcome: StopOutcome) -> &'static str {
+    match outcome {
+        StopOutcome::PoweredDown => "the guest shut down",
+        StopOutcome::Quit => "QEMU was told to quit",
+        StopOutcome::Killed => "QEMU was killed",
+        StopOutcome::AlreadyGone => "it was gone already",
     }
 }
 

@@ -1,0 +1,163 @@
+//! `plasmavmc events --json` against a real guest: a disk hot-added by a reload and a `kill -9`
+//! of QEMU show up in order (device added, then failed, then restarted by the restart policy),
+//! with the pending change a boot-time edit makes; `status --watch` redraws the table.
+
+#[path = "support/agent.rs"]
+mod harness;
+#[path = "support/qemu_harness.rs"]
+mod qemu_harness;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::*;
+use serde_json::{json, Value};
+
+/// `plasmavmc ARGS` running in the background, its stdout collected line by line.
+struct Follower {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Follower {
+    fn start(host: &Host, args: &[&str]) -> Follower {
+        let mut child = plasmavmc()
+            .args(args)
+            .arg("--run-dir")
+            .arg(&host.run_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("plasmavmc");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let shared = lines.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                shared.lock().unwrap().push(line);
+            }
+        });
+        Follower { child, lines }
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits until an event matches `wanted`; its index.
+    fn wait_for(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> usize {
+        let deadline = Instant::now() + BOOT;
+        loop {
+            let events = self.events();
+            if let Some(at) = events.iter().position(&wanted) {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} event in:\n{events:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn events_show_a_hotplug_then_a_qemu_kill_in_order_and_status_watch_redraws() {
+    let mut host = Host::new();
+    let web = host.vm(json!({}));
+    host.write_config(json!({"web": web}));
+    host.start_agent();
+    let pid = host.wait_running("web");
+    let events = Follower::start(&host, &["events", "--json"]);
+    std::thread::sleep(Duration::from_millis(500)); // subscribed before anything happens
+
+    // A disk added live, and a boot-time change that waits.
+    let data = host.image("data.qcow2");
+    let mut changed = web.clone();
+    changed["disks"] = json!({"data": {"path": data, "format": "qcow2"}});
+    changed["cmdline"] = json!(format!(
+        "{} plasmavmc.changed",
+        web["cmdline"].as_str().unwrap()
+    ));
+    host.write_config(json!({"web": changed}));
+    host.cli(&["reload"]).expect_code(0, "reload");
+    let added = events.wait_for("deviceAdded", |e| {
+        e["event"] == "deviceAdded" && e["vm"] == "web" && e["device"] == "disk-data"
+    });
+    let pending = events.wait_for("pendingChanged", |e| e["event"] == "pendingChanged");
+    assert!(
+        events.events()[pending]["pending"][0]
+            .as_str()
+            .is_some_and(|p| p.starts_with("cmdline: ")),
+        "{:#?}",
+        events.events()
+    );
+
+    kill_9(pid);
+    let failed = events.wait_for("failed", |e| e["event"] == "failed" && e["vm"] == "web");
+    let restarted = events.wait_for("restarted", |e| e["event"] == "restarted");
+    let started = events.wait_for("started", |e| {
+        e["event"] == "started" && e["pid"].as_u64().is_some_and(|p| p != u64::from(pid))
+    });
+    assert!(
+        added < failed && failed < started && failed < restarted,
+        "{:#?}",
+        events.events()
+    );
+    let all = events.events();
+    assert!(
+        all[failed]["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pid {pid}")),
+        "{all:#?}"
+    );
+    for event in &all {
+        assert!(
+            event["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{event}"
+        );
+    }
+
+    // The table, redrawn at least twice (a non-terminal gets one table after another).
+    let watch = Follower::start(&host, &["status", "--watch", "--interval", "1s"]);
+    let deadline = Instant::now() + AGENT;
+    while watch
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.starts_with("web "))
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:#?}",
+            watch.lines.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = watch.lines.lock().unwrap().join("\n");
+    assert!(text.contains("plasmavmc status at "), "{text}");
+    drop(watch);
+
+    // The stream ends, with exit 1, when the agent goes.
+    host.kill_agent();
+    let mut events = events;
+    assert_eq!(events.child.wait().unwrap().code(), Some(1));
+}
