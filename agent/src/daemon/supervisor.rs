@@ -656,8 +656,13 @@ impl Daemon {
                     let _ = vm.observe(&daemon.shell, STATUS_WAIT).await;
                 });
             }
+            // Nobody waits for a refresh beyond `STATUS_WAIT` after it began: a QEMU that does
+            // not answer costs the first requests that long at most, later ones nothing.
+            let until = slot.refresh_claimed_at().map_or(deadline, |claimed| {
+                deadline.min(tokio::time::Instant::from_std(claimed + STATUS_WAIT))
+            });
             if slot.status().state == VmState::Unresponsive
-                || tokio::time::timeout_at(deadline, ended.changed())
+                || tokio::time::timeout_at(until, ended.changed())
                     .await
                     .is_err()
             {

@@ -134,6 +134,8 @@ pub struct VmSlot {
     images: Mutex<BTreeSet<PathBuf>>,
     /// A status refresh runs (at most one at a time, so a silent QEMU never piles them up).
     refreshing: AtomicBool,
+    /// When the refresh running now (if any) was claimed.
+    refresh_claimed_at: Mutex<Option<Instant>>,
     /// Counts the status refreshes that ended, for requests waiting on one.
     refreshes: watch::Sender<u64>,
     /// When the snapshot was last read from QEMU with nothing done to the VM since (None: never,
@@ -197,6 +199,7 @@ impl VmSlot {
             status: Mutex::new(VmStatus::stopped(declared)),
             images: Default::default(),
             refreshing: AtomicBool::new(false),
+            refresh_claimed_at: Mutex::new(None),
             refreshes: watch::channel(0).0,
             read_at: Mutex::new(None),
             declared_disks: Default::default(),
@@ -253,7 +256,22 @@ impl VmSlot {
     /// The right to run the one status refresh of this VM (None: one already runs, so a silent
     /// QEMU never piles them up).
     pub fn claim_refresh(self: &Arc<Self>) -> Option<RefreshClaim> {
-        (!self.refreshing.swap(true, Ordering::AcqRel)).then(|| RefreshClaim(Arc::clone(self)))
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        *self
+            .refresh_claimed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        Some(RefreshClaim(Arc::clone(self)))
+    }
+
+    /// When the status refresh running now was claimed (None: none runs).
+    pub fn refresh_claimed_at(&self) -> Option<Instant> {
+        *self
+            .refresh_claimed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Whether the snapshot was read from QEMU less than `fresh_for` ago and nothing was done to
@@ -1295,6 +1313,11 @@ pub struct RefreshClaim(Arc<VmSlot>);
 
 impl Drop for RefreshClaim {
     fn drop(&mut self) {
+        *self
+            .0
+            .refresh_claimed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
         self.0.refreshing.store(false, Ordering::Release);
         self.0.refreshes.send_modify(|ended| *ended += 1);
     }
