@@ -95,8 +95,6 @@ fn reload(host: &Host) -> Cli {
 }
 
 #[test]
-#[ignore = "known failure, issue 13 stays open: the test guest cannot mount the cloud-init seed \
-            (PLASMAVMC-GUEST-SEED-MOUNT-FAILED); run with --ignored while fixing it"]
 fn disks_credentials_and_seed_from_creation_to_removal() {
     let mut host = Host::new();
     let dir = host.dir.path().to_owned();
@@ -282,6 +280,9 @@ fn disks_credentials_and_seed_from_creation_to_removal() {
     );
     assert_eq!(image_info(&data).1, 128 * MIB);
     assert_eq!(host.wait_running("web"), pid);
+    console
+        .wait_for_block_size(&data_dev, 128 * MIB / 512, Duration::ZERO)
+        .unwrap_or_else(|e| panic!("the guest's disk changed after a refused shrink: {e}"));
     assert!(host
         .cli(&["status"])
         .stdout

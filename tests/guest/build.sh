@@ -80,9 +80,12 @@ add_module() { # $1: path relative to $modules
     echo "$name" >> "$root/lib/modules/load-order"
 }
 : > "$root/lib/modules/load-order"
-# button, evdev: the ACPI power button; qemu_fw_cfg: systemd credentials; vfat and its code
-# pages: the cloud-init seed.
-for wanted in virtio_pci virtio_blk virtio_net virtio_mem button evdev qemu_fw_cfg vfat nls_cp437 nls_utf8; do
+# button, evdev: the ACPI power button; qemu_fw_cfg: systemd credentials; vfat, its codepage
+# (cp437) and the kernel's default iocharset: the cloud-init seed. Without that iocharset's
+# module every vfat mount fails ("FAT-fs (vda): IO charset ascii not found", EINVAL).
+fat_iocharset=$(sed -n 's/^CONFIG_FAT_DEFAULT_IOCHARSET="\(.*\)"$/\1/p' "/boot/config-$release" 2>/dev/null) || true
+for wanted in virtio_pci virtio_blk virtio_net virtio_mem button evdev qemu_fw_cfg vfat nls_cp437 \
+    "nls_${fat_iocharset:-ascii}"; do
     path=$(grep -E "(^|/)$wanted\.ko(\.[a-z]+)?:" "$modules/modules.dep" | cut -d: -f1)
     if [ -z "$path" ]; then
         # Built into this kernel: nothing to load.
