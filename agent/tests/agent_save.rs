@@ -132,11 +132,31 @@ fn a_save_qemu_refuses_is_kept_and_reported_and_the_vm_boots_fresh() {
         vec![0x5a; size],
         "the refused save is kept as it was"
     );
-    assert!(host
-        .agent_log_text()
-        .contains("the managed save could not be restored"));
     let human = host.cli(&["status"]).expect_code(0, "status").stdout;
     assert!(human.contains("unrestorable save (kept"), "{human}");
+
+    // A later apply that succeeds clears lastError; the set-aside save is still reported, with
+    // its reason, and the log said it once.
+    host.cli(&["reload", "--wait"])
+        .expect_code(0, "reload --wait");
+    let vm = host.vm_status("web");
+    assert!(vm["lastError"].is_null(), "{vm:#}");
+    assert_eq!(vm["unrestorableSaves"], json!(kept), "{vm:#}");
+    let human = host.cli(&["status"]).expect_code(0, "status").stdout;
+    assert!(
+        human.contains(&format!(
+            "unrestorable save (kept; remove it when no longer needed): {}",
+            kept[0].as_str().unwrap()
+        )),
+        "{human}"
+    );
+    assert_eq!(
+        host.agent_log_text()
+            .matches("the managed save could not be restored")
+            .count(),
+        1,
+        "the log says it once"
+    );
 }
 
 #[test]
