@@ -22,6 +22,24 @@ pub struct Plan {
     /// the VM keeps what it has until the declaration is corrected.
     #[serde(default)]
     pub refused: Vec<RefusedChange>,
+    /// HA VMs whose move to another host would copy disks (those not declared `shared`): a
+    /// note per VM naming them (see `migration::running::copy_note`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub migration_copies: std::collections::BTreeMap<String, String>,
+}
+
+impl Plan {
+    /// Notes, for every HA VM of `desired`, which disks a migration would copy.
+    pub fn note_migration_copies(&mut self, desired: &crate::spec::DesiredState) {
+        self.migration_copies = desired
+            .vms
+            .iter()
+            .filter(|(_, spec)| spec.ha.enable)
+            .filter_map(|(name, spec)| {
+                Some((name.clone(), crate::migration::running::copy_note(spec)?))
+            })
+            .collect();
+    }
 }
 
 /// One action on one VM.

@@ -29,6 +29,7 @@ use serde_json::{Map, Value};
 
 use crate::devices::{self, DeviceProps, DiskBacking};
 use crate::ids;
+use crate::migration::Layout;
 use crate::paths::VmDir;
 use crate::spec::{Accel, Machine, VmSpec};
 
@@ -61,6 +62,27 @@ pub fn qemu_argv(
     block_devices: &BTreeSet<PathBuf>,
     passed: &PassedFds,
 ) -> Vec<String> {
+    qemu_argv_laid_out(
+        name,
+        spec,
+        &Layout::default(),
+        vm_dir,
+        block_devices,
+        passed,
+    )
+}
+
+/// `qemu_argv` with devices where `layout` puts them (a migration target reproducing the
+/// source's running device tree: see `migration::running`). Devices `layout` does not place
+/// go where a boot puts them.
+pub fn qemu_argv_laid_out(
+    name: &str,
+    spec: &VmSpec,
+    layout: &Layout,
+    vm_dir: &VmDir,
+    block_devices: &BTreeSet<PathBuf>,
+    passed: &PassedFds,
+) -> Vec<String> {
     let mut argv = Argv::default();
     argv.push("-name", format!("guest={},debug-threads=on", escape(name)));
     let machine = match spec.machine {
@@ -83,9 +105,9 @@ pub fn qemu_argv(
             spec.vcpus
         ),
     );
-    push_memory(&mut argv, spec);
+    push_memory(&mut argv, spec, layout);
     push_boot(&mut argv, spec);
-    push_devices(&mut argv, name, spec, block_devices);
+    push_devices(&mut argv, name, spec, layout, block_devices);
     push_passed(&mut argv, passed);
     push_console_and_monitor(&mut argv, spec, vm_dir);
     argv.0
@@ -122,7 +144,7 @@ pub fn root_port_count(spec: &VmSpec) -> u32 {
     }
 }
 
-fn push_memory(argv: &mut Argv, spec: &VmSpec) {
+fn push_memory(argv: &mut Argv, spec: &VmSpec, layout: &Layout) {
     let boot = spec.memory_mib;
     match spec.max_memory_mib.filter(|&max| max > boot) {
         None => argv.push("-m", format!("{boot}M")),
@@ -132,7 +154,13 @@ fn push_memory(argv: &mut Argv, spec: &VmSpec) {
                 "-object",
                 keyval_object(&devices::virtio_mem_backend(max - boot)),
             );
-            argv.push("-device", keyval_device(&devices::virtio_mem_device()));
+            let mut device = devices::virtio_mem_device();
+            if let Some(requested) = layout.virtio_mem_requested_mib {
+                device
+                    .properties
+                    .insert("requested-size".into(), (requested * devices::MIB).into());
+            }
+            argv.push("-device", keyval_device(&device));
         }
     }
 }
@@ -152,8 +180,14 @@ fn push_boot(argv: &mut Argv, spec: &VmSpec) {
     }
 }
 
-fn push_devices(argv: &mut Argv, name: &str, spec: &VmSpec, block_devices: &BTreeSet<PathBuf>) {
-    for n in 0..root_port_count(spec) {
+fn push_devices(
+    argv: &mut Argv,
+    name: &str,
+    spec: &VmSpec,
+    layout: &Layout,
+    block_devices: &BTreeSet<PathBuf>,
+) {
+    for n in 0..layout.root_ports.unwrap_or_else(|| root_port_count(spec)) {
         argv.push("-device", root_port(n));
     }
     let mut index = 0;
@@ -173,7 +207,7 @@ fn push_devices(argv: &mut Argv, name: &str, spec: &VmSpec, block_devices: &BTre
         );
         let boot = spec.boot_disk.as_deref() == Some(id.as_str());
         let device = devices::disk_device(id, disk, cold_plug_bus(spec, index), boot);
-        argv.push("-device", keyval_device(&device));
+        argv.push("-device", keyval_device(&placed(device, layout)));
         index += 1;
     }
     for (id, nic) in &spec.nics {
@@ -181,12 +215,23 @@ fn push_devices(argv: &mut Argv, name: &str, spec: &VmSpec, block_devices: &BTre
             "-netdev",
             keyval_netdev(&devices::nic_netdev(name, id, nic)),
         );
-        argv.push(
-            "-device",
-            keyval_device(&devices::nic_device(id, nic, cold_plug_bus(spec, index))),
-        );
+        let device = devices::nic_device(id, nic, cold_plug_bus(spec, index));
+        argv.push("-device", keyval_device(&placed(device, layout)));
         index += 1;
     }
+}
+
+/// `device` where `layout` places it, if it does.
+fn placed(mut device: DeviceProps, layout: &Layout) -> DeviceProps {
+    if let Some(placement) = layout.placements.get(&device.id) {
+        device.bus.clone_from(&placement.bus);
+        if let Some(addr) = &placement.addr {
+            device
+                .properties
+                .insert("addr".into(), addr.as_str().into());
+        }
+    }
+    device
 }
 
 /// Root port `n`: function `n % 8` of slot `2 + n / 8`, its own chassis number.

@@ -208,6 +208,7 @@ mod tests {
             size_mib: None,
             create: None,
             delete_on_remove: false,
+            shared: false,
         }
     }
 

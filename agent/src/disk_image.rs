@@ -154,6 +154,7 @@ mod tests {
             size_mib,
             create,
             delete_on_remove: false,
+            shared: false,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod files;
 pub mod identity;
 pub mod ids;
 pub mod metrics;
+pub mod migration;
 pub mod observed;
 pub mod paths;
 pub mod placement;

@@ -118,6 +118,11 @@ pub struct DiskSpec {
     /// Delete the image when the disk is removed from a declared VM (default: keep it).
     #[serde(default)]
     pub delete_on_remove: bool,
+    /// The image is on storage every host that declares the VM sees under the same path: a
+    /// live migration leaves it where it is. A disk that is not shared is copied to the target
+    /// while the VM runs (QEMU block mirror over NBD).
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// How a missing disk image is made. Never applied over an existing file.

@@ -59,6 +59,8 @@ pub enum VmState {
     Saving,
     /// No QEMU; a managed save holds the VM, and its next start restores it.
     Saved,
+    /// Moving to (or arriving from) another host: `migration` says how far.
+    Migrating,
 }
 
 impl VmState {
@@ -73,6 +75,7 @@ impl VmState {
             VmState::Unresponsive => "unresponsive",
             VmState::Saving => "saving",
             VmState::Saved => "saved",
+            VmState::Migrating => "migrating",
         }
     }
 }
@@ -116,6 +119,12 @@ pub struct VmStatus {
     /// Saves that could not be restored, kept for the operator: `PATH: REASON` each.
     #[serde(default)]
     pub unrestorable_saves: Vec<String>,
+    /// A move in flight (state `migrating`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationProgress>,
+    /// The disks a move would copy (those not declared `shared`), when there are any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_copies: Option<String>,
 }
 
 impl VmStatus {
@@ -138,6 +147,8 @@ impl VmStatus {
             restarts: 0,
             saved: None,
             unrestorable_saves: Vec::new(),
+            migration: None,
+            migration_copies: None,
         }
     }
 }

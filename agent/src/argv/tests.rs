@@ -287,3 +287,63 @@ fn credentials_and_the_seed_are_read_from_passed_descriptors_only() {
         "{joined}"
     );
 }
+
+#[test]
+fn a_layout_places_devices_keeps_the_boot_root_ports_and_the_virtio_mem_request() {
+    use crate::migration::{Layout, Placement};
+    let s = spec(json!({
+        "maxMemoryMiB": 1024, "hotplugSlots": 2,
+        "disks": {"data": {"path": "/img/d.raw", "format": "raw"}},
+    }));
+    let layout = Layout {
+        root_ports: Some(5),
+        placements: [(
+            "disk-data".to_owned(),
+            Placement {
+                bus: Some("port4".into()),
+                addr: Some("0.0".into()),
+            },
+        )]
+        .into(),
+        virtio_mem_requested_mib: Some(128),
+        hotplugged_cpus: vec![],
+    };
+    let a = qemu_argv_laid_out(
+        "web",
+        &s,
+        &layout,
+        &RunDir::new("/run/pv").vm("web"),
+        &BTreeSet::new(),
+        &PassedFds::default(),
+    );
+    let devices = values(&a, "-device");
+    assert_eq!(
+        devices
+            .iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .count(),
+        5
+    );
+    assert!(
+        devices.contains(
+            &"virtio-blk-pci,id=disk-data,bus=port4,addr=0.0,drive=disk-data-fmt,write-cache=on"
+        ),
+        "{devices:?}"
+    );
+    assert!(
+        devices.contains(&"virtio-mem-pci,id=mem0,memdev=mem0-ram,requested-size=134217728"),
+        "{devices:?}"
+    );
+    assert_eq!(
+        qemu_argv_laid_out(
+            "web",
+            &s,
+            &Layout::default(),
+            &RunDir::new("/run/pv").vm("web"),
+            &BTreeSet::new(),
+            &PassedFds::default()
+        ),
+        argv(&s),
+        "the default layout is a boot's"
+    );
+}

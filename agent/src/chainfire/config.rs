@@ -24,6 +24,8 @@ pub struct ChainFireConfig {
     /// Where the lease trust is kept for fence guards and the next agent (`trust`); None: the
     /// session neither writes nor resumes one.
     pub trust_file: Option<PathBuf>,
+    /// Published in this host's record: its migration channel and QEMU.
+    pub host_facts: super::records::HostFacts,
 }
 
 /// A ChainFire password: never printed, not even in a `{:?}` of the config.
@@ -64,6 +66,7 @@ impl ChainFireConfig {
             tls: None,
             user: None,
             trust_file: None,
+            host_facts: Default::default(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 use super::keys::{self, Key, VmKey};
 use super::records::{HandleRecord, HostRecord, LockRecord, VmRecord};
+use crate::migration::{IncomingRecord, MigrationRecord};
 
 /// One change under `/plasmavmc/`. `revision` is the store revision of the change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +41,25 @@ pub enum StateEvent {
     LockReleased {
         key: VmKey,
     },
+    MigrationUpdated {
+        key: VmKey,
+        /// Boxed: it carries the VM's whole running configuration.
+        record: Box<MigrationRecord>,
+        revision: i64,
+    },
+    MigrationDeleted {
+        key: VmKey,
+        revision: i64,
+    },
+    IncomingUpdated {
+        key: VmKey,
+        record: IncomingRecord,
+        revision: i64,
+    },
+    IncomingDeleted {
+        key: VmKey,
+        revision: i64,
+    },
     /// A key or value this agent cannot read; reported, never fatal.
     Malformed {
         key: String,
@@ -74,6 +94,22 @@ pub fn decode(change: Change, key: &[u8], value: &[u8], revision: i64) -> StateE
         (Change::Delete, Key::Handle(key)) => Ok(StateEvent::HandleDeleted { key, revision }),
         (Change::Delete, Key::Host(host_id)) => Ok(StateEvent::HostDown { host_id }),
         (Change::Delete, Key::Lock(key)) => Ok(StateEvent::LockReleased { key }),
+        (Change::Delete, Key::Migration(key)) => Ok(StateEvent::MigrationDeleted { key, revision }),
+        (Change::Delete, Key::Incoming(key)) => Ok(StateEvent::IncomingDeleted { key, revision }),
+        (Change::Put, Key::Migration(key)) => {
+            json(value).map(|record| StateEvent::MigrationUpdated {
+                key,
+                record,
+                revision,
+            })
+        }
+        (Change::Put, Key::Incoming(key)) => {
+            json(value).map(|record| StateEvent::IncomingUpdated {
+                key,
+                record,
+                revision,
+            })
+        }
         (Change::Put, Key::Vm(key)) => json(value).and_then(|record: VmRecord| {
             if record.key() == key {
                 Ok(StateEvent::VmUpdated {

@@ -5,6 +5,8 @@
 //! /plasmavmc/handles/{orgId}/{projectId}/{vm}  HandleRecord (JSON)
 //! /plasmavmc/hosts/{hostId}                    HostRecord, bound to the host's lease
 //! /plasmavmc/locks/{orgId}/{projectId}/{vm}    HA lock, bound to the holder's lease
+//! /plasmavmc/migrations/{orgId}/{projectId}/{vm}  a move's request, bound to the source's lease
+//! /plasmavmc/incoming/{orgId}/{projectId}/{vm}    the target's answer, bound to its lease
 //! ```
 //!
 //! Keys written by someone else can be anything: parsing returns an error value, never panics.
@@ -18,6 +20,8 @@ pub const VMS: &str = "/plasmavmc/vms/";
 pub const HANDLES: &str = "/plasmavmc/handles/";
 pub const HOSTS: &str = "/plasmavmc/hosts/";
 pub const LOCKS: &str = "/plasmavmc/locks/";
+pub const MIGRATIONS: &str = "/plasmavmc/migrations/";
+pub const INCOMING: &str = "/plasmavmc/incoming/";
 
 /// A VM's identity across the cluster: names are unique within a project.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -72,6 +76,8 @@ pub enum Key {
     Handle(VmKey),
     Host(String),
     Lock(VmKey),
+    Migration(VmKey),
+    Incoming(VmKey),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,7 +86,7 @@ pub enum KeyError {
     NotUtf8,
     #[error("key is outside {ROOT}")]
     OutsideRoot,
-    #[error("unknown kind {0:?} (expected vms, handles, hosts or locks)")]
+    #[error("unknown kind {0:?} (expected vms, handles, hosts, locks, migrations or incoming)")]
     UnknownKind(String),
     #[error("expected {expected} segments after the kind, found {found}")]
     SegmentCount { expected: usize, found: usize },
@@ -102,6 +108,14 @@ pub fn lock(key: &VmKey) -> String {
     format!("{LOCKS}{}", key.path())
 }
 
+pub fn migration(key: &VmKey) -> String {
+    format!("{MIGRATIONS}{}", key.path())
+}
+
+pub fn incoming(key: &VmKey) -> String {
+    format!("{INCOMING}{}", key.path())
+}
+
 pub fn host(host_id: &str) -> String {
     format!("{HOSTS}{host_id}")
 }
@@ -115,6 +129,8 @@ pub fn parse(raw: &[u8]) -> Result<Key, KeyError> {
         "vms" => parse_vm_key(tail).map(Key::Vm),
         "handles" => parse_vm_key(tail).map(Key::Handle),
         "locks" => parse_vm_key(tail).map(Key::Lock),
+        "migrations" => parse_vm_key(tail).map(Key::Migration),
+        "incoming" => parse_vm_key(tail).map(Key::Incoming),
         "hosts" => {
             check_segment("hostId", tail)?;
             Ok(Key::Host(tail.to_owned()))
@@ -160,6 +176,11 @@ mod tests {
         assert_eq!(parse(handle(&key()).as_bytes()), Ok(Key::Handle(key())));
         assert_eq!(parse(lock(&key()).as_bytes()), Ok(Key::Lock(key())));
         assert_eq!(parse(host("h1").as_bytes()), Ok(Key::Host("h1".into())));
+        assert_eq!(
+            parse(migration(&key()).as_bytes()),
+            Ok(Key::Migration(key()))
+        );
+        assert_eq!(parse(incoming(&key()).as_bytes()), Ok(Key::Incoming(key())));
         assert_eq!(vm(&key()), "/plasmavmc/vms/acme/web/vm1");
     }
 

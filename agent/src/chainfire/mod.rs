@@ -12,6 +12,7 @@ pub mod events;
 pub mod fence;
 pub mod keys;
 mod lease;
+pub mod moves;
 pub mod reconcile;
 pub mod records;
 pub mod session;

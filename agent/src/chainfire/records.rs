@@ -72,6 +72,31 @@ pub struct HostRecord {
     /// could move to. (A standby writes no VM record, so this is where the cluster learns it.)
     #[serde(default)]
     pub ha_vms: Vec<String>,
+    /// What another host needs to migrate a VM here (absent in records of older agents).
+    #[serde(flatten)]
+    pub facts: HostFacts,
+}
+
+/// A host's migration channel and QEMU, published so a source can check a move before anything
+/// starts (`migration::compat`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostFacts {
+    /// The address this host's incoming QEMUs listen on (`--migration-address`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_address: Option<String>,
+    /// The ports they listen on, `FIRST-LAST` (`--migration-ports`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_ports: Option<String>,
+    /// The migration stream is TLS (`--migration-tls-dir`); both ends must agree.
+    #[serde(default)]
+    pub migration_tls: bool,
+    /// `major.minor.micro` of this host's QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu_version: Option<String>,
+    /// The versioned machine type each alias the agent uses stands for (`q35` → `pc-q35-7.2`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub machine_types: std::collections::BTreeMap<String, String>,
 }
 
 /// `/plasmavmc/locks/{orgId}/{projectId}/{vm}`: who may run an HA VM.
@@ -114,7 +139,13 @@ impl HostRecord {
                 .filter(|(_, vm)| vm.record.spec.ha)
                 .map(|(key, _)| key.to_string())
                 .collect(),
+            facts: HostFacts::default(),
         }
+    }
+
+    /// The record with this host's migration facts.
+    pub fn with_facts(self, facts: HostFacts) -> Self {
+        HostRecord { facts, ..self }
     }
 }
 

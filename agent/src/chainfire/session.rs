@@ -197,6 +197,10 @@ impl SessionHandle {
         *self.connected.borrow()
     }
 
+    pub fn config(&self) -> &ChainFireConfig {
+        &self.config
+    }
+
     /// What HA VMs are launched under (see [`HaGate`]).
     pub fn ha_gate(&self) -> HaGate {
         HaGate {
@@ -404,7 +408,8 @@ impl Worker {
             &self.started_at,
             cordoned,
             local.as_ref().unwrap_or(&BTreeMap::new()),
-        );
+        )
+        .with_facts(self.config.host_facts.clone());
         // Before the VM entries: a cordon is in the view (and the store) before `own_writes`
         // decides which locks to seek.
         if self.registered_lease != Some(lease) || self.view.hosts.get(&host) != Some(&record) {

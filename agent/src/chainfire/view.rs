@@ -7,6 +7,7 @@ use std::fmt::Write as _;
 use super::events::{StateEvent, StateSink};
 use super::keys::VmKey;
 use super::records::{HandleRecord, HostRecord, LockRecord, VmRecord};
+use crate::migration::{IncomingRecord, MigrationRecord};
 
 /// A value with the store revision that last wrote it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +22,9 @@ pub struct ClusterView {
     pub handles: BTreeMap<VmKey, Stamped<HandleRecord>>,
     pub hosts: BTreeMap<String, HostRecord>,
     pub locks: BTreeMap<VmKey, LockRecord>,
+    /// Moves in flight: the sources' requests and the targets' answers.
+    pub migrations: BTreeMap<VmKey, Stamped<MigrationRecord>>,
+    pub incoming: BTreeMap<VmKey, Stamped<IncomingRecord>>,
     /// Keys that could not be read, with the reason.
     pub malformed: BTreeMap<String, String>,
 }
@@ -53,6 +57,22 @@ impl StateSink for ClusterView {
             }
             StateEvent::LockReleased { key } => {
                 self.locks.remove(key);
+            }
+            StateEvent::MigrationUpdated {
+                key,
+                record,
+                revision,
+            } => put_newer(&mut self.migrations, key, record.as_ref(), *revision),
+            StateEvent::MigrationDeleted { key, revision } => {
+                delete_newer(&mut self.migrations, key, *revision)
+            }
+            StateEvent::IncomingUpdated {
+                key,
+                record,
+                revision,
+            } => put_newer(&mut self.incoming, key, record, *revision),
+            StateEvent::IncomingDeleted { key, revision } => {
+                delete_newer(&mut self.incoming, key, *revision)
             }
             StateEvent::Malformed { key, reason } => {
                 self.malformed.insert(key.clone(), reason.clone());
@@ -161,6 +181,32 @@ impl ClusterView {
             StateEvent::LockTaken {
                 key: key.clone(),
                 holder: holder.clone(),
+            }
+        }));
+        events.extend(vanished(&self.migrations, &newer.migrations, |key| {
+            StateEvent::MigrationDeleted {
+                key: key.clone(),
+                revision,
+            }
+        }));
+        events.extend(updated(&self.migrations, &newer.migrations, |key, m| {
+            StateEvent::MigrationUpdated {
+                key: key.clone(),
+                record: Box::new(m.value.clone()),
+                revision: m.revision,
+            }
+        }));
+        events.extend(vanished(&self.incoming, &newer.incoming, |key| {
+            StateEvent::IncomingDeleted {
+                key: key.clone(),
+                revision,
+            }
+        }));
+        events.extend(updated(&self.incoming, &newer.incoming, |key, i| {
+            StateEvent::IncomingUpdated {
+                key: key.clone(),
+                record: i.value.clone(),
+                revision: i.revision,
             }
         }));
         events.extend(updated(&self.malformed, &newer.malformed, |key, reason| {

@@ -68,7 +68,10 @@ pub fn plan(config: Option<&Path>, run_dir: &Path, json: bool) -> ExitCode {
                 "note: no agent at {}; planning against no running VMs",
                 path.display()
             );
-            crate::plan::plan(&desired, &ObservedHost::default(), &RunIntents::new())
+            let mut plan =
+                crate::plan::plan(&desired, &ObservedHost::default(), &RunIntents::new());
+            plan.note_migration_copies(&desired);
+            plan
         }
         Err(e) => return client_failed(e),
     };
@@ -159,31 +162,27 @@ pub fn stop(
     }
 }
 
-/// A line on the terminal, rewritten every second, saying how long `stop` has waited.
+/// A line on the terminal, rewritten every `every` with what `line` says (nothing when it says
+/// nothing), until dropped; then erased.
 struct Progress {
     done: std::sync::mpsc::Sender<()>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Progress {
-    fn start(vm: String, timeout: Option<std::time::Duration>, force: bool) -> Progress {
+    fn every(
+        every: std::time::Duration,
+        mut line: impl FnMut() -> Option<String> + Send + 'static,
+    ) -> Progress {
         let (done, stopped) = std::sync::mpsc::channel();
-        let started = std::time::Instant::now();
         let thread = std::thread::spawn(move || {
-            let what = match (force, timeout) {
-                (true, _) => "force-quitting QEMU".to_owned(),
-                (false, Some(t)) => format!(
-                    "waiting for the guest to shut down (then quit QEMU after {})",
-                    humantime::format_duration(t)
-                ),
-                (false, None) => "waiting for the guest to shut down".to_owned(),
-            };
             while stopped
-                .recv_timeout(std::time::Duration::from_secs(1))
+                .recv_timeout(every)
                 .is_err_and(|e| e == std::sync::mpsc::RecvTimeoutError::Timeout)
             {
-                let waited = started.elapsed().as_secs();
-                eprint!("\r\x1b[2Kstopping {vm}: {what}... {waited}s");
+                if let Some(line) = line() {
+                    eprint!("\r\x1b[2K{line}");
+                }
             }
             eprint!("\r\x1b[2K");
         });
@@ -191,6 +190,42 @@ impl Progress {
             done,
             thread: Some(thread),
         }
+    }
+
+    /// How long `stop` has waited, every second.
+    fn start(vm: String, timeout: Option<std::time::Duration>, force: bool) -> Progress {
+        let started = std::time::Instant::now();
+        let what = match (force, timeout) {
+            (true, _) => "force-quitting QEMU".to_owned(),
+            (false, Some(t)) => format!(
+                "waiting for the guest to shut down (then quit QEMU after {})",
+                humantime::format_duration(t)
+            ),
+            (false, None) => "waiting for the guest to shut down".to_owned(),
+        };
+        Progress::every(std::time::Duration::from_secs(1), move || {
+            let waited = started.elapsed().as_secs();
+            Some(format!("stopping {vm}: {what}... {waited}s"))
+        })
+    }
+
+    /// A move's progress as the VM's status shows it, every half second.
+    fn migration(run_dir: std::path::PathBuf, vm: String) -> Progress {
+        let socket = RunDir::new(&run_dir).control_socket();
+        Progress::every(std::time::Duration::from_millis(500), move || {
+            let status = client::request_within(
+                &socket,
+                &Request::Status,
+                std::time::Duration::from_secs(2),
+            );
+            match status {
+                Ok(Response::Status { status }) => {
+                    let progress = status.vms.get(&vm)?.migration.as_ref()?;
+                    Some(progress.render(&vm))
+                }
+                _ => None,
+            }
+        })
     }
 }
 
@@ -217,6 +252,34 @@ pub fn cordon(run_dir: &Path) -> ExitCode {
 
 pub fn uncordon(run_dir: &Path) -> ExitCode {
     done(ask(run_dir, Request::Uncordon))
+}
+
+/// `plasmavmc migrate`: progress on a terminal (the VM's status, asked every half second), then
+/// the outcome as one line or JSON.
+pub fn migrate(run_dir: &Path, request: Request, json: bool) -> ExitCode {
+    let Request::Migrate { vm, cancel, .. } = &request else {
+        return fail("migrate: not a migrate request".into());
+    };
+    let watcher = (!cancel && std::io::stderr().is_terminal())
+        .then(|| Progress::migration(run_dir.to_owned(), vm.clone()));
+    let answer = ask(run_dir, request);
+    drop(watcher);
+    match answer {
+        Ok(Response::Migrated { outcome }) => {
+            if json {
+                println!("{}", serde_json::to_string(&outcome).expect("serializes"));
+            } else {
+                println!("{}", outcome.render());
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Response::Done { message }) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
 }
 
 pub fn shutdown_host(
@@ -341,6 +404,9 @@ fn render_plan(plan: &Plan) -> String {
     }
     out.push_str(&render_pending(&plan.pending));
     out.push_str(&render_refused(&plan.refused));
+    for (vm, note) in &plan.migration_copies {
+        out.push_str(&format!("{vm}: {note}\n"));
+    }
     out
 }
 

@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::control::protocol::Request;
 use crate::daemon::{AgentOptions, ChainfireOptions, MetricsOptions};
 use crate::paths::{DEFAULT_CONFIG, DEFAULT_RUN_DIR, DEFAULT_STATE_DIR};
 use crate::qemu::guard::GuardOptions;
@@ -222,6 +223,36 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// Move a running HA VM to another host, live: the guest keeps running, paused only for the
+    /// switchover (the HA lock moves to HOST in one ChainFire transaction while it is paused).
+    ///
+    /// Run it on the host where NAME runs. The VM must be declared with ha.enable on both hosts;
+    /// disks declared `shared` stay where they are. Returns once NAME runs on HOST (exit 0), or
+    /// once the move was abandoned and NAME runs here as before (exit 1, saying why). On a
+    /// terminal it shows progress; at the end one line with the downtime, the total time and the
+    /// bytes sent.
+    Migrate {
+        vm: String,
+        /// The target host's --host-id.
+        #[arg(long, value_name = "HOST", required_unless_present = "cancel")]
+        to: Option<String>,
+        /// Cold move: pause the guest for the whole copy (for a guest that dirties memory faster
+        /// than the link carries it).
+        #[arg(long, conflicts_with = "cancel")]
+        offline: bool,
+        /// Abandon the move of NAME in flight from this host (the VM stays here).
+        #[arg(long)]
+        cancel: bool,
+        /// Cap the migration stream at this many MiB/s (default: as fast as the link goes).
+        #[arg(long, value_name = "MIB", conflicts_with = "cancel")]
+        bandwidth: Option<u64>,
+        /// Print the outcome as JSON: {"vm", "from", "to", "mode": "live"|"offline",
+        /// "downtimeMs", "totalMs", "transferredBytes"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
     /// Close this host to HA VMs from elsewhere: none is failed over, migrated or started here
     /// until `plasmavmc uncordon`. VMs running here stay; an HA VM stopped here lets its lock go
     /// to another host.
@@ -321,6 +352,29 @@ struct AgentArgs {
     /// per VM), whatever the scrape rate.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600), requires = "metrics_listen")]
     metrics_interval: u64,
+    #[command(flatten)]
+    migration: MigrationArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct MigrationArgs {
+    /// The address this host's incoming migrations listen on, published in its ChainFire host
+    /// record for sources to connect to.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    migration_address: String,
+    /// The address incoming migrations actually listen on, when it is not the published
+    /// --migration-address (a host behind NAT or a proxy) [default: --migration-address].
+    #[arg(long, value_name = "ADDR")]
+    migration_listen: Option<String>,
+    /// The TCP ports incoming migrations listen on, FIRST-LAST (open them in the firewall).
+    #[arg(long, value_name = "FIRST-LAST", default_value = "49152-49215")]
+    migration_ports: crate::migration::ports::PortRange,
+    /// Encrypt migration streams with TLS: a directory in QEMU's tls-creds-x509 layout
+    /// (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem); both
+    /// hosts of a move need it. WITHOUT IT THE STREAM (the guest's whole memory and disks) IS
+    /// PLAINTEXT on the network.
+    #[arg(long, value_name = "DIR")]
+    migration_tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -406,6 +460,25 @@ pub fn run() -> ExitCode {
         Command::Completions { shell } => generate::print(&generate::completions(shell)),
         Command::Manpages { dir } => generate::manpages(&dir),
         Command::Save { vm, run_dir } => commands::save(&run_dir.run_dir, vm),
+        Command::Migrate {
+            vm,
+            to,
+            offline,
+            cancel,
+            bandwidth,
+            json,
+            run_dir,
+        } => commands::migrate(
+            &run_dir.run_dir,
+            Request::Migrate {
+                vm,
+                to,
+                offline,
+                cancel,
+                bandwidth_mib: bandwidth,
+            },
+            json,
+        ),
         Command::ShutdownHost {
             timeout,
             only_when_system_stops,
@@ -449,6 +522,12 @@ impl AgentArgs {
                 user: c.chainfire_user,
                 password_file: c.chainfire_password_file,
             }),
+            migration: crate::daemon::MigrationSettings {
+                address: self.migration.migration_address,
+                listen: self.migration.migration_listen,
+                ports: self.migration.migration_ports,
+                tls_dir: self.migration.migration_tls_dir,
+            },
         }
     }
 }

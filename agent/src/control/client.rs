@@ -58,6 +58,9 @@ pub fn timeout_for(request: &Request) -> Duration {
         | Request::Stop { .. }
         | Request::Reset { .. }
         | Request::Save { .. } => Duration::from_secs(600),
+        Request::Migrate { cancel: true, .. } => Duration::from_secs(30),
+        // A move's length depends on memory, disks and the link: it ends or fails by itself.
+        Request::Migrate { .. } => Duration::from_secs(6 * 3600),
         // The powerdowns' bound, plus what saves may take beyond it (as the NixOS unit allows).
         Request::ShutdownHost { timeout_seconds } => Duration::from_secs(timeout_seconds + 180),
     }

@@ -49,6 +49,21 @@ pub enum Request {
     /// Managed save: write the VM's state to the state dir, stop QEMU, keep the VM saved until
     /// `Start`, which restores it.
     Save { vm: String },
+    /// Live migration of HA VM `vm` to host `to` (`offline`: paused for the whole copy);
+    /// answered once it ran there (`Migrated`) or was abandoned. With `cancel`, ends the move
+    /// of `vm` in flight instead.
+    Migrate {
+        vm: String,
+        #[serde(default)]
+        to: Option<String>,
+        #[serde(default)]
+        offline: bool,
+        #[serde(default)]
+        cancel: bool,
+        /// Cap the stream at this many MiB/s (default: as fast as the link goes).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bandwidth_mib: Option<u64>,
+    },
     /// The host is going down: every running VM is powered down or saved as its
     /// `onHostShutdown` says, in parallel, powerdowns bounded by `timeout_seconds`; no VM starts
     /// afterwards.
@@ -99,6 +114,10 @@ pub enum Response {
     /// Event lines follow on this connection.
     EventsFollow {
         message: String,
+    },
+    /// A move that completed: the VM runs on the target.
+    Migrated {
+        outcome: crate::migration::MigrationOutcome,
     },
 }
 

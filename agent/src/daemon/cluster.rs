@@ -8,10 +8,12 @@ use anyhow::{bail, Context, Result};
 
 use super::ChainfireOptions;
 use crate::action::PendingChange;
+use crate::chainfire::records::HostFacts;
 use crate::chainfire::{
     ChainFireConfig, ClusterView, HandleRecord, LocalVm, Notice, Password, SessionHandle, TlsFiles,
     VmKey, VmRecord,
 };
+use crate::migration::compat;
 use crate::spec::DesiredState;
 use crate::status::VmStatus;
 
@@ -48,6 +50,33 @@ pub fn chainfire_config(options: &ChainfireOptions) -> Result<ChainFireConfig> {
     };
     config.check()?;
     Ok(config)
+}
+
+/// What this host publishes for migrations: its channel (from the flags) and its QEMU (asked
+/// once at startup; unknown facts make every move to or from this host refused, saying why).
+pub fn host_facts(qemu: &std::path::Path, migration: &super::MigrationSettings) -> HostFacts {
+    let ask = |args: &[&str]| {
+        std::process::Command::new(qemu)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let qemu_version = ask(&["--version"]).and_then(|text| compat::parse_version(&text));
+    let machine_types = ask(&["-machine", "help"])
+        .map(|text| compat::parse_machine_help(&text))
+        .unwrap_or_default();
+    if qemu_version.is_none() || machine_types.is_empty() {
+        tracing::warn!(qemu = %qemu.display(), "could not ask QEMU its version and machine types: migrations to and from this host will be refused");
+    }
+    HostFacts {
+        migration_address: Some(migration.address.clone()),
+        migration_ports: Some(migration.ports.to_string()),
+        migration_tls: migration.tls_dir.is_some(),
+        qemu_version,
+        machine_types,
+    }
 }
 
 /// Logs what the session reports, until it stops.

@@ -13,6 +13,7 @@
 //! - `cordon`: the host's cordon, persisted in the state dir.
 //! - `metrics`, `metrics_http`: the sampler behind `/metrics`, and the endpoint.
 //! - `journal`: the event stream behind `plasmavmc events`.
+//! - `migration`: live migration, both the source's and the target's side.
 
 mod adopt;
 mod cluster;
@@ -23,6 +24,7 @@ mod handover;
 mod journal;
 mod metrics;
 mod metrics_http;
+mod migration;
 mod operator;
 mod restart;
 mod run_lock;
@@ -45,6 +47,7 @@ use crate::control::server;
 use crate::paths::RunDir;
 use crate::qemu::cgroup::Cgroups;
 use crate::qemu::confine::{self, Confinement};
+pub use migration::{MigrationError, MigrationSettings};
 use operator::OperatorIntents;
 use supervisor::{Daemon, Trigger};
 use vm::{Fencing, Shell};
@@ -69,6 +72,8 @@ pub struct AgentOptions {
     pub chainfire: Option<ChainfireOptions>,
     /// `--metrics-listen`: serve Prometheus metrics.
     pub metrics: Option<MetricsOptions>,
+    /// Where this host receives migrations (`--migration-*`).
+    pub migration: MigrationSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -116,9 +121,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         tracing::warn!("QEMU runs as root (no --qemu-user)");
     }
     let trust_file = run_dir.lease_trust();
+    let qemu = crate::qemu::process::qemu_binary(options.qemu.as_deref());
     let chainfire = match &options.chainfire {
         Some(chainfire) => Some(ChainFireConfig {
             trust_file: Some(trust_file.clone()),
+            host_facts: cluster::host_facts(&qemu, &options.migration),
             ..cluster::chainfire_config(chainfire)?
         }),
         None => None,
@@ -152,7 +159,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let shell = Shell {
         run_dir: run_dir.clone(),
         saved: crate::paths::SavedDir::new(&options.state_dir),
-        qemu: crate::qemu::process::qemu_binary(options.qemu.as_deref()),
+        qemu,
         stop_timeout: options.stop_timeout,
         unplug_timeout: options.unplug_timeout,
         confinement,
@@ -168,11 +175,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         triggers.clone(),
         session,
         cordons,
+        options.migration.clone(),
     ));
 
     // An invalid config at startup: adopt (watch) what runs, touch nothing until a valid one.
     let _ = daemon.load_config().await;
     adopt::adopt_running(&daemon).await?;
+    // Moves addressed to this host are answered from now on, not only after the first apply
+    // (which may take a while): a source waits a minute at most.
+    tokio::spawn(migration::follow_requests(Arc::clone(&daemon)));
 
     let listener = server::bind(&run_dir.control_socket())?;
     let handler = {

@@ -18,6 +18,7 @@ use super::cluster;
 use super::config_file;
 use super::cordon::Cordons;
 use super::handover::{self, Handover};
+use super::migration::{MigrationError, MigrationSettings, MoveOptions, Moves};
 use super::operator::{OperatorIntent, OperatorIntents};
 use super::restart::RestartTracker;
 use super::saves;
@@ -68,21 +69,24 @@ pub struct Daemon {
     config_error: Mutex<Option<String>>,
     vms: Mutex<BTreeMap<String, Arc<VmSlot>>>,
     strangers: Mutex<Vec<Stranger>>,
-    operator: Mutex<OperatorIntents>,
+    pub(super) operator: Mutex<OperatorIntents>,
     /// Held while operator decisions are written (see `record_operator`).
     operator_writes: tokio::sync::Mutex<()>,
     restarts: Mutex<BTreeMap<String, RestartTracker>>,
     /// Config loads one at a time; reconciles themselves run per VM.
     config_lock: tokio::sync::Mutex<()>,
     /// The ChainFire session, with `--chainfire`.
-    chainfire: Mutex<Option<SessionHandle>>,
-    host_id: String,
+    pub(super) chainfire: Mutex<Option<SessionHandle>>,
+    pub(super) host_id: String,
+    /// This host's migration channel, and the moves in flight here.
+    pub(super) migration: MigrationSettings,
+    pub(super) moves: Mutex<Moves>,
     /// HA VMs killed because this host lost its lease: their exit is no failure to restart.
     fenced: Mutex<BTreeSet<String>>,
     /// Set by `shutdown-host`: from then on every VM stays down.
     host_stopping: std::sync::atomic::AtomicBool,
     /// `plasmavmc evacuate`/`cordon` until `uncordon`: no HA VM comes here.
-    cordons: Mutex<Cordons>,
+    pub(super) cordons: Mutex<Cordons>,
     /// Reconcile durations and reload results, for `/metrics`.
     pub metrics: Arc<AgentMetrics>,
 }
@@ -97,6 +101,7 @@ impl Daemon {
         triggers: mpsc::UnboundedSender<Trigger>,
         chainfire: Option<(String, SessionHandle)>,
         cordons: Cordons,
+        migration: MigrationSettings,
     ) -> Self {
         let (host_id, chainfire) = match chainfire {
             Some((host_id, session)) => (host_id, Some(session)),
@@ -117,6 +122,8 @@ impl Daemon {
             config_lock: tokio::sync::Mutex::new(()),
             chainfire: Mutex::new(chainfire),
             host_id,
+            migration,
+            moves: Mutex::new(Moves::default()),
             fenced: Mutex::new(BTreeSet::new()),
             host_stopping: Default::default(),
             cordons: Mutex::new(cordons),
@@ -142,7 +149,11 @@ impl Daemon {
             return;
         };
         let may_run = may_run.borrow().clone();
+        let handing_over = self.moves.lock().unwrap().handing_over.clone();
         for (name, spec) in desired.vms.iter().filter(|(_, spec)| spec.ha.enable) {
+            if handing_over.contains(name) {
+                continue; // paused at the switchover, quits once the stream is out
+            }
             let key = VmKey::new(&spec.org_id, &spec.project_id, name);
             let Some(slot) = self.slot(name) else {
                 continue;
@@ -184,7 +195,7 @@ impl Daemon {
     }
 
     /// Hands this host's full picture to the ChainFire session (it writes real changes only).
-    fn publish(&self) {
+    pub(super) fn publish(&self) {
         if self.chainfire.lock().unwrap().is_none() {
             return;
         }
@@ -523,6 +534,23 @@ impl Daemon {
                 "a console or events request needs its own connection".into(),
             )),
             Request::Save { vm } => self.save(&vm).await,
+            Request::Migrate {
+                vm,
+                to,
+                offline,
+                cancel,
+                bandwidth_mib,
+            } => {
+                let mode = MoveOptions {
+                    mode: if offline {
+                        crate::migration::Mode::Offline
+                    } else {
+                        crate::migration::Mode::Live
+                    },
+                    bandwidth: bandwidth_mib.map(|mib| mib << 20),
+                };
+                self.migrate_request(&vm, to, mode, cancel).await
+            }
             Request::ShutdownHost { timeout_seconds } => {
                 self.shutdown_host(Duration::from_secs(timeout_seconds))
                     .await
@@ -620,10 +648,9 @@ impl Daemon {
             vms: slots
                 .iter()
                 .map(|slot| {
-                    (
-                        slot.name.clone(),
-                        self.with_saves(&slot.name, slot.status()),
-                    )
+                    let mut status = self.with_saves(&slot.name, slot.status());
+                    status.migration_copies = self.copy_note(&slot.name);
+                    (slot.name.clone(), status)
                 })
                 .collect(),
             strangers: self.strangers.lock().unwrap().clone(),
@@ -717,6 +744,41 @@ impl Daemon {
                 seconds: started.elapsed().as_secs_f64(),
             },
         })
+    }
+
+    /// `plasmavmc migrate`: a move (or, `cancel`, the end of one in flight).
+    async fn migrate_request(
+        self: &Arc<Self>,
+        vm: &str,
+        to: Option<String>,
+        options: MoveOptions,
+        cancel: bool,
+    ) -> Result<Response, Refusal> {
+        if cancel {
+            return self
+                .cancel_migration(vm)
+                .map(|()| Response::Done {
+                    message: format!("{vm}: cancelling the move; the VM stays here"),
+                })
+                .map_err(|e| (ErrorKind::Failed, e));
+        }
+        let Some(to) = to else {
+            return Err((ErrorKind::BadRequest, "migrate needs --to HOST".into()));
+        };
+        let (progress, _) = tokio::sync::watch::channel(Default::default());
+        match self.migrate_vm(vm, &to, options, progress).await {
+            Ok(outcome) => Ok(Response::Migrated { outcome }),
+            Err(e @ MigrationError::Refused(_)) => {
+                Err((ErrorKind::Failed, format!("{vm} not moved: {e}")))
+            }
+            Err(e) => Err((ErrorKind::Failed, format!("{vm}: {e}"))),
+        }
+    }
+
+    /// Which disks a move of HA VM `vm` would copy (None: not HA, or every disk shared).
+    fn copy_note(&self, vm: &str) -> Option<String> {
+        let spec = self.declared(vm).ok().filter(|spec| spec.ha.enable)?;
+        crate::migration::running::copy_note(&spec)
     }
 
     /// A VM's status with its managed saves, as they are on disk now.
@@ -881,7 +943,9 @@ impl Daemon {
                 format!("cannot read VM {vm} from QEMU: {error}"),
             ));
         }
-        Ok(plan(&desired, &observed, &self.intents(&desired)))
+        let mut plan = plan(&desired, &observed, &self.intents(&desired));
+        plan.note_migration_copies(&desired);
+        Ok(plan)
     }
 
     /// The declared spec of `vm`, or the refusal naming the config file.
@@ -899,7 +963,7 @@ impl Daemon {
         Some((session.is_connected(), session.lease_status()))
     }
 
-    fn declared(&self, vm: &str) -> Result<VmSpec, Refusal> {
+    pub(super) fn declared(&self, vm: &str) -> Result<VmSpec, Refusal> {
         self.desired
             .lock()
             .unwrap()
@@ -938,7 +1002,7 @@ impl Daemon {
     /// Makes `intent` (`None`: none) the operator's decision for `vm`, in force only once
     /// written. The write runs off the async runtime, one at a time, without the decisions' lock:
     /// a hung state filesystem holds up this request alone, never `status` or the other VMs.
-    async fn record_operator(
+    pub(super) async fn record_operator(
         &self,
         vm: &str,
         intent: Option<OperatorIntent>,
@@ -1016,10 +1080,14 @@ impl Daemon {
         if self.host_stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return BTreeSet::new();
         }
+        let incoming = self.moves.lock().unwrap().incoming.clone();
         desired
             .vms
             .iter()
             .filter(|(name, spec)| {
+                if incoming.contains(*name) {
+                    return true; // arriving here: keeps the lock it is given
+                }
                 let by_operator = match operator.get(name) {
                     Some(OperatorIntent::Stopped | OperatorIntent::Saved) => false,
                     Some(OperatorIntent::Started) => true,
@@ -1175,7 +1243,7 @@ impl Daemon {
         self.vms.lock().unwrap().values().cloned().collect()
     }
 
-    fn slot(&self, name: &str) -> Option<Arc<VmSlot>> {
+    pub(super) fn slot(&self, name: &str) -> Option<Arc<VmSlot>> {
         self.vms.lock().unwrap().get(name).cloned()
     }
 }

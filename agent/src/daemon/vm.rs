@@ -30,6 +30,7 @@ use crate::action::Action;
 use crate::chainfire::{HaGate, VmKey};
 use crate::control::protocol::StepOutcome;
 use crate::events::What;
+use crate::migration::{running, RunningConfig};
 use crate::observed::ObservedVm;
 use crate::paths::{RunDir, SavedDir};
 use crate::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
@@ -83,11 +84,17 @@ impl Fencing {
             .gate
             .lease_for(&key)
             .context("HA: this host no longer holds the VM's lock under a trusted lease")?;
-        Ok(Guard {
+        Ok(self.guard_under(lease))
+    }
+
+    /// The guard of a QEMU bound to `lease` before it holds the VM's lock: a migration
+    /// target's incoming QEMU, which never resumes the guest without the lock.
+    fn guard_under(&self, lease: i64) -> Guard {
+        Guard {
             exe: self.guard_exe.clone(),
             trust_file: self.trust_file.clone(),
             lease,
-        })
+        }
     }
 }
 
@@ -416,7 +423,9 @@ impl VmSlot {
         observed.unplugging = rt.unplugging.clone();
         self.set_images(observed.disks.values().map(|disk| &disk.path));
         self.update_status(|s| {
-            s.state = if observed.paused {
+            s.state = if s.migration.is_some() {
+                VmState::Migrating // a move in flight says so until it ends
+            } else if observed.paused {
                 VmState::Paused
             } else {
                 VmState::Running
@@ -641,12 +650,28 @@ impl VmSlot {
         spec: &VmSpec,
         extra: &[&str],
     ) -> Result<(u32, Qmp)> {
+        self.launch_running(rt, shell, &RunningConfig::booting(spec), extra, None)
+            .await
+    }
+
+    /// `launch` of a running configuration (a migration target's, with `incoming_lease`: the
+    /// lease its fence guard watches before it holds the VM's lock).
+    async fn launch_running(
+        &self,
+        rt: &mut Runtime,
+        shell: &Shell,
+        running: &RunningConfig,
+        extra: &[&str],
+        incoming_lease: Option<i64>,
+    ) -> Result<(u32, Qmp)> {
+        let spec = &running.spec;
         self.update_status(|s| s.state = VmState::Starting);
         let vm_dir = shell.run_dir.vm(&self.name);
         let mut launched_pid = None;
         let launched = async {
-            let guard = match &shell.fencing {
-                Some(fencing) if spec.ha.enable => Some(fencing.guard(&self.name, spec)?),
+            let guard = match (&shell.fencing, incoming_lease) {
+                (Some(fencing), Some(lease)) => Some(fencing.guard_under(lease)),
+                (Some(fencing), None) if spec.ha.enable => Some(fencing.guard(&self.name, spec)?),
                 _ => None,
             };
             let confinement = &shell.confinement;
@@ -658,9 +683,9 @@ impl VmSlot {
             .await
             .with_context(|| format!("preparing the disks of VM {}", self.name))?;
             lifecycle::prepare_host_devices(&self.name, spec, confinement.run_as.as_ref())?;
-            let pid = process::launch_with_extra(
+            let pid = process::launch_running(
                 &self.name,
-                spec,
+                running,
                 &vm_dir,
                 &shell.qemu,
                 extra,
@@ -1100,6 +1125,103 @@ impl VmSlot {
         decide(&exit);
         drop(rt);
         Some(exit)
+    }
+
+    /// The configuration this VM's QEMU runs with now (boot spec plus live changes, devices
+    /// where they sit), with its QMP connection and PID: what a migration source sends.
+    pub async fn running_config(
+        &self,
+        declared: &VmSpec,
+    ) -> Result<(RunningConfig, Arc<Qmp>, u32)> {
+        let rt = self.runtime.lock().await;
+        let conn = rt
+            .conn
+            .as_ref()
+            .with_context(|| format!("VM {} is not running here", self.name))?;
+        if !rt.unplugging.is_empty() {
+            bail!(
+                "VM {} has devices the guest has not released yet ({}); move it once they are gone",
+                self.name,
+                rt.unplugging.iter().cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        let observed = observe::observe(&conn.qmp, conn.pid, conn.boot_spec.clone()).await?;
+        let placements = crate::qemu::migrate::placements(&conn.qmp).await?;
+        let cpus = crate::qemu::migrate::cpus(&conn.qmp).await?;
+        Ok((
+            running::running_config(&observed, placements, cpus, declared),
+            conn.qmp.clone(),
+            conn.pid,
+        ))
+    }
+
+    /// A migration target's QEMU: `running`'s devices, paused, waiting for `migrate-incoming`,
+    /// under a fence guard bound to `lease`. It is not this VM's QEMU yet (the VM shows no PID,
+    /// reconciles and fencing leave it alone) until `adopt_incoming`.
+    pub async fn launch_incoming(
+        &self,
+        shell: &Shell,
+        running: &RunningConfig,
+        lease: Option<i64>,
+    ) -> Result<(u32, Qmp)> {
+        let mut rt = self.runtime.lock().await;
+        if let Some(conn) = &rt.conn {
+            bail!("VM {} already runs here (pid {})", self.name, conn.pid);
+        }
+        if let Some(already) = &rt.untouchable {
+            bail!("VM {} has a QEMU here already: {already}", self.name);
+        }
+        let launched = self
+            .launch_running(
+                &mut rt,
+                shell,
+                running,
+                &["-S", "-incoming", "defer"],
+                lease,
+            )
+            .await;
+        self.update_status(|s| s.state = VmState::Migrating);
+        launched
+    }
+
+    /// The incoming QEMU, resumed: from now on it is this VM's.
+    pub async fn adopt_incoming(&self, shell: &Shell, qmp: Qmp, pid: u32, boot_spec: VmSpec) {
+        let mut rt = self.runtime.lock().await;
+        self.connect(&mut rt, shell, qmp, pid, boot_spec, Instant::now());
+        self.update_status(|s| {
+            s.migration = None;
+            s.last_error = None;
+            s.state_reason = None;
+        });
+    }
+
+    /// Kills an incoming QEMU that will not run the guest, and cleans up after it.
+    pub async fn discard_incoming(&self, shell: &Shell, pid: u32, running: &RunningConfig) {
+        let _ = lifecycle::kill(pid);
+        if !process::wait_for_exit(pid, EXIT_WAIT).await {
+            let mut rt = self.runtime.lock().await;
+            let why = "an incoming migration QEMU did not die on SIGKILL".to_owned();
+            self.set_untouchable(&mut rt, AlreadyRuns { pid, reason: why });
+            return;
+        }
+        self.launch_failed(shell, &running.spec);
+        self.mark_stopped();
+        self.update_status(|s| s.migration = None);
+    }
+
+    /// After a completed move: this QEMU (paused since the switchover) quits, never resumed.
+    pub async fn quit_migrated(&self, shell: &Shell, to: &str) {
+        let mut rt = self.runtime.lock().await;
+        let Some(conn) = rt.conn.take() else { return };
+        if let Err(e) = lifecycle::force_quit(Some(&conn.qmp), conn.pid).await {
+            tracing::error!(vm = %self.name, pid = conn.pid, "migrated, but QEMU would not exit: {e:#}");
+        }
+        self.forget_process(&mut rt, shell, &conn.boot_spec);
+        self.mark_stopped();
+        self.update_status(|s| {
+            s.migration = None;
+            s.state_reason = Some(format!("migrated to {to}"));
+        });
     }
 
     pub async fn reset(&self, shell: &Shell, soft: bool) -> Result<String> {

@@ -70,6 +70,7 @@ fn disk(path: &str) -> DiskSpec {
         size_mib: None,
         create: None,
         delete_on_remove: false,
+        shared: false,
     }
 }
 

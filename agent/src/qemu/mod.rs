@@ -10,6 +10,7 @@ pub mod guard;
 pub mod images;
 pub mod lifecycle;
 pub mod live;
+pub mod migrate;
 pub mod observe;
 pub mod passed;
 pub mod process;

@@ -25,6 +25,7 @@ use super::qmp::{Qmp, QmpError};
 use crate::argv;
 use crate::files::write_atomically;
 use crate::identity::{self, Pidfile, Role, Sighting, Verdict};
+use crate::migration::RunningConfig;
 use crate::paths::{RunDir, VmDir};
 use crate::spec::VmSpec;
 
@@ -95,13 +96,36 @@ pub fn launch_with_extra(
     guard: Option<&Guard>,
     confinement: &Confinement,
 ) -> Result<u32> {
+    let running = RunningConfig::booting(spec);
+    launch_running(name, &running, vm_dir, qemu, extra, guard, confinement)
+}
+
+/// Launches QEMU with `running`'s devices laid out as it says (a migration target), recording
+/// `running.boot_spec` as the spec QEMU booted with (pending changes stay pending).
+pub fn launch_running(
+    name: &str,
+    running: &RunningConfig,
+    vm_dir: &VmDir,
+    qemu: &Path,
+    extra: &[&str],
+    guard: Option<&Guard>,
+    confinement: &Confinement,
+) -> Result<u32> {
+    let spec = &running.spec;
     let passed = passed::open(name, spec)?;
     let block_devices = super::backing::block_devices(spec);
-    let mut args = argv::qemu_argv(name, spec, vm_dir, &block_devices, &passed.fds);
+    let mut args = argv::qemu_argv_laid_out(
+        name,
+        spec,
+        &running.layout,
+        vm_dir,
+        &block_devices,
+        &passed.fds,
+    );
     args.extend(extra.iter().map(|arg| (*arg).to_owned()));
     spawn(
         name,
-        spec,
+        &running.boot_spec,
         vm_dir,
         qemu,
         &args,

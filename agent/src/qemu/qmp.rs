@@ -214,8 +214,21 @@ impl Qmp {
             command: name,
             source: e.into(),
         })?;
-        let value = self
-            .transport
+        let value = self.command(name, arguments).await?;
+        serde_json::from_value(value).map_err(|e| QmpError::Io {
+            command: name,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })
+    }
+
+    /// Any command by name with JSON arguments, answered as JSON: migration's commands, whose
+    /// arguments and answers the agent reads only in part.
+    pub async fn command(
+        &self,
+        name: &'static str,
+        arguments: serde_json::Value,
+    ) -> Result<serde_json::Value, QmpError> {
+        self.transport
             .execute(name, &arguments, self.command_timeout)
             .await
             .map_err(|e| match e {
@@ -232,11 +245,7 @@ impl Qmp {
                     command: name,
                     source,
                 },
-            })?;
-        serde_json::from_value(value).map_err(|e| QmpError::Io {
-            command: name,
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })
+            })
     }
 
     pub async fn query_status(&self) -> Result<qmp::StatusInfo, QmpError> {

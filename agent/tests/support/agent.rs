@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 
 #[path = "guest.rs"]
 pub mod guest;
+#[path = "mount_ns.rs"]
+pub mod mount_ns;
 #[path = "procs.rs"]
 pub mod procs;
 
@@ -206,14 +208,28 @@ impl Host {
 
     /// `start_agent_with`, the agent's environment extended by `env`.
     pub fn start_agent_with_env(&mut self, flags: &[&str], env: &[(&str, &str)]) {
+        let command = self.agent_command();
+        self.spawn_agent(command, flags, env);
+    }
+
+    /// Starts the agent in a mount namespace of its own where `over` shows `dir` (`unshare -m`
+    /// and a bind mount): the same path is a different file for it and its QEMUs, as on another
+    /// host.
+    pub fn start_agent_with_mount(&mut self, dir: &Path, over: &Path, flags: &[&str]) {
+        let agent = self.agent_command();
+        let mut command = mount_ns::command(dir, over, agent.get_program());
+        command.args(agent.get_args());
+        self.spawn_agent(command, flags, &[]);
+    }
+
+    fn spawn_agent(&mut self, mut command: Command, flags: &[&str], env: &[(&str, &str)]) {
         assert!(self.agent.is_none(), "an agent already runs");
         let log = File::options()
             .create(true)
             .append(true)
             .open(self.agent_log())
             .unwrap();
-        let child = self
-            .agent_command()
+        let child = command
             .args(flags)
             .env("RUST_LOG", "debug")
             .envs(env.iter().copied())

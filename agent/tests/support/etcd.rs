@@ -117,7 +117,12 @@ struct ProxyState {
 
 impl CutProxy {
     pub async fn start(upstream: String) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        Self::start_at("127.0.0.1:0", upstream).await
+    }
+
+    /// A proxy listening on `bind` (`ADDR:PORT`).
+    pub async fn start_at(bind: &str, upstream: String) -> Self {
+        let listener = TcpListener::bind(bind).await.expect("bind proxy");
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let upstream = upstream.trim_start_matches("http://").to_owned();
         let state = Arc::new(Mutex::new(ProxyState::default()));

@@ -55,8 +55,7 @@ impl Agent {
         netns: Option<&str>,
         extra: &[&str],
     ) -> Result<Self> {
-        let log = std::fs::File::create(run_dir.with_extension("agent.log"))?;
-        let mut command = match netns {
+        let command = match netns {
             // `ip netns exec` execs the agent, so the child's PID is the agent's.
             Some(netns) => {
                 let mut command = Command::new("ip");
@@ -65,6 +64,32 @@ impl Agent {
             }
             None => Command::new(binary),
         };
+        Self::spawn_command(command, binary, config, state_dir, run_dir, extra)
+    }
+
+    /// `spawn` in a mount namespace of its own where `over` shows `dir` (another host's view of
+    /// the same path).
+    pub fn spawn_mounted(
+        binary: &Path,
+        config: &Path,
+        state_dir: &Path,
+        run_dir: &Path,
+        (dir, over): (&Path, &Path),
+        extra: &[&str],
+    ) -> Result<Self> {
+        let command = crate::mount_ns::command(dir, over, binary.as_os_str());
+        Self::spawn_command(command, binary, config, state_dir, run_dir, extra)
+    }
+
+    fn spawn_command(
+        mut command: Command,
+        binary: &Path,
+        config: &Path,
+        state_dir: &Path,
+        run_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let log = std::fs::File::create(run_dir.with_extension("agent.log"))?;
         let child = command
             .arg("agent")
             .arg("--config")

@@ -13,6 +13,9 @@ mod ha;
 mod hotplug;
 #[path = "../../../tests/support/local_etcd.rs"]
 mod local_etcd;
+mod migrate;
+#[path = "../../../tests/support/mount_ns.rs"]
+mod mount_ns;
 mod plan;
 #[path = "../../../tests/support/procs.rs"]
 mod procs;
@@ -110,6 +113,22 @@ enum Bench {
         /// The agent's --stop-timeout there (each VM ignores ACPI, so each waits this long).
         #[arg(long, default_value_t = 2)]
         stop_timeout: u64,
+    },
+    /// Live migration between two agents on this machine (loopback etcd; the second agent in a
+    /// mount namespace of its own): downtime and total time of an idle guest, of a guest
+    /// dirtying memory (auto-converge) and of a guest with a 1 GiB local disk (NBD mirror);
+    /// and the restart way (HA failover) in the same run. Needs root.
+    Migrate {
+        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+        #[arg(long, default_value = "target/test-guest")]
+        guest_dir: PathBuf,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u64,
+        /// Moves per guest (back and forth).
+        #[arg(long, default_value_t = 6)]
+        rounds: usize,
     },
     /// ChainFire against loopback etcd: host-failure detection and HA failover after a kill -9
     /// per TTL, store writes per minute in steady state, publish latency of a state change.
@@ -271,6 +290,17 @@ fn main() -> anyhow::Result<()> {
         } => disks::report(&disks::Options {
             guest_dir: std::path::absolute(guest_dir)?,
             work_dir,
+            rounds,
+        })?,
+        Bench::Migrate {
+            guest_dir,
+            work_dir,
+            memory_mib,
+            rounds,
+        } => migrate::report(&migrate::Options {
+            guest_dir: std::path::absolute(guest_dir)?,
+            work_dir,
+            memory_mib,
             rounds,
         })?,
         Bench::Save {

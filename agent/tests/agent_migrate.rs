@@ -1,0 +1,541 @@
+//! Live migration end to end: two real agents (hosts `a` and `b`, their own run dirs and host
+//! ids; `b` in a mount namespace of its own, where the local disk's directory is another one)
+//! against a real etcd, one real HA guest with a shared disk and a local one (copied by every
+//! move), moved back and forth and broken mid-move in every way the issue names. One booted
+//! guest serves every check.
+//!
+//! A watcher samples both hosts every 20 ms all along and fails the test the moment two copies
+//! run: it counts the VM's QEMU processes (by `/proc`, never by status: at most two, the source
+//! and an incoming one, during a move) and reads the guest's heartbeat on both consoles. The
+//! guest prints its own uptime every 0.2 s; two copies running at once would both print, so the
+//! consoles' heartbeats would interleave in guest time. Ordered by guest uptime, the heartbeats
+//! change host at most once per move started.
+
+#[path = "support/etcd.rs"]
+mod etcd;
+#[path = "support/agent.rs"]
+mod harness;
+#[path = "support/local_etcd.rs"]
+mod local_etcd;
+#[path = "support/qemu_harness.rs"]
+mod qemu_harness;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd::CutProxy;
+use harness::*;
+use serde_json::{json, Value};
+
+const VM: &str = "mig1";
+const HEARTBEAT: &str = "HB:";
+/// `b`'s migration ports (the stream, then the disk copies): its incoming QEMU listens on
+/// 127.0.0.2, a proxy on 127.0.0.1 for each (the stream's is the one the test cuts).
+const B_PORT: u16 = 49391;
+/// A bandwidth cap (MiB/s) that keeps a move in flight long enough to break it.
+const SLOW: &str = "1";
+
+fn flags(endpoint: &str, host_id: &str) -> Vec<String> {
+    let mut flags: Vec<String> = [
+        "--stop-timeout",
+        "2",
+        "--chainfire",
+        endpoint,
+        "--host-id",
+        host_id,
+        "--lease-ttl",
+        "3",
+        "--migration-address",
+        "127.0.0.1",
+    ]
+    .map(str::to_owned)
+    .into();
+    if host_id == "b" {
+        flags.extend(
+            ["--migration-listen", "127.0.0.2", "--migration-ports"]
+                .map(str::to_owned)
+                .into_iter()
+                .chain([format!("{B_PORT}-{}", B_PORT + 1)]),
+        );
+    } else {
+        flags.extend(["--migration-ports".into(), "49381-49382".into()]);
+    }
+    flags
+}
+
+fn start(host: &mut Host, endpoint: &str, id: &str) {
+    let flags = flags(endpoint, id);
+    host.start_agent_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// The VM as both hosts declare it: HA, a shared disk and a local one (copied by every move),
+/// room for one more vCPU and one more disk.
+fn declaration(host: &Host, shared: &PathBuf, local: &PathBuf) -> Value {
+    host.vm(json!({
+        "ha": {"enable": true},
+        "maxVcpus": 2,
+        "hotplugSlots": 2,
+        "disks": {
+            "shared1": {"path": shared, "format": "qcow2", "serial": "shared1", "shared": true},
+            "local1": {"path": local, "format": "qcow2", "serial": "local1", "sizeMiB": 16, "create": {}},
+        },
+    }))
+}
+
+/// Samples both hosts until dropped; `moves` counts the moves started so far.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    moves: Arc<AtomicUsize>,
+    failure: Arc<Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    fn start(a: &Host, b: &Host) -> Watcher {
+        let (stop, moves) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let failure = Arc::new(Mutex::new(None));
+        let runs = [a.run_dir.clone(), b.run_dir.clone()];
+        let (s, m, f) = (stop.clone(), moves.clone(), failure.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let qemus: usize = runs.iter().map(|r| procs::qemu_count(r, VM)).sum();
+                let switches = heartbeat_switches(&runs);
+                let moves = m.load(Ordering::SeqCst);
+                let problem = if qemus > 2 {
+                    Some(format!("{qemus} QEMUs of {VM} at once"))
+                } else if switches > moves {
+                    Some(format!(
+                        "two copies ran: the guest's heartbeats changed host {switches} times in {moves} moves"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    f.lock().unwrap().get_or_insert(problem);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Watcher {
+            stop,
+            moves,
+            failure,
+            thread: Some(thread),
+        }
+    }
+
+    fn move_starts(&self) {
+        self.moves.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn check(&self) {
+        if let Some(problem) = self.failure.lock().unwrap().clone() {
+            panic!("{problem}");
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The guest's heartbeats on both consoles, by guest uptime: how often the host changes.
+fn heartbeat_switches(runs: &[PathBuf; 2]) -> usize {
+    let mut beats: Vec<(f64, usize)> = Vec::new();
+    for (host, run) in runs.iter().enumerate() {
+        let log = std::fs::read_to_string(run.join("vms").join(VM).join("console.log"))
+            .unwrap_or_default();
+        beats.extend(
+            log.split(HEARTBEAT)
+                .skip(1)
+                .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+                .map(|uptime: f64| (uptime, host)),
+        );
+    }
+    beats.sort_by(|x, y| x.0.total_cmp(&y.0));
+    beats.windows(2).filter(|w| w[0].1 != w[1].1).count()
+}
+
+/// Heartbeats `host`'s console has shown.
+fn beats(host: &Host) -> usize {
+    host.console(VM).matches(HEARTBEAT).count()
+}
+
+/// Waits until the guest beats on `host` (it runs there).
+fn wait_beating(host: &Host, what: &str) {
+    let before = beats(host);
+    let deadline = Instant::now() + AGENT;
+    while beats(host) < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the guest does not run; console:\n{}\nagent log:\n{}",
+            host.console(VM),
+            host.agent_log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Types `commands` into the guest's console on `host`; the console's output until they ran
+/// (a marker the shell prints after them: the heartbeat keeps the console from ever going quiet).
+fn guest(host: &Host, commands: &str) -> String {
+    static SEQ: AtomicUsize = AtomicUsize::new(0);
+    let n = SEQ.fetch_add(1, Ordering::SeqCst);
+    let mut child = plasmavmc()
+        .args(["console", VM, "--run-dir"])
+        .arg(&host.run_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("plasmavmc console");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{commands}\necho \"DO\"\"NE-{n}\"\n").as_bytes())
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(read) = std::io::Read::read(&mut stdout, &mut buf) {
+            if read == 0 || tx.send(buf[..read].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let (marker, deadline) = (format!("DONE-{n}"), Instant::now() + AGENT);
+    let mut output = Vec::new();
+    while !String::from_utf8_lossy(&output).contains(&marker) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never ran {commands:?}; console output:\n{}",
+            String::from_utf8_lossy(&output)
+        );
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+            output.extend(chunk);
+        }
+    }
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    // The agent frees the console's writer seat once it sees the client gone.
+    std::thread::sleep(Duration::from_millis(300));
+    String::from_utf8_lossy(&output).into_owned()
+}
+
+/// The guest's uptime (seconds), as the guest says.
+fn guest_uptime(host: &Host) -> f64 {
+    let out = guest(
+        host,
+        "read up rest < /proc/uptime; echo \"UP\"\"TIME=$up\"\n",
+    );
+    out.split("UPTIME=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no uptime in the console output:\n{out}"))
+}
+
+/// `plasmavmc migrate` on `from`, in the background.
+fn migrate_in_background(from: &Host, args: &[&str]) -> Child {
+    plasmavmc()
+        .arg("migrate")
+        .arg(VM)
+        .args(args)
+        .arg("--run-dir")
+        .arg(&from.run_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("plasmavmc migrate")
+}
+
+fn finished(child: Child) -> Cli {
+    let output = child.wait_with_output().unwrap();
+    Cli {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Waits until `host`'s move of the VM has sent some memory: the move is in flight.
+fn wait_mid_move(host: &Host) {
+    host.wait_status("a move in flight", AGENT, |s| {
+        s["vms"][VM]["migration"]["ramTransferredBytes"]
+            .as_u64()
+            .is_some_and(|bytes| bytes > 256 << 10)
+    });
+}
+
+/// The move was abandoned: exit 1, the VM runs on `source` as before (same QEMU, the guest
+/// beating), nothing of it on `target`.
+fn assert_abandoned(move_: Cli, source: &Host, target: &Host, source_pid: u32, what: &str) {
+    assert_eq!(move_.code, 1, "{what}: {move_:?}");
+    assert!(
+        move_.stderr.contains("runs here as before"),
+        "{what}: says the VM stays: {move_:?}"
+    );
+    let status = source.wait_status(&format!("{what}: {VM} running again"), AGENT, |s| {
+        s["vms"][VM]["state"] == "running"
+    });
+    assert_eq!(
+        status["vms"][VM]["pid"], source_pid,
+        "{what}: the same QEMU"
+    );
+    wait_beating(source, what);
+    let deadline = Instant::now() + AGENT;
+    while target.qemu_count(VM) != 0 {
+        assert!(Instant::now() < deadline, "{what}: the incoming QEMU stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() {
+    let etcd = etcd::single();
+    let endpoint = etcd.endpoint(0);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let proxy = runtime.block_on(CutProxy::start_at(
+        &format!("127.0.0.1:{B_PORT}"),
+        format!("127.0.0.2:{B_PORT}"),
+    ));
+    let nbd_port = B_PORT + 1;
+    let _nbd_proxy = runtime.block_on(CutProxy::start_at(
+        &format!("127.0.0.1:{nbd_port}"),
+        format!("127.0.0.2:{nbd_port}"),
+    ));
+    let mut a = Host::new();
+    let mut b = Host::another(&a);
+    let shared = a.image("shared.qcow2");
+    // The local disk's directory: on b (its own mount namespace) the same path is b's directory.
+    let (a_local, b_local) = (a.dir.path().join("local"), b.dir.path().join("local"));
+    std::fs::create_dir_all(&a_local).unwrap();
+    std::fs::create_dir_all(&b_local).unwrap();
+    let template = declaration(&a, &shared, &a_local.join("local1.qcow2"));
+    let declared = |extra: Value| {
+        let mut vm = template.clone();
+        for (key, value) in extra.as_object().unwrap() {
+            vm[key] = value.clone();
+        }
+        json!({ VM: vm })
+    };
+    for host in [&a, &b] {
+        host.write_config(declared(json!({})));
+    }
+    start(&mut a, &endpoint, "a");
+    a.wait_running(VM);
+    a.wait_boot(VM);
+    let b_flags = flags(&endpoint, "b");
+    let b_flags: Vec<&str> = b_flags.iter().map(String::as_str).collect();
+    b.start_agent_with_mount(&b_local, &a_local, &b_flags);
+    b.wait_status("b standing by", AGENT, |s| {
+        s["vms"][VM]["heldDown"] == "HA: another host holds it (a)"
+    });
+    let watcher = Watcher::start(&a, &b);
+
+    // Live changes since boot (a vCPU, a disk) and one that waits for a boot (cmdline).
+    let hot = a.image("hot.qcow2");
+    let changed = declared(json!({
+        "vcpus": 2,
+        "cmdline": format!("{} plasmavmc.pending=1", guest::guest_cmdline(false)),
+    }));
+    let mut changed_vm = changed[VM].clone();
+    changed_vm["disks"]["hot1"] =
+        json!({"path": hot, "format": "qcow2", "serial": "hot1", "shared": true});
+    let changed = json!({ VM: changed_vm });
+    b.write_config(changed.clone());
+    a.write_config(changed);
+    a.cli(&["reload"]).expect_code(0, "live changes on a");
+    let before = a.wait_status("vCPU and disk plugged", AGENT, |s| {
+        let devices = device_ids(&s["vms"][VM]);
+        devices.contains(&"disk-hot1".to_owned()) && devices.iter().any(|d| d.starts_with("vcpu-"))
+    });
+    assert_eq!(
+        before["vms"][VM]["pending"][0]["field"], "cmdline",
+        "{before:#}"
+    );
+    b.cli(&["reload"])
+        .expect_code(0, "b reloads its declaration");
+
+    // The guest beats, and leaves a mark on the shared disk.
+    guest(
+        &a,
+        "(while true; do read up rest < /proc/uptime; echo \"H\"\"B:$up\"; sleep 0.2; done) &\n\
+         dev() { for d in /sys/block/vd*; do read s < $d/serial; [ \"$s\" = $1 ] && echo /dev/${d##*/}; done; }\n\
+         echo MIGRATION-MARK-42 | dd of=$(dev shared1) bs=512 count=1 conv=fsync 2>/dev/null\n\
+         echo LOCAL-MARK-777777 | dd of=$(dev local1) bs=512 count=1 conv=fsync 2>/dev/null",
+    );
+    wait_beating(&a, "heartbeat on a");
+    let uptime_before = guest_uptime(&a);
+
+    // 1. A live move a -> b (through the proxy in front of b's listener).
+    watcher.move_starts();
+    let moved = a
+        .cli(&["migrate", VM, "--to", "b", "--json"])
+        .expect_code(0, "live move a -> b");
+    let outcome: Value = serde_json::from_str(moved.stdout.trim()).unwrap();
+    assert_eq!(
+        (
+            &outcome["vm"],
+            &outcome["from"],
+            &outcome["to"],
+            &outcome["mode"]
+        ),
+        (&json!(VM), &json!("a"), &json!("b"), &json!("live")),
+        "{outcome}"
+    );
+    assert!(
+        outcome["transferredBytes"].as_u64().unwrap() > 0,
+        "{outcome}"
+    );
+    assert!(outcome["downtimeMs"].as_u64().unwrap() < outcome["totalMs"].as_u64().unwrap());
+    eprintln!("live move a -> b: {outcome}");
+    watcher.check();
+    assert_eq!(a.qemu_count(VM), 0, "the source QEMU is gone");
+    assert_eq!(b.qemu_count(VM), 1);
+    let on_b = b.wait_running(VM);
+    wait_beating(&b, "heartbeat on b");
+    assert!(
+        !b.console(VM).contains(guest::READY),
+        "no second boot on b:\n{}",
+        b.console(VM)
+    );
+    assert!(
+        guest_uptime(&b) > uptime_before,
+        "the guest's uptime goes on"
+    );
+    let read = guest(
+        &b,
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=$(dev shared1) bs=17 count=1 2>/dev/null; echo\n\
+         dd if=$(dev local1) bs=17 count=1 2>/dev/null; echo",
+    );
+    assert!(
+        read.contains("MIGRATION-MARK-42"),
+        "the mark is there: {read}"
+    );
+    assert!(
+        read.contains("LOCAL-MARK-777777"),
+        "the local disk was copied: {read}"
+    );
+    assert!(
+        b_local.join("local1.qcow2").is_file(),
+        "b's own copy, in b's directory"
+    );
+    let on_b_status = b.vm_status(VM);
+    let devices = device_ids(&on_b_status);
+    assert!(
+        devices.contains(&"disk-hot1".to_owned()) && devices.iter().any(|d| d.starts_with("vcpu-")),
+        "the hotplugged disk and vCPU came along: {devices:?}"
+    );
+    assert_eq!(
+        on_b_status["pending"][0]["field"], "cmdline",
+        "pending stays pending: {on_b_status:#}"
+    );
+    let cluster = b
+        .cli(&["status", "--cluster"])
+        .expect_code(0, "cluster status");
+    let line = cluster
+        .stdout
+        .lines()
+        .find(|l| l.contains(VM))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        line.starts_with('b') && line.contains("running"),
+        "{}",
+        cluster.stdout
+    );
+    let a_status = a.vm_status(VM);
+    assert_eq!(
+        a_status["heldDown"], "HA: another host holds it (b)",
+        "{a_status:#}"
+    );
+
+    // 2. `--cancel` mid-move (b -> a): the VM stays on b.
+    watcher.move_starts();
+    let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
+    wait_mid_move(&b);
+    b.cli(&["migrate", VM, "--cancel"]).expect_code(0, "cancel");
+    assert_abandoned(finished(move_), &b, &a, on_b, "cancel");
+    watcher.check();
+
+    // 3. The target's QEMU killed -9 mid-move (b -> a).
+    watcher.move_starts();
+    let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
+    wait_mid_move(&b);
+    let incoming = procs::qemu_pids(&a.run_dir, VM);
+    assert_eq!(incoming.len(), 1, "one incoming QEMU on a");
+    kill_9(incoming[0]);
+    assert_abandoned(finished(move_), &b, &a, on_b, "target QEMU killed");
+    watcher.check();
+
+    // 4. The target's agent killed -9 mid-move (b -> a); its fence guard takes the incoming
+    // QEMU down, the source resumes.
+    watcher.move_starts();
+    let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
+    wait_mid_move(&b);
+    a.kill_agent();
+    assert_abandoned(finished(move_), &b, &a, on_b, "target agent killed");
+    watcher.check();
+    start(&mut a, &endpoint, "a");
+    a.wait_status("a standing by again, its incoming QEMU gone", AGENT, |s| {
+        s["vms"][VM]["heldDown"] == "HA: another host holds it (b)" && s["vms"][VM]["pid"].is_null()
+    });
+
+    // 5. Back to a, live.
+    watcher.move_starts();
+    let back = b
+        .cli(&["migrate", VM, "--to", "a"])
+        .expect_code(0, "live move b -> a");
+    assert!(back.stdout.contains("moved live from b to a"), "{back:?}");
+    let on_a = a.wait_running(VM);
+    wait_beating(&a, "heartbeat back on a");
+    assert_eq!(b.qemu_count(VM), 0);
+    watcher.check();
+
+    // 6. The migration connection cut mid-move (a -> b, through the proxy).
+    watcher.move_starts();
+    let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
+    wait_mid_move(&a);
+    proxy.cut();
+    assert_abandoned(finished(move_), &a, &b, on_a, "connection cut");
+    proxy.heal();
+    watcher.check();
+
+    // 7. The source's agent killed -9 mid-move (a -> b): HA failover. a's guard fences its
+    // copy, the incoming QEMU never resumes without the lock, b boots the VM afresh.
+    watcher.move_starts();
+    let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
+    wait_mid_move(&a);
+    a.kill_agent();
+    drop(finished(move_));
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let (on_a, on_b) = (a.qemu_count(VM), b.qemu_count(VM));
+        let status = b.vm_status(VM);
+        if on_a == 0 && on_b == 1 && status["state"] == "running" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never took the VM over (a {on_a}, b {on_b}):\n{status:#}\n{}",
+            b.agent_log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.wait_boot(VM);
+    watcher.check();
+    drop(watcher);
+}
