@@ -98,6 +98,20 @@ fn validate_accepts_a_good_file_and_lists_every_problem_of_a_bad_one() {
         "{}",
         out.stderr
     );
+    // The same, for scripts: exit 2 and every problem with its path.
+    let out = run(&["validate", "--json", path_str(&bad)]).expect_code(2, "invalid, JSON");
+    let report: Value = serde_json::from_str(&out.stdout).expect("validate --json is JSON");
+    assert_eq!(report["valid"], false);
+    let paths: Vec<&str> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["path"].as_str())
+        .collect();
+    assert!(
+        paths.contains(&"vms.web.vcpus") && paths.contains(&"vms.web.nics.eth0.mac"),
+        "{report}"
+    );
 
     let missing = dir.path().join("missing.json");
     let out = run(&["validate", path_str(&missing)]).expect_code(2, "missing file");

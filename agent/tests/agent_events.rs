@@ -133,6 +133,22 @@ fn events_show_a_hotplug_then_a_qemu_kill_in_order_and_status_watch_redraws() {
         );
     }
 
+    // Results as JSON for scripts, and the documented exit codes.
+    let reset = host
+        .cli(&["reset", "web", "--json"])
+        .expect_code(0, "reset --json");
+    let reset: Value = serde_json::from_str(&reset.stdout).expect("reset --json is JSON");
+    assert!(
+        reset["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("hard reset")),
+        "{reset}"
+    );
+    host.cli(&["start", "nosuch", "--json"])
+        .expect_code(2, "start of an undeclared VM");
+    host.cli(&["save", "nosuch", "--json"])
+        .expect_code(2, "save of an undeclared VM");
+
     // The table, redrawn at least twice (a non-terminal gets one table after another).
     let watch = Follower::start(&host, &["status", "--watch", "--interval", "1s"]);
     let deadline = Instant::now() + AGENT;

@@ -34,8 +34,32 @@ pub fn agent(options: AgentOptions) -> ExitCode {
     }
 }
 
-pub fn validate(file: &Path) -> ExitCode {
-    match load_desired_state(file) {
+pub fn validate(file: &Path, json: bool) -> ExitCode {
+    let loaded = load_desired_state(file);
+    if json {
+        let problems: Vec<serde_json::Value> = match &loaded {
+            Ok(_) => Vec::new(),
+            Err(LoadError::Invalid { errors, .. }) => errors
+                .problems()
+                .iter()
+                .map(|p| serde_json::json!({"path": p.path, "message": p.message}))
+                .collect(),
+            Err(e @ LoadError::Read { .. }) => {
+                vec![serde_json::json!({"path": "", "message": e.to_string()})]
+            }
+        };
+        let vms = loaded.as_ref().map_or(0, |desired| desired.vms.len());
+        println!(
+            "{}",
+            serde_json::json!({"file": file, "valid": loaded.is_ok(), "vms": vms, "problems": problems})
+        );
+        return if loaded.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_INVALID)
+        };
+    }
+    match loaded {
         Ok(desired) => {
             println!("{}: valid ({} VMs)", file.display(), desired.vms.len());
             ExitCode::SUCCESS
@@ -91,7 +115,8 @@ pub fn plan(config: Option<&Path>, run_dir: &Path, json: bool) -> ExitCode {
 }
 
 pub fn reload(run_dir: &Path, json: bool) -> ExitCode {
-    applied(ask(run_dir, Request::Reload), json)
+    let what = "applying the config (a guest slow to release a device holds it up)".to_owned();
+    applied(ask_showing(run_dir, Request::Reload, what), json)
 }
 
 pub fn status(run_dir: &Path, json: bool, cluster: bool) -> ExitCode {
@@ -127,8 +152,9 @@ fn cluster_status(run_dir: &Path, json: bool) -> ExitCode {
     }
 }
 
-pub fn start(run_dir: &Path, vm: String) -> ExitCode {
-    applied(ask(run_dir, Request::Start { vm }), false)
+pub fn start(run_dir: &Path, vm: String, json: bool) -> ExitCode {
+    let what = format!("starting {vm}");
+    applied(ask_showing(run_dir, Request::Start { vm }, what), json)
 }
 
 pub fn stop(
@@ -143,11 +169,15 @@ pub fn stop(
         timeout_ms: timeout.map(|t| t.as_millis() as u64),
         force,
     };
-    let progress = std::io::stderr()
-        .is_terminal()
-        .then(|| Progress::start(vm, timeout, force));
-    let answer = ask(run_dir, request);
-    drop(progress);
+    let what = match (force, timeout) {
+        (true, _) => "force-quitting QEMU".to_owned(),
+        (false, Some(t)) => format!(
+            "waiting for the guest to shut down (then quit QEMU after {})",
+            humantime::format_duration(t)
+        ),
+        (false, None) => "waiting for the guest to shut down".to_owned(),
+    };
+    let answer = ask_showing(run_dir, request, format!("stopping {vm}: {what}"));
     match answer {
         Ok(Response::Stopped { stop }) => {
             if json {
@@ -192,20 +222,12 @@ impl Progress {
         }
     }
 
-    /// How long `stop` has waited, every second.
-    fn start(vm: String, timeout: Option<std::time::Duration>, force: bool) -> Progress {
+    /// `what... Ns` every second: what a command waits for, and for how long.
+    fn waiting(what: String) -> Progress {
         let started = std::time::Instant::now();
-        let what = match (force, timeout) {
-            (true, _) => "force-quitting QEMU".to_owned(),
-            (false, Some(t)) => format!(
-                "waiting for the guest to shut down (then quit QEMU after {})",
-                humantime::format_duration(t)
-            ),
-            (false, None) => "waiting for the guest to shut down".to_owned(),
-        };
         Progress::every(std::time::Duration::from_secs(1), move || {
             let waited = started.elapsed().as_secs();
-            Some(format!("stopping {vm}: {what}... {waited}s"))
+            Some(format!("{what}... {waited}s"))
         })
     }
 
@@ -238,20 +260,30 @@ impl Drop for Progress {
     }
 }
 
-pub fn reset(run_dir: &Path, vm: String, soft: bool) -> ExitCode {
-    done(ask(run_dir, Request::Reset { vm, soft }))
+pub fn reset(run_dir: &Path, vm: String, soft: bool, json: bool) -> ExitCode {
+    let what = match soft {
+        true => format!(
+            "soft reset of {vm}: waiting for the guest to shut down (a hard reset if it does not)"
+        ),
+        false => format!("resetting {vm}"),
+    };
+    done(
+        ask_showing(run_dir, Request::Reset { vm, soft }, what),
+        json,
+    )
 }
 
-pub fn save(run_dir: &Path, vm: String) -> ExitCode {
-    done(ask(run_dir, Request::Save { vm }))
+pub fn save(run_dir: &Path, vm: String, json: bool) -> ExitCode {
+    let what = format!("saving {vm} (memory and devices)");
+    done(ask_showing(run_dir, Request::Save { vm }, what), json)
 }
 
 pub fn cordon(run_dir: &Path) -> ExitCode {
-    done(ask(run_dir, Request::Cordon))
+    done(ask(run_dir, Request::Cordon), false)
 }
 
 pub fn uncordon(run_dir: &Path) -> ExitCode {
-    done(ask(run_dir, Request::Uncordon))
+    done(ask(run_dir, Request::Uncordon), false)
 }
 
 /// `plasmavmc migrate`: progress on a terminal (the VM's status, asked every half second), then
@@ -296,7 +328,11 @@ pub fn shutdown_host(
             return ExitCode::SUCCESS;
         }
     }
-    done(ask(run_dir, Request::ShutdownHost { timeout_seconds }))
+    let what = "taking every VM down (powerdown or save)".to_owned();
+    done(
+        ask_showing(run_dir, Request::ShutdownHost { timeout_seconds }, what),
+        false,
+    )
 }
 
 /// What `systemctl is-system-running` says (`stopping` while the host shuts down).
@@ -310,11 +346,15 @@ fn system_state() -> String {
     }
 }
 
-/// Prints the agent's `Done` message.
-fn done(answer: Result<Response, ClientError>) -> ExitCode {
+/// Prints the agent's `Done` message (with `json`: `{"message": ...}`).
+fn done(answer: Result<Response, ClientError>, json: bool) -> ExitCode {
     match answer {
         Ok(Response::Done { message }) => {
-            println!("{message}");
+            if json {
+                println!("{}", serde_json::json!({ "message": message }));
+            } else {
+                println!("{message}");
+            }
             ExitCode::SUCCESS
         }
         Ok(other) => unexpected(other),
@@ -326,6 +366,14 @@ fn done(answer: Result<Response, ClientError>) -> ExitCode {
 /// match to handle via `unexpected`.
 fn ask(run_dir: &Path, request: Request) -> Result<Response, ClientError> {
     client::request(&RunDir::new(run_dir).control_socket(), &request)
+}
+
+/// `ask`, showing on a terminal `what` it waits for, and for how long.
+fn ask_showing(run_dir: &Path, request: Request, what: String) -> Result<Response, ClientError> {
+    let _progress = std::io::stderr()
+        .is_terminal()
+        .then(|| Progress::waiting(what));
+    ask(run_dir, request)
 }
 
 /// Prints what the agent applied (as JSON with `json`); exit 1 if any step failed.

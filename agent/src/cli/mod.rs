@@ -69,6 +69,9 @@ enum Command {
     Validate {
         /// The desired-state JSON file.
         file: PathBuf,
+        /// {"file", "valid", "vms", "problems": [{"path", "message"}]}.
+        #[arg(long)]
+        json: bool,
     },
     /// Show what the agent would change (read-only): steps applied live and changes pending
     /// until a restart.
@@ -122,6 +125,9 @@ enum Command {
     /// Start a declared VM, cancelling an earlier `stop` or a restart backoff.
     Start {
         vm: String,
+        /// Print the report as JSON (as `reload --json`).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -155,6 +161,9 @@ enum Command {
         /// falls back to a hard reset (and says so) if the guest does not shut down in time.
         #[arg(long)]
         soft: bool,
+        /// Print the outcome as JSON: {"message"}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -220,6 +229,9 @@ enum Command {
     /// and the VM boots fresh.
     Save {
         vm: String,
+        /// Print the outcome as JSON: {"message"}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -411,7 +423,7 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Agent(args) => commands::agent(args.into_options()),
-        Command::Validate { file } => commands::validate(&file),
+        Command::Validate { file, json } => commands::validate(&file, json),
         Command::Plan {
             config,
             run_dir,
@@ -431,7 +443,7 @@ pub fn run() -> ExitCode {
             ..
         } => commands::status(&run_dir.run_dir, json, cluster),
         Command::Events { json, run_dir } => events::events(&run_dir.run_dir, json),
-        Command::Start { vm, run_dir } => commands::start(&run_dir.run_dir, vm),
+        Command::Start { vm, json, run_dir } => commands::start(&run_dir.run_dir, vm, json),
         Command::Stop {
             vm,
             timeout,
@@ -439,7 +451,12 @@ pub fn run() -> ExitCode {
             json,
             run_dir,
         } => commands::stop(&run_dir.run_dir, vm, timeout, force, json),
-        Command::Reset { vm, soft, run_dir } => commands::reset(&run_dir.run_dir, vm, soft),
+        Command::Reset {
+            vm,
+            soft,
+            json,
+            run_dir,
+        } => commands::reset(&run_dir.run_dir, vm, soft, json),
         Command::Console {
             vm,
             no_stdin,
@@ -459,7 +476,7 @@ pub fn run() -> ExitCode {
         ),
         Command::Completions { shell } => generate::print(&generate::completions(shell)),
         Command::Manpages { dir } => generate::manpages(&dir),
-        Command::Save { vm, run_dir } => commands::save(&run_dir.run_dir, vm),
+        Command::Save { vm, json, run_dir } => commands::save(&run_dir.run_dir, vm, json),
         Command::Migrate {
             vm,
             to,

@@ -179,6 +179,7 @@ pub fn figures(daemon: &Daemon) -> HostFigures {
                 restarts: status.restarts,
                 pending: status.pending.len(),
                 ha_lock_held,
+                qmp_commands: slot.metrics.qmp.commands(),
                 qmp_errors: slot.metrics.qmp.errors(),
                 qmp_timeouts: slot.metrics.qmp.timeouts(),
                 uptime_seconds: target.map(|t| now.duration_since(t.started).as_secs_f64()),

@@ -130,6 +130,11 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         Gauge,
         "1 while this host holds the HA VM's ChainFire lock.",
     );
+    let mut qmp_commands = Family::new(
+        "vm_qmp_commands",
+        Counter,
+        "QMP commands sent to the VM's QEMU (the sampler's and the agent's).",
+    );
     let mut qmp_errors = Family::new(
         "vm_qmp_errors",
         Counter,
@@ -229,6 +234,7 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         }
         restarts.push(labels.clone(), Value::Int(u64::from(vm.restarts)));
         pending.push(labels.clone(), Value::Int(vm.pending as u64));
+        qmp_commands.push(labels.clone(), Value::Int(vm.qmp_commands));
         qmp_errors.push(labels.clone(), Value::Int(vm.qmp_errors));
         qmp_timeouts.push(labels.clone(), Value::Int(vm.qmp_timeouts));
         if let Some(held) = vm.ha_lock_held {
@@ -299,6 +305,7 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         uptime,
         pending,
         ha_lock,
+        qmp_commands,
         qmp_errors,
         qmp_timeouts,
         age,
@@ -463,6 +470,7 @@ mod tests {
             restarts: 2,
             pending: 1,
             ha_lock_held: None,
+            qmp_commands: 40,
             qmp_errors: 3,
             qmp_timeouts: 1,
             uptime_seconds: sample.as_ref().map(|_| 12.5),
@@ -531,6 +539,7 @@ mod tests {
             format!("plasmavmc_vm_restarts_total{{{labels}}} 2"),
             format!("plasmavmc_vm_uptime_seconds{{{labels}}} 12.5"),
             format!("plasmavmc_vm_pending_changes{{{labels}}} 1"),
+            format!("plasmavmc_vm_qmp_commands_total{{{labels}}} 40"),
             format!("plasmavmc_vm_qmp_errors_total{{{labels}}} 3"),
             format!("plasmavmc_vm_qmp_timeouts_total{{{labels}}} 1"),
             format!("plasmavmc_vm_sample_age_seconds{{{labels}}} 0.25"),
@@ -569,6 +578,7 @@ mod tests {
                 "vm_state",
                 "vm_restarts",
                 "vm_pending_changes",
+                "vm_qmp_commands",
                 "vm_qmp_errors",
                 "vm_qmp_timeouts"
             ]

@@ -46,8 +46,8 @@ pub struct VmFigures {
     pub pending: usize,
     /// For an HA VM with ChainFire: whether this host holds its lock now.
     pub ha_lock_held: Option<bool>,
-    /// QMP commands of this VM's QEMU connections that failed / timed out (since the agent
-    /// started).
+    /// QMP commands to this VM's QEMU: sent, failed, timed out (since the agent started).
+    pub qmp_commands: u64,
     pub qmp_errors: u64,
     pub qmp_timeouts: u64,
     /// Seconds since its QEMU started, while one runs.

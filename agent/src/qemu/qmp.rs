@@ -114,14 +114,19 @@ pub struct Qmp {
     counters: Option<Arc<QmpCounters>>,
 }
 
-/// Failed and timed-out commands, counted across the connections of one VM (for metrics).
+/// Commands sent, failed and timed out, counted across the connections of one VM (for metrics).
 #[derive(Debug, Default)]
 pub struct QmpCounters {
+    commands: AtomicU64,
     errors: AtomicU64,
     timeouts: AtomicU64,
 }
 
 impl QmpCounters {
+    pub fn commands(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+
     pub fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
@@ -201,6 +206,9 @@ impl Qmp {
     /// Runs any `qapi` command with the connection's timeout. Safe to give up on (drop): a late
     /// answer is recognised by its id and dropped.
     pub async fn execute<C: qapi::Command>(&self, command: C) -> Result<C::Ok, QmpError> {
+        if let Some(counters) = &self.counters {
+            counters.commands.fetch_add(1, Ordering::Relaxed);
+        }
         let result = self.execute_uncounted(command).await;
         if let (Err(error), Some(counters)) = (&result, &self.counters) {
             counters.count(error);

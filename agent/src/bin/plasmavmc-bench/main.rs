@@ -13,6 +13,7 @@ mod ha;
 mod hotplug;
 #[path = "../../../tests/support/local_etcd.rs"]
 mod local_etcd;
+mod metrics;
 mod migrate;
 #[path = "../../../tests/support/mount_ns.rs"]
 mod mount_ns;
@@ -80,6 +81,20 @@ enum Bench {
         /// Creations per format and grows.
         #[arg(long, default_value_t = 10)]
         rounds: usize,
+    },
+    /// `/metrics` with N guest-less VMs: scrape time, the agent's CPU per scrape, and the QMP
+    /// commands scrapes cost (none: only the sampler talks to QEMU).
+    Metrics {
+        #[arg(long, default_value_t = 50)]
+        vms: usize,
+        /// Scrapes, one after another (each timed).
+        #[arg(long, default_value_t = 200)]
+        scrapes: usize,
+        /// The agent's --metrics-interval.
+        #[arg(long, default_value_t = 10)]
+        interval: u64,
+        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        work_dir: PathBuf,
     },
     /// Console round trip: a key typed into `plasmavmc console` until the guest's echo comes
     /// back out of it, on one real guest's shell (TCG).
@@ -268,6 +283,17 @@ fn main() -> anyhow::Result<()> {
         } => faults::report(&faults::Options {
             vms,
             rounds,
+            work_dir,
+        })?,
+        Bench::Metrics {
+            vms,
+            scrapes,
+            interval,
+            work_dir,
+        } => metrics::report(&metrics::Options {
+            vms,
+            scrapes,
+            interval_seconds: interval,
             work_dir,
         })?,
         Bench::Console {
