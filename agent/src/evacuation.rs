@@ -158,21 +158,28 @@ impl Evacuation {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for (name, vm) in &self.vms {
-            let to = vm.to.as_deref().unwrap_or("-");
-            let what = match vm.state {
-                MoveState::Queued => format!("queued, to {to}"),
-                MoveState::Moving => format!("moving live to {to}"),
-                MoveState::Moved => format!("moved to {to}"),
-                MoveState::Failed => format!("FAILED, stays here (tried {to})"),
-                MoveState::Staying => "stays here".to_owned(),
-            };
-            let note = vm
-                .note
-                .as_deref()
-                .map_or(String::new(), |n| format!(": {n}"));
-            let _ = writeln!(out, "  {name}: {what}{note}");
+            let _ = writeln!(out, "{}", vm.render(name));
         }
         out
+    }
+}
+
+impl EvacuatedVm {
+    /// `  NAME: what happened[: note]`.
+    pub fn render(&self, name: &str) -> String {
+        let to = self.to.as_deref().unwrap_or("-");
+        let what = match self.state {
+            MoveState::Queued => format!("queued, to {to}"),
+            MoveState::Moving => format!("moving live to {to}"),
+            MoveState::Moved => format!("moved to {to}"),
+            MoveState::Failed => format!("FAILED, stays here (tried {to})"),
+            MoveState::Staying => "stays here".to_owned(),
+        };
+        let note = self
+            .note
+            .as_deref()
+            .map_or(String::new(), |n| format!(": {n}"));
+        format!("  {name}: {what}{note}")
     }
 }
 

@@ -101,16 +101,21 @@ pub enum ShutdownStep {
     Powerdown,
     /// Managed save; if the save fails, powerdown.
     Save,
+    /// Live migration to another host (as `plasmavmc evacuate` picks it); if none takes the
+    /// VM, powerdown (an HA VM is never saved).
+    Migrate,
 }
 
-/// The step for a VM's `onHostShutdown`, and a note when it stands in for another.
-pub fn shutdown_step(policy: OnHostShutdown) -> (ShutdownStep, Option<&'static str>) {
-    match policy {
-        OnHostShutdown::Powerdown => (ShutdownStep::Powerdown, None),
-        OnHostShutdown::Save => (ShutdownStep::Save, None),
-        OnHostShutdown::Evacuate => (
+/// The step for a VM's `onHostShutdown` (`ha`: declared with `ha.enable`), and a note when it
+/// stands in for another.
+pub fn shutdown_step(policy: OnHostShutdown, ha: bool) -> (ShutdownStep, Option<&'static str>) {
+    match (policy, ha) {
+        (OnHostShutdown::Powerdown, _) => (ShutdownStep::Powerdown, None),
+        (OnHostShutdown::Save, _) => (ShutdownStep::Save, None),
+        (OnHostShutdown::Evacuate, true) => (ShutdownStep::Migrate, None),
+        (OnHostShutdown::Evacuate, false) => (
             ShutdownStep::Save,
-            Some("evacuate: live migration to another host is not available yet; saving instead"),
+            Some("evacuate: declared on this host only (no ha.enable), it has no other host; saving instead"),
         ),
     }
 }
@@ -226,14 +231,21 @@ mod tests {
     }
 
     #[test]
-    fn evacuate_falls_back_to_save_and_says_so() {
+    fn evacuate_moves_an_ha_vm_and_saves_one_declared_here_only_saying_so() {
         assert_eq!(
-            shutdown_step(OnHostShutdown::Powerdown),
+            shutdown_step(OnHostShutdown::Powerdown, true),
             (ShutdownStep::Powerdown, None)
         );
-        assert_eq!(shutdown_step(OnHostShutdown::Save).0, ShutdownStep::Save);
-        let (step, note) = shutdown_step(OnHostShutdown::Evacuate);
+        assert_eq!(
+            shutdown_step(OnHostShutdown::Save, false).0,
+            ShutdownStep::Save
+        );
+        assert_eq!(
+            shutdown_step(OnHostShutdown::Evacuate, true),
+            (ShutdownStep::Migrate, None)
+        );
+        let (step, note) = shutdown_step(OnHostShutdown::Evacuate, false);
         assert_eq!(step, ShutdownStep::Save);
-        assert!(note.unwrap().contains("not available yet"));
+        assert!(note.unwrap().contains("no other host"));
     }
 }

@@ -267,7 +267,8 @@ pub enum OnHostShutdown {
     Powerdown,
     /// Managed save: the VM's state goes to the state dir and is restored at its next start.
     Save,
-    /// Move the VM to another host; until live migration exists, the same as `save`.
+    /// Move the VM live to another host (an HA VM; powered down if no host takes it); a VM
+    /// declared on this host only is saved.
     Evacuate,
 }
 

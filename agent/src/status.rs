@@ -22,6 +22,9 @@ pub struct HostStatus {
     /// Set while the host is cordoned (`plasmavmc evacuate` or `cordon`, until `uncordon`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cordon: Option<Cordon>,
+    /// The last `plasmavmc evacuate` of this agent: where each VM went, or why it stayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evacuation: Option<crate::evacuation::Evacuation>,
 }
 
 /// Why and since when the host is closed to HA VMs coming from elsewhere.
@@ -125,6 +128,10 @@ pub struct VmStatus {
     /// The disks a move would copy (those not declared `shared`), when there are any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration_copies: Option<String>,
+    /// What `ha.preferredHosts` asks of this VM, when it asks for a move: where to, and when or
+    /// why not yet.
+    #[serde(default)]
+    pub placement: Option<String>,
 }
 
 impl VmStatus {
@@ -149,6 +156,7 @@ impl VmStatus {
             unrestorable_saves: Vec::new(),
             migration: None,
             migration_copies: None,
+            placement: None,
         }
     }
 }
@@ -229,6 +237,19 @@ pub fn render(status: &HostStatus) -> String {
             "host CORDONED since {} ({}): no HA VM is failed over, migrated or started here; \
              `plasmavmc uncordon` opens it\n",
             cordon.since, cordon.by
+        );
+    }
+    if let Some(evacuation) = &status.evacuation {
+        let _ = writeln!(
+            out,
+            "evacuation started {}{}:\n{}",
+            evacuation.started_at,
+            if evacuation.finished {
+                ", finished"
+            } else {
+                ""
+            },
+            evacuation.render()
         );
     }
     if status.vms.is_empty() {
@@ -317,6 +338,9 @@ fn details(vm: &VmStatus) -> String {
     }
     if let Some(reason) = &vm.held_down {
         let _ = writeln!(out, "  kept down: {reason}");
+    }
+    if let Some(placement) = &vm.placement {
+        let _ = writeln!(out, "  placement: {placement}");
     }
     if let Some(guard) = vm.fence_guard {
         let _ = writeln!(

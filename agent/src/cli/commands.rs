@@ -364,7 +364,7 @@ fn done(answer: Result<Response, ClientError>, json: bool) -> ExitCode {
 
 /// Sends `request`; an error answer from the agent becomes `Ok(Response::Error)` for the caller's
 /// match to handle via `unexpected`.
-fn ask(run_dir: &Path, request: Request) -> Result<Response, ClientError> {
+pub(super) fn ask(run_dir: &Path, request: Request) -> Result<Response, ClientError> {
     client::request(&RunDir::new(run_dir).control_socket(), &request)
 }
 

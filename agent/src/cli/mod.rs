@@ -8,6 +8,7 @@
 
 mod commands;
 mod console;
+mod evacuate;
 mod events;
 mod generate;
 
@@ -276,15 +277,37 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// Empty this host before a reboot: cordon it (see `cordon`), then move every VM that can
+    /// move to another live, uncordoned host that declares it, live, two at a time.
+    ///
+    /// Targets: the VM's `ha.preferredHosts` first, then the least busy host. VMs that cannot
+    /// move (declared here only, or no other host can take them) are listed and stay; the
+    /// host's shutdown takes them down as their `onHostShutdown` says. The host stays cordoned,
+    /// across agent restarts and reboots, until `plasmavmc uncordon`. The workflow:
+    /// `nixos-rebuild boot && plasmavmc evacuate --wait && reboot`.
+    ///
+    /// Prints the plan; with --wait, follows the moves and exits 0 when every VM that could move
+    /// did, 1 when a move failed (the VM runs here as before).
+    Evacuate {
+        /// Wait until every move has ended, printing each as it does.
+        #[arg(long)]
+        wait: bool,
+        /// Print the evacuation (at the end, with --wait) as JSON: {"startedAt", "finished",
+        /// "vms": {NAME: {"state": "queued"|"moving"|"moved"|"failed"|"staying", "to", "note"}}}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
     /// Open a cordoned host again (see `cordon` and `evacuate`): it takes HA VMs again.
     Uncordon {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
     /// (Run by the NixOS module at host shutdown.) Take every running VM down as its
-    /// `onHostShutdown` says: `powerdown` (ACPI, then quit after the stop timeout) or `save`
-    /// (`evacuate` saves too, until live migration exists), all VMs in parallel; the agent
-    /// starts no VM afterwards.
+    /// `onHostShutdown` says: `powerdown` (ACPI, then quit after the stop timeout), `save`, or
+    /// `evacuate` (HA VMs move live to another host, the others are saved), all VMs in
+    /// parallel; the agent starts no VM afterwards.
     ShutdownHost {
         /// Upper bound for the powerdowns (each also bounded by the agent's --stop-timeout).
         #[arg(long, value_name = "SECS", default_value_t = 300)]
@@ -353,6 +376,11 @@ struct AgentArgs {
     /// group].
     #[arg(long, value_name = "GROUP", requires = "qemu_user")]
     qemu_group: Option<String>,
+    /// Seconds a host must have been live and uncordoned, without a break, before a VM that
+    /// lists it first in `ha.preferredHosts` is moved there live (a host that flaps, or has just
+    /// rebooted, is not chased at once).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    placement_settle: u64,
     #[command(flatten)]
     chainfire: ChainfireArgs,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (per-VM state, vCPUs, memory, disk
@@ -503,6 +531,11 @@ pub fn run() -> ExitCode {
         } => commands::shutdown_host(&run_dir.run_dir, timeout, only_when_system_stops),
         Command::Cordon { run_dir } => commands::cordon(&run_dir.run_dir),
         Command::Uncordon { run_dir } => commands::uncordon(&run_dir.run_dir),
+        Command::Evacuate {
+            wait,
+            json,
+            run_dir,
+        } => evacuate::evacuate(&run_dir.run_dir, wait, json),
         Command::FenceGuard(args) => crate::qemu::guard::run(GuardOptions {
             trust_file: args.trust_file,
             lease: args.lease,
@@ -529,6 +562,7 @@ impl AgentArgs {
             }),
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout),
             unplug_timeout: std::time::Duration::from_secs(self.unplug_timeout),
+            placement_settle: std::time::Duration::from_secs(self.placement_settle),
             chainfire: (!c.chainfire.is_empty()).then_some(ChainfireOptions {
                 endpoints: c.chainfire,
                 host_id: c.host_id,

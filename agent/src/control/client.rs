@@ -47,7 +47,8 @@ pub fn timeout_for(request: &Request) -> Duration {
         | Request::Console { .. }
         | Request::Events
         | Request::Cordon
-        | Request::Uncordon => Duration::from_secs(30),
+        | Request::Uncordon
+        | Request::Evacuate => Duration::from_secs(30),
         // A stop given more time than that gets it, and a minute for quit and kill after.
         Request::Stop {
             timeout_ms: Some(ms),

@@ -77,6 +77,10 @@ pub enum Request {
     /// Follow this host's events. Answered with `EventsFollow`, then the connection carries one
     /// JSON `events::Event` per line, until the client closes it.
     Events,
+    /// Cordon this host, then move every VM that can move to another live, uncordoned host
+    /// that declares it (live, two at a time). Answered at once with the plan; `Status` follows
+    /// the moves.
+    Evacuate,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,6 +122,10 @@ pub enum Response {
     /// A move that completed: the VM runs on the target.
     Migrated {
         outcome: crate::migration::MigrationOutcome,
+    },
+    /// An evacuation as planned (or as far as it got, if one was running).
+    Evacuation {
+        evacuation: crate::evacuation::Evacuation,
     },
 }
 

@@ -151,6 +151,11 @@ impl Daemon {
                 "host {to} is not live in ChainFire (no host record: unknown id, or its agent is down)"
             )));
         };
+        if target.cordoned {
+            return Err(refuse(format!(
+                "host {to} is cordoned: nothing is migrated to it (`plasmavmc uncordon` there opens it)"
+            )));
+        }
         compat::check(&spec, &session_config.host_facts, to, &target.facts).map_err(refuse)?;
         if let Some(other) = view.migrations.get(&key) {
             return Err(refuse(format!(

@@ -10,7 +10,8 @@
 //! - `cluster`: the ChainFire session's config and notices.
 //! - `console`: `plasmavmc console` (QEMU's console socket fanned out) and console log rotation.
 //! - `handover`: disk images moving from one VM to another in one reconcile.
-//! - `cordon`: the host's cordon, persisted in the state dir.
+//! - `cordon`: the host's cordon, persisted in the state dir; `evacuate`: `plasmavmc evacuate`.
+//! - `placement`: moving HA VMs to their `ha.preferredHosts`.
 //! - `metrics`, `metrics_http`: the sampler behind `/metrics`, and the endpoint.
 //! - `journal`: the event stream behind `plasmavmc events`.
 //! - `migration`: live migration, both the source's and the target's side.
@@ -20,12 +21,14 @@ mod cluster;
 mod config_file;
 mod console;
 mod cordon;
+mod evacuate;
 mod handover;
 mod journal;
 mod metrics;
 mod metrics_http;
 mod migration;
 mod operator;
+mod placement;
 mod restart;
 mod run_lock;
 mod saves;
@@ -74,6 +77,9 @@ pub struct AgentOptions {
     pub metrics: Option<MetricsOptions>,
     /// Where this host receives migrations (`--migration-*`).
     pub migration: MigrationSettings,
+    /// `--placement-settle`: how long a host must have been live and uncordoned before VMs are
+    /// moved to it because they prefer it.
+    pub placement_settle: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -242,6 +248,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     tracing::info!(control = %run_dir.control_socket().display(), "agent ready: {first_apply}");
     if let Some(may_run) = daemon.may_run() {
         tokio::spawn(follow_may_run(Arc::clone(&daemon), may_run));
+        tokio::spawn(placement::follow(
+            Arc::clone(&daemon),
+            options.placement_settle,
+        ));
     }
 
     let events = async {

@@ -89,9 +89,13 @@ pub struct Daemon {
     pub(super) cordons: Mutex<Cordons>,
     /// Reconcile durations and reload results, for `/metrics`.
     pub metrics: Arc<AgentMetrics>,
+    /// The last evacuation (`evacuate`), as `status` shows it.
+    pub(super) evacuation: Mutex<Option<crate::evacuation::Evacuation>>,
+    /// Wakes placement (`ha.preferredHosts`) when the desired state changed.
+    pub(super) placement_wake: tokio::sync::Notify,
 }
 
-type Refusal = (ErrorKind, String);
+pub(super) type Refusal = (ErrorKind, String);
 
 impl Daemon {
     pub fn new(
@@ -128,6 +132,8 @@ impl Daemon {
             host_stopping: Default::default(),
             cordons: Mutex::new(cordons),
             metrics: Default::default(),
+            evacuation: Mutex::new(None),
+            placement_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -267,6 +273,7 @@ impl Daemon {
             }
         }
         *current = Some(desired);
+        self.placement_wake.notify_one();
         Ok(())
     }
 
@@ -559,6 +566,7 @@ impl Daemon {
                 .cordon("cordon")
                 .map(|message| Response::Done { message }),
             Request::Uncordon => self.uncordon().await,
+            Request::Evacuate => self.evacuate().await,
         };
         result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
     }
@@ -659,6 +667,7 @@ impl Daemon {
                 error: self.config_error.lock().unwrap().clone(),
             },
             cordon: self.cordons.lock().unwrap().get().cloned(),
+            evacuation: self.evacuation.lock().unwrap().clone(),
         }
     }
 
@@ -827,7 +836,7 @@ impl Daemon {
     /// The host is going down (`plasmavmc shutdown-host`, run by the NixOS module before
     /// systemd stops the QEMU scopes): every running VM is powered down or saved as its
     /// `onHostShutdown` says, all at once; from now on no VM starts.
-    async fn shutdown_host(&self, timeout: Duration) -> Result<Response, Refusal> {
+    async fn shutdown_host(self: &Arc<Self>, timeout: Duration) -> Result<Response, Refusal> {
         self.host_stopping
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let desired = self
@@ -865,21 +874,36 @@ impl Daemon {
 
     /// One VM's part of a host shutdown: a line saying what happened to it.
     async fn shut_down_vm(
-        &self,
+        self: &Arc<Self>,
         slot: &VmSlot,
         spec: Option<&VmSpec>,
         deadline: Instant,
     ) -> String {
         let name = &slot.name;
-        let _this_vm = slot.reconciling.lock().await;
         let policy = spec.map_or(OnHostShutdown::Powerdown, |s| s.on_host_shutdown);
-        let (mut step, note) = save::shutdown_step(policy);
+        let ha = spec.is_some_and(|s| s.ha.enable);
+        let (mut step, note) = save::shutdown_step(policy, ha);
         let mut said = Vec::new();
         if let Some(note) = note {
             tracing::warn!(vm = %name, "{note}");
             said.push(note.to_owned());
         }
-        if let Some(why) = spec.and_then(|spec| save::ha_blocker(name, spec)) {
+        // Before taking the VM's reconcile lock: the move takes it.
+        if step == ShutdownStep::Migrate {
+            match self.move_away(name).await {
+                Ok(moved) => return moved,
+                Err(why) => {
+                    tracing::error!(vm = %name, "host shutdown: not moved ({why}); powering down instead");
+                    said.push(format!("not moved ({why}); powering down instead"));
+                    step = ShutdownStep::Powerdown;
+                }
+            }
+        }
+        let _this_vm = slot.reconciling.lock().await;
+        if let Some(why) = spec
+            .filter(|_| step == ShutdownStep::Save)
+            .and_then(|spec| save::ha_blocker(name, spec))
+        {
             said.push(format!("{why}; powering down instead"));
             step = ShutdownStep::Powerdown;
         }
@@ -1023,7 +1047,7 @@ impl Daemon {
             .unwrap()
             .as_ref()
             .map(|s| (s.may_run().borrow().clone(), s.cluster().borrow().clone()));
-        let cordoned = self.cordons.lock().unwrap().get().is_some();
+        let cordoned = self.is_cordoned();
         let operator = self.operator.lock().unwrap();
         let restarts = self.restarts.lock().unwrap();
         let now = Instant::now();
@@ -1185,15 +1209,41 @@ impl Daemon {
             .retain(|name, slot| desired.vms.contains_key(name) || slot.status().pid.is_some());
     }
 
+    pub(super) fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    /// The last valid desired state, if there was one.
+    pub(super) fn desired_state(&self) -> Option<DesiredState> {
+        self.desired.lock().unwrap().clone()
+    }
+
+    /// The cluster as the ChainFire session sees it now (None when standalone).
+    pub(super) fn cluster_view(&self) -> Option<crate::chainfire::ClusterView> {
+        self.cluster_watch().map(|view| (**view.borrow()).clone())
+    }
+
+    /// The cluster view as it changes (None when standalone).
+    pub(super) fn cluster_watch(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<Arc<crate::chainfire::ClusterView>>> {
+        self.chainfire.lock().unwrap().as_ref().map(|s| s.cluster())
+    }
+
+    /// Whether this host is cordoned (`evacuate`, `cordon`; until `uncordon`).
+    pub(super) fn is_cordoned(&self) -> bool {
+        self.cordons.lock().unwrap().get().is_some()
+    }
+
     /// Whether a QEMU of `vm` runs here now.
-    fn runs_here(&self, vm: &str) -> bool {
+    pub(super) fn runs_here(&self, vm: &str) -> bool {
         self.slot(vm)
             .is_some_and(|slot| slot.status().pid.is_some())
     }
 
     /// `plasmavmc cordon` (and the first step of `evacuate`): persisted, then published. VMs
     /// running here stay; HA VMs stopped here let their lock go to another host.
-    fn cordon(&self, by: &str) -> Result<String, Refusal> {
+    pub(super) fn cordon(&self, by: &str) -> Result<String, Refusal> {
         let since = {
             let mut cordons = self.cordons.lock().unwrap();
             let cordon = cordons.cordon(by).map_err(|e| {

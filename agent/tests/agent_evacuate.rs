@@ -1,0 +1,223 @@
+//! Evacuation and placement end to end: two real agents (hosts `a` and `b`) against a real etcd,
+//! three real HA guests. `evacuate --wait` moves all three live to `b`; the cordoned `a`
+//! receives nothing (no migration, no placement) until `uncordon`; then placement
+//! (`ha.preferredHosts`) brings back the VM that prefers `a`, and a config reload that makes
+//! another VM prefer `a` moves that one too, live. Last, `b`'s host shutdown with
+//! `onHostShutdown = "evacuate"` moves its remaining VM live.
+//!
+//! A watcher counts every VM's QEMU processes on both hosts (by `/proc`, never by status) every
+//! 20 ms and fails the test the moment a VM has more than a source and an incoming copy; at every
+//! rest point each VM has exactly one, and no guest ever printed its boot marker twice (a move
+//! that restarted a VM would have).
+
+#[path = "support/etcd.rs"]
+mod etcd;
+#[path = "support/agent.rs"]
+mod harness;
+#[path = "support/local_etcd.rs"]
+mod local_etcd;
+#[path = "support/qemu_harness.rs"]
+mod qemu_harness;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use harness::*;
+use serde_json::{json, Value};
+
+const VMS: [&str; 3] = ["ev1", "ev2", "ev3"];
+const SETTLE_SECS: u64 = 2;
+
+fn start(host: &mut Host, endpoint: &str, id: &str, ports: &str) {
+    let settle = SETTLE_SECS.to_string();
+    host.start_agent_with(&[
+        "--stop-timeout",
+        "2",
+        "--chainfire",
+        endpoint,
+        "--host-id",
+        id,
+        "--lease-ttl",
+        "3",
+        "--migration-address",
+        "127.0.0.1",
+        "--migration-ports",
+        ports,
+        "--placement-settle",
+        &settle,
+    ]);
+}
+
+/// The first `count` VMs as both hosts declare them; `preferred[vm]` lists its preferred hosts.
+fn declare(host: &Host, count: usize, preferred: &[(&str, &[&str])]) {
+    declare_with(host, count, preferred, "powerdown")
+}
+
+fn declare_with(host: &Host, count: usize, preferred: &[(&str, &[&str])], on_shutdown: &str) {
+    let vms: serde_json::Map<String, Value> = VMS[..count]
+        .iter()
+        .map(|vm| {
+            let hosts = preferred
+                .iter()
+                .find(|(name, _)| name == vm)
+                .map_or(&[][..], |(_, hosts)| *hosts);
+            let ha = json!({
+                "ha": {"enable": true, "preferredHosts": hosts},
+                "onHostShutdown": on_shutdown,
+            });
+            (vm.to_string(), host.vm(ha))
+        })
+        .collect();
+    host.write_config(Value::Object(vms));
+}
+
+/// Fails (at the next `check`) the moment a VM has more than two QEMUs on the two hosts.
+struct Watcher {
+    stop: Arc<AtomicBool>,
+    failure: Arc<Mutex<Option<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watcher {
+    fn start(a: &Host, b: &Host) -> Watcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
+        let runs: [PathBuf; 2] = [a.run_dir.clone(), b.run_dir.clone()];
+        let (s, f) = (stop.clone(), failure.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                for vm in VMS {
+                    let qemus: usize = runs.iter().map(|r| procs::qemu_count(r, vm)).sum();
+                    if qemus > 2 {
+                        f.lock()
+                            .unwrap()
+                            .get_or_insert(format!("{qemus} QEMUs of {vm} at once"));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        Watcher {
+            stop,
+            failure,
+            thread: Some(thread),
+        }
+    }
+
+    fn check(&self) {
+        if let Some(problem) = self.failure.lock().unwrap().clone() {
+            panic!("{problem}");
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Waits until `vm` runs on `on` only (one QEMU in all), then checks its guest booted once.
+fn wait_only_on(vm: &str, on: &Host, off: &Host, watcher: &Watcher, what: &str) {
+    let deadline = Instant::now() + AGENT;
+    while !(on.qemu_count(vm) == 1 && off.qemu_count(vm) == 0) {
+        watcher.check();
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {vm} never ran on one host only\nlog (on):\n{}\nlog (off):\n{}",
+            on.agent_log_text(),
+            off.agent_log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let boots =
+        on.console(vm).matches(BOOT_MARKER).count() + off.console(vm).matches(BOOT_MARKER).count();
+    assert_eq!(
+        boots, 1,
+        "{what}: {vm}'s guest booted again: it was restarted, not moved"
+    );
+}
+
+#[test]
+fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement_brings_vms_back() {
+    let etcd = etcd::single();
+    let endpoint = etcd.endpoint(0);
+    let mut a = Host::new();
+    let mut b = Host::another(&a);
+    let prefers_a: &[(&str, &[&str])] = &[("ev1", &["a"])];
+    // One guest boots at a time (TCG on a loaded machine); `b` is not up yet, so `a` takes all.
+    start(&mut a, &endpoint, "a", "49401-49404");
+    for (count, vm) in VMS.iter().enumerate() {
+        declare(&a, count + 1, prefers_a);
+        a.wait_running(vm);
+        a.wait_boot(vm);
+    }
+    declare(&b, VMS.len(), prefers_a);
+    start(&mut b, &endpoint, "b", "49411-49414");
+    b.wait_status("b standing by for all three", AGENT, |s| {
+        VMS.iter()
+            .all(|vm| s["vms"][vm]["heldDown"] == "HA: another host holds it (a)")
+    });
+    let watcher = Watcher::start(&a, &b);
+
+    // Evacuation: all three move, live.
+    let out = a
+        .cli(&["evacuate", "--wait", "--json"])
+        .expect_code(0, "evacuate --wait");
+    let evacuation: Value = serde_json::from_str(&out.stdout).expect("--json");
+    for vm in VMS {
+        assert_eq!(evacuation["vms"][vm]["state"], "moved", "{evacuation:#}");
+        assert_eq!(evacuation["vms"][vm]["to"], "b", "{evacuation:#}");
+        wait_only_on(vm, &b, &a, &watcher, "evacuated");
+    }
+    assert_eq!(a.status()["cordon"]["by"], "evacuate");
+    assert!(b
+        .cli(&["status", "--cluster"])
+        .stdout
+        .contains("a (cordoned)"));
+
+    // Cordoned, `a` receives nothing: no migration, and no placement although ev1 prefers it.
+    let refused = b.cli(&["migrate", "ev2", "--to", "a"]);
+    assert_ne!(
+        refused.code, 0,
+        "a migration to a cordoned host: {refused:?}"
+    );
+    assert!(refused.stderr.contains("cordoned"), "{refused:?}");
+    std::thread::sleep(Duration::from_secs(3 * SETTLE_SECS));
+    for vm in VMS {
+        wait_only_on(vm, &b, &a, &watcher, "a cordoned");
+    }
+
+    // Uncordoned: placement brings ev1 back to `a`, live, once `a` has settled.
+    a.cli(&["uncordon"]).expect_code(0, "uncordon");
+    wait_only_on("ev1", &a, &b, &watcher, "placement after uncordon");
+    let placed = a.vm_status("ev1");
+    assert_eq!(placed["state"], "running", "{placed:#}");
+
+    // A reload that makes ev2 prefer `a` moves it there, live; ev3 (no preference) stays.
+    let prefer_a_too: &[(&str, &[&str])] = &[("ev1", &["a"]), ("ev2", &["a", "b"])];
+    declare(&a, VMS.len(), prefer_a_too);
+    declare(&b, VMS.len(), prefer_a_too);
+    a.cli(&["reload", "--wait"]).expect_code(0, "reload a");
+    b.cli(&["reload", "--wait"]).expect_code(0, "reload b");
+    wait_only_on("ev2", &a, &b, &watcher, "placement after a reload");
+    wait_only_on("ev3", &b, &a, &watcher, "no preference: stays");
+    wait_only_on("ev1", &a, &b, &watcher, "still where it belongs");
+
+    // `b` shuts down with onHostShutdown = "evacuate": ev3 moves live to `a`.
+    for host in [&a, &b] {
+        declare_with(host, VMS.len(), prefer_a_too, "evacuate");
+        host.cli(&["reload", "--wait"]).expect_code(0, "reload");
+    }
+    let shutdown = b
+        .cli(&["shutdown-host"])
+        .expect_code(0, "shutdown-host on b");
+    assert!(shutdown.stdout.contains("ev3: moved"), "{shutdown:?}");
+    wait_only_on("ev3", &a, &b, &watcher, "moved away at host shutdown");
+    watcher.check();
+}
