@@ -141,6 +141,9 @@
           vm-disks = pkgs.testers.runNixOSTest (
             import ./checks/vm-tests/disks.nix { plasmavmcModule = self.nixosModules.default; }
           );
+          vm-migration = pkgs.testers.runNixOSTest (
+            import ./checks/vm-tests/migration.nix { plasmavmcModule = self.nixosModules.default; }
+          );
           example-hypervisor = self.nixosConfigurations.example-hypervisor.config.system.build.toplevel;
         }
       );

@@ -106,7 +106,15 @@ let
       }
       {
         assertion = !vm.ha.enable || vm.onHostShutdown != "save";
-        message = "${p}.onHostShutdown = \"save\" cannot be used with ${p}.ha.enable: another host may start an HA VM while it is saved here, and restoring it later would run an older copy. Use \"powerdown\" (or \"evacuate\", which powers HA VMs down until live migration exists).";
+        message = "${p}.onHostShutdown = \"save\" cannot be used with ${p}.ha.enable: another host may start an HA VM while it is saved here, and restoring it later would run an older copy. Use \"powerdown\" (or \"evacuate\", which moves HA VMs live to another host).";
+      }
+      {
+        assertion = vm.ha.preferredHosts == [ ] || vm.ha.enable;
+        message = "${p}.ha.preferredHosts needs ${p}.ha.enable: only an HA VM (declared on several hosts) can be placed, by moving it live.";
+      }
+      {
+        assertion = lib.unique vm.ha.preferredHosts == vm.ha.preferredHosts;
+        message = "${p}.ha.preferredHosts lists a host more than once: ${lib.concatStringsSep ", " vm.ha.preferredHosts}.";
       }
     ]
     ++ namesMatch "disk id" names.deviceIdPattern names.isDeviceId "${p}.disks" vm.disks

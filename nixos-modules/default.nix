@@ -9,6 +9,7 @@
     ./assertions.nix
     ./provisioning-assertions.nix
     ./host.nix
+    ./migration.nix
     ./qemu-user.nix
     ./metrics.nix
   ];

@@ -13,6 +13,8 @@ let
 
   disk = d: withoutNulls {
     inherit (d) path format readOnly cache serial sizeMiB deleteOnRemove;
+    # Written only when set: the agent's default is not shared.
+    shared = if d.shared then true else null;
     create =
       if d.create == null then
         null
@@ -70,7 +72,8 @@ let
       nics = lib.mapAttrs (_: nic) v.nics;
       ha = {
         inherit (v.ha) enable;
-      };
+      }
+      // lib.optionalAttrs (v.ha.preferredHosts != [ ]) { inherit (v.ha) preferredHosts; };
     }
     // lib.optionalAttrs (limits v.limits != { }) { limits = limits v.limits; };
 in

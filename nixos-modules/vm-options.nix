@@ -93,6 +93,16 @@ let
           never overwritten. `null`: the image must exist.
         '';
       };
+      shared = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          The image is on storage every host of an HA VM sees under the same path (NFS, Ceph,
+          a SAN): a live migration leaves it where it is. A disk that is not shared is copied
+          to the target while the VM runs (the target's image is created with the same size
+          and format).
+        '';
+      };
       deleteOnRemove = mkOption {
         type = types.bool;
         default = false;
@@ -288,9 +298,9 @@ in
         run before systemd stops the VMs' scopes). `powerdown`: ACPI powerdown, QEMU is quit
         after `services.plasmavmc.stopTimeout` (all VMs in parallel). `save`: a managed save
         (`plasmavmc save`): the VM's state is written to `stateDir` and restored, not booted,
-        when the host is back. `evacuate`: move the VM to another host; live migration does not
-        exist yet, so for now this saves like `save`. HA VMs are never saved (they are powered
-        down instead).
+        when the host is back. `evacuate`: an HA VM is moved live to another host (as
+        `plasmavmc evacuate` picks it; powered down if no host takes it); a VM declared on this
+        host only is saved like `save`. HA VMs are never saved.
       '';
     };
     orgId = mkOption {
@@ -316,6 +326,22 @@ in
       high availability across hosts: the VM fails over to another host when this one stops
       renewing its ChainFire lease. Needs `services.plasmavmc.chainfire` and shared storage
     '';
+    ha.preferredHosts = mkOption {
+      type = types.listOf (types.strMatching names.vmNamePattern);
+      default = [ ];
+      example = [
+        "hv-01"
+        "hv-02"
+      ];
+      description = ''
+        Host ids (`services.plasmavmc.hostId`) in order of preference. The VM runs on the first
+        of them that is live in ChainFire, not cordoned and declares it; when that changes (a
+        switch reorders this list, a preferred host comes back) the VM is moved there live,
+        never restarted, once that host has been live for
+        `services.plasmavmc.migration.placementSettle` seconds. Declare the same list on every
+        host. Empty: the VM stays wherever it runs. Needs `ha.enable`.
+      '';
+    };
     limits = {
       cpuWeight = mkOption {
         type = types.nullOr (types.ints.between 1 10000);

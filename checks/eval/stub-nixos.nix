@@ -119,6 +119,7 @@ in
     boot.kernelModules = listOf types.str;
 
     networking.firewall.allowedTCPPorts = listOf types.port;
+    networking.firewall.allowedTCPPortRanges = listOf (types.attrsOf types.port);
 
     networking.bridges = mkOption {
       type = types.attrsOf (types.submodule { options.interfaces = listOf types.str; });

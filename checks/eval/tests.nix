@@ -113,7 +113,13 @@ in
           serial = "scratch-1";
         };
         firmware = "/usr/share/OVMF/OVMF.fd";
-        ha.enable = true;
+        ha = {
+          enable = true;
+          preferredHosts = [
+            "hv-02"
+            "hv-01"
+          ];
+        };
         hotplugSlots = 4;
         initrd = "/boot/initrd.img";
         kernel = "/boot/vmlinuz";
@@ -256,8 +262,96 @@ in
         "--chainfire-ca /etc/plasmavmc/ca.pem --chainfire-cert /etc/plasmavmc/client.pem"
         "--chainfire-key /run/keys/plasmavmc.key --chainfire-password-file /run/keys/plasmavmc.password"
         "--chainfire-user hv-01"
+        "--migration-ports 50000-50015 --placement-settle 60"
+        "--migration-address 10.0.0.11 --migration-listen 192.168.1.11"
+        "--migration-tls-dir /run/keys/plasmavmc-migration"
       ]
     );
+  };
+
+  # ---- moving VMs between hosts --------------------------------------------------------------
+
+  migrationDefaultsNeedOnlyChainfire = {
+    expr =
+      let
+        c = (hostWith [
+          (withVms { a = lib.recursiveUpdate minimalVm { ha.enable = true; }; })
+          {
+            services.plasmavmc.hostId = "hv";
+            services.plasmavmc.chainfire.endpoints = [ "http://127.0.0.1:2379" ];
+          }
+        ]).config;
+      in
+      [
+        (lib.hasInfix (execLine "--migration-ports 49152-49215 --placement-settle 30") c.systemd.services.plasmavmc.serviceConfig.ExecStart)
+        (lib.hasInfix "--migration-address" c.systemd.services.plasmavmc.serviceConfig.ExecStart)
+        c.networking.firewall.allowedTCPPortRanges
+        c.warnings
+      ];
+    expected = [
+      true
+      false
+      [ ]
+      [ "services.plasmavmc.migration.address is not set: HA VMs (a) cannot be migrated to this host from another (the agent listens on 127.0.0.1)." ]
+    ];
+  };
+
+  migrationFlagsOnlyWithChainfire = {
+    expr = lib.hasInfix "--migration" unit.serviceConfig.ExecStart;
+    expected = false;
+  };
+
+  migrationPortsOpenedInTheFirewallWhenAsked = {
+    expr = everyField.config.networking.firewall.allowedTCPPortRanges;
+    expected = [
+      {
+        from = 50000;
+        to = 50015;
+      }
+    ];
+  };
+
+  preferredHostsAreWrittenOnlyWhenSet = {
+    expr = [
+      everyField.desired.vms.tiny.ha
+      minimal.desired.vms.a.ha
+    ];
+    expected = [
+      {
+        enable = true;
+        preferredHosts = [
+          "hv-02"
+          "hv-01"
+        ];
+      }
+      { enable = false; }
+    ];
+  };
+
+  assertMigrationPortRangeInOrder = {
+    expr = failuresOf [
+      (withVms { a = minimalVm; })
+      {
+        services.plasmavmc.migration.ports = {
+          from = 50010;
+          to = 50000;
+        };
+      }
+    ];
+    expected = [ "services.plasmavmc.migration.ports.from (50010) is greater than services.plasmavmc.migration.ports.to (50000)." ];
+  };
+
+  assertPreferredHostsNeedHaAndNoRepeats = {
+    expr = failuresOfVm {
+      ha.preferredHosts = [
+        "hv-01"
+        "hv-01"
+      ];
+    };
+    expected = [
+      "${vmA}.ha.preferredHosts needs ${vmA}.ha.enable: only an HA VM (declared on several hosts) can be placed, by moving it live."
+      "${vmA}.ha.preferredHosts lists a host more than once: hv-01, hv-01."
+    ];
   };
 
   reloadCommandLine = {
@@ -920,7 +1014,7 @@ in
         services.plasmavmc.chainfire.endpoints = [ "http://127.0.0.1:2379" ];
       }
     ];
-    expected = [ ''${vmA}.onHostShutdown = "save" cannot be used with ${vmA}.ha.enable: another host may start an HA VM while it is saved here, and restoring it later would run an older copy. Use "powerdown" (or "evacuate", which powers HA VMs down until live migration exists).'' ];
+    expected = [ ''${vmA}.onHostShutdown = "save" cannot be used with ${vmA}.ha.enable: another host may start an HA VM while it is saved here, and restoring it later would run an older copy. Use "powerdown" (or "evacuate", which moves HA VMs live to another host).'' ];
   };
 
   # ---- option types reject bad values at their definition -------------------------------------
@@ -938,6 +1032,8 @@ in
   typeRequiresVcpus.throws = (hostWith [ (withVms { a = builtins.removeAttrs minimalVm [ "vcpus" ]; }) ]).desired;
   typeRequiresDiskFormat.throws = (hostWith [ (withVms { a = minimalVm // { disks.root.path = "/a.qcow2"; }; }) ]).desired;
   typeRejectsShortLeaseTtl.throws = (hostWith [ (withVms { a = minimalVm; }) { services.plasmavmc.chainfire.leaseTtl = 2; } ]).config.services.plasmavmc.chainfire.leaseTtl;
+  typeRejectsBadPreferredHost.throws = (hostWith [ (withVms { a = minimalVm // { ha.preferredHosts = [ "HV 1" ]; }; }) ]).desired;
+  typeRejectsRelativeMigrationTlsDir.throws = (hostWith [ (withVms { a = minimalVm; }) { services.plasmavmc.migration.tlsDir = "keys"; } ]).config.services.plasmavmc.migration.tlsDir;
   typeRejectsZeroCpuWeight.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuWeight = 0; }; }) ]).desired;
   typeRejectsHugeCpuWeight.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuWeight = 10001; }; }) ]).desired;
   typeRejectsZeroCpuQuota.throws = (hostWith [ (withVms { a = minimalVm // { limits.cpuQuotaPercent = 0; }; }) ]).desired;

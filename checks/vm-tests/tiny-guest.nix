@@ -1,7 +1,12 @@
 # The smallest guest that proves a VM runs: nixpkgs' kernel and an initramfs whose /init is a
 # static busybox script printing a marker on the serial console. No virtio drivers are needed:
 # hotplug is observed from QEMU (query-pci, query-block), which does not wait for the guest.
-{ pkgs }:
+# With `ticks`, the guest also prints `PLASMAVMC-GUEST-TICK <n>` every second, counting from its
+# boot: a guest that moved live goes on counting on its new host, a rebooted one starts over.
+{
+  pkgs,
+  ticks ? false,
+}:
 let
   busybox = pkgs.pkgsStatic.busybox;
   init = pkgs.writeScript "tiny-guest-init" ''
@@ -12,7 +17,12 @@ let
     mount -t sysfs sysfs /sys
     mount -t devtmpfs devtmpfs /dev
     echo PLASMAVMC-GUEST-UP
-    while true; do sleep 3600; done
+    ${
+      if ticks then
+        "i=0; while true; do i=$((i + 1)); echo PLASMAVMC-GUEST-TICK $i; sleep 1; done"
+      else
+        "while true; do sleep 3600; done"
+    }
   '';
 in
 {

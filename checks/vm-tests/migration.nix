@@ -1,0 +1,158 @@
+# Two NixOS hypervisors with ChainFire (an etcd on a third node) declare one HA VM whose guest
+# counts seconds on its console. It is moved live with `plasmavmc migrate`, then by
+# `plasmavmc evacuate --wait` (the host cordoned, nothing comes back to it while it is), then by
+# placement (`ha.preferredHosts`) once the host is uncordoned and has settled. Throughout, never
+# are two copies alive, the guest never boots a second time, and its count goes on.
+{ plasmavmcModule }:
+{ lib, ... }:
+let
+  settle = 5;
+  hypervisor =
+    hostId:
+    { config, pkgs, ... }:
+    let
+      guest = import ./tiny-guest.nix {
+        inherit pkgs;
+        ticks = true;
+      };
+    in
+    {
+      imports = [ plasmavmcModule ];
+      virtualisation.memorySize = 1536;
+      virtualisation.cores = 2;
+      environment.systemPackages = [ pkgs.jq ];
+      services.plasmavmc = {
+        enable = true;
+        inherit hostId;
+        chainfire = {
+          endpoints = [ "http://store:2379" ];
+          leaseTtl = 5;
+        };
+        migration = {
+          address = config.networking.primaryIPAddress;
+          openFirewall = true;
+          placementSettle = settle;
+        };
+        # A diskless guest: nothing to copy or share but its memory.
+        vms.web = {
+          vcpus = 1;
+          memoryMiB = 128;
+          accel = "tcg"; # no nested KVM in the test VMs
+          inherit (guest) kernel initrd cmdline;
+          ha = {
+            enable = true;
+            preferredHosts = [ "hv1" ];
+          };
+        };
+      };
+    };
+in
+{
+  name = "plasmavmc-migration";
+
+  nodes = {
+    store =
+      { ... }:
+      {
+        networking.firewall.allowedTCPPorts = [ 2379 ];
+        services.etcd = {
+          enable = true;
+          listenClientUrls = [ "http://0.0.0.0:2379" ];
+          advertiseClientUrls = [ "http://store:2379" ];
+        };
+      };
+    hv1 = hypervisor "hv1";
+    hv2 = hypervisor "hv2";
+  };
+
+  testScript = ''
+    import json, re, time
+
+    hosts = {"hv1": hv1, "hv2": hv2}
+    console = "/run/plasmavmc/vms/web/console.log"
+
+    def qemu_alive(node):
+        return node.execute(
+            "pid=$(cat /run/plasmavmc/vms/web/pid) && grep -qa qemu-system /proc/$pid/cmdline"
+        )[0] == 0
+
+    def runs_on():
+        alive = [name for name, node in hosts.items() if qemu_alive(node)]
+        assert len(alive) <= 1, f"two copies: {alive}"
+        return alive[0] if alive else None
+
+    def boots():
+        # The boot marker, on both hosts' console logs: a guest that moved live printed it once.
+        return sum(
+            int(node.succeed(f"grep -c PLASMAVMC-GUEST-UP {console} || true").strip() or 0)
+            for node in hosts.values()
+        )
+
+    def last_tick(node):
+        ticks = re.findall(r"PLASMAVMC-GUEST-TICK (\d+)", node.succeed(f"cat {console} || true"))
+        return int(ticks[-1]) if ticks else 0
+
+    def wait_on(name, timeout):
+        # Polls both hosts every 50 ms until the VM runs on `name` only.
+        deadline = time.time() + timeout
+        while runs_on() != name:
+            assert time.time() < deadline, f"web never came to {name}"
+            time.sleep(0.05)
+
+    def ticking_on(name, before):
+        # The guest goes on counting where it was (a second boot would start over at 1).
+        node = hosts[name]
+        node.wait_until_succeeds(
+            f"grep -q 'PLASMAVMC-GUEST-TICK {before + 3}' {console}", timeout=60
+        )
+        assert boots() == 1, "the guest booted again"
+
+    start_all()
+    store.wait_for_unit("etcd.service")
+    for node in hosts.values():
+        node.wait_for_unit("plasmavmc.service")
+
+    with subtest("each host publishes its migration address"):
+        for name, node in hosts.items():
+            node.wait_until_succeeds(
+                f"plasmavmc status --cluster --json | jq -e '.hosts[] | select(.hostId == \"{name}\")'",
+                timeout=60,
+            )
+
+    with subtest("web runs on hv1, its preferred host"):
+        hv1.wait_until_succeeds("grep -q PLASMAVMC-GUEST-TICK " + console, timeout=600)
+        wait_on("hv1", 120)
+
+    with subtest("plasmavmc migrate moves it live to hv2"):
+        before = last_tick(hv1)
+        out = json.loads(hv1.succeed("plasmavmc migrate web --to hv2 --json"))
+        assert out["mode"] == "live" and out["to"] == "hv2", out
+        wait_on("hv2", 30)
+        ticking_on("hv2", before)
+
+    with subtest("placement brings it back to hv1 live once hv1 has settled"):
+        before = last_tick(hv2)
+        wait_on("hv1", 120)
+        ticking_on("hv1", before)
+
+    with subtest("evacuate --wait cordons hv1 and moves web to hv2"):
+        before = last_tick(hv1)
+        hv1.succeed("plasmavmc evacuate --wait")
+        wait_on("hv2", 30)
+        ticking_on("hv2", before)
+        hv1.succeed("plasmavmc status | grep -q CORDONED")
+        hv2.succeed("plasmavmc status --cluster | grep -q 'hv1 (cordoned)'")
+
+    with subtest("a cordoned hv1 receives nothing: no placement, no migration"):
+        time.sleep(${toString (settle * 3)})
+        assert runs_on() == "hv2", "web moved to a cordoned host"
+        hv2.fail("plasmavmc migrate web --to hv1")
+        assert runs_on() == "hv2"
+
+    with subtest("uncordoned, hv1 gets web back by placement, live"):
+        before = last_tick(hv2)
+        hv1.succeed("plasmavmc uncordon")
+        wait_on("hv1", 120)
+        ticking_on("hv1", before)
+  '';
+}
