@@ -196,8 +196,7 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
     // Uncordoned: placement brings ev1 back to `a`, live, once `a` has settled.
     a.cli(&["uncordon"]).expect_code(0, "uncordon");
     wait_only_on("ev1", &a, &b, &watcher, "placement after uncordon");
-    let placed = a.vm_status("ev1");
-    assert_eq!(placed["state"], "running", "{placed:#}");
+    a.wait_running("ev1");
 
     // A reload that makes ev2 prefer `a` moves it there, live; ev3 (no preference) stays.
     let prefer_a_too: &[(&str, &[&str])] = &[("ev1", &["a"]), ("ev2", &["a", "b"])];
