@@ -227,3 +227,58 @@ fn host_shutdown_takes_vms_down_in_parallel_and_saved_ones_come_back_restored() 
     );
     host.wait_boot("a");
 }
+
+#[test]
+fn a_confined_vm_is_saved_and_restored_as_its_unprivileged_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let user = qemu_harness::qemu_test_user();
+    let mut host = Host::new();
+    // The temp dir is 0700: the QEMU user must be able to walk to the run dir inside it.
+    std::fs::set_permissions(host.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let image = host.image("data.qcow2");
+    let more = host.image("more.qcow2");
+    let data = json!({"path": image, "format": "qcow2", "serial": "data"});
+    host.write_config(json!({"web": host.vm(json!({"disks": {"data": data}}))}));
+    host.start_agent_with(&["--qemu-user", qemu_harness::TEST_QEMU_USER]);
+    let pid = host.wait_running("web");
+    host.wait_boot("web");
+    let runs_as_the_user = |pid: u32| {
+        let uids = qemu_harness::proc_status(pid, "Uid");
+        assert!(
+            uids.split_whitespace()
+                .all(|uid| uid == user.uid.to_string()),
+            "QEMU {pid} runs as {} (uid {}): Uid {uids}",
+            qemu_harness::TEST_QEMU_USER,
+            user.uid
+        );
+    };
+    runs_as_the_user(pid);
+
+    save_and_check(&host, "web", pid);
+    let restored = start_restored(&host, "web", pid);
+    let vm = host.vm_status("web");
+    assert_eq!(
+        vm["unrestorableSaves"],
+        json!([]),
+        "restored, not set aside: {vm:#}"
+    );
+    assert!(host
+        .agent_log_text()
+        .contains("restored from the managed save"));
+    runs_as_the_user(restored);
+    // The restored guest runs on, confined: it takes a disk plugged live and sees it.
+    let disks = json!({"data": data, "more": {"path": more, "format": "qcow2", "serial": "more"}});
+    host.write_config(json!({"web": host.vm(json!({ "disks": disks }))}));
+    host.cli(&["reload", "--wait"])
+        .expect_code(0, "reload --wait");
+    console(&host, "web")
+        .wait_for_state(|s| s.blocks.values().any(|serial| serial == "more"), BOOT)
+        .unwrap_or_else(|e| panic!("the restored guest takes a disk: {e}"));
+    assert_eq!(host.wait_running("web"), restored);
+    assert_eq!(
+        boots(&host, "web"),
+        1,
+        "no second boot; console:\n{}",
+        host.console("web")
+    );
+}

@@ -37,7 +37,7 @@ use crate::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
 use crate::qemu::live::{apply_live, LiveError, LiveOutcome};
 use crate::qemu::process::{AlreadyRuns, Found};
 use crate::qemu::{
-    cgroup, images, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu,
+    cgroup, confine, images, observe, process, Confinement, Guard, QemuEvent, Qmp, RunningQemu,
 };
 use crate::save::{self, SavedRecord};
 use crate::spec::{DiskSpec, VmSpec};
@@ -765,13 +765,21 @@ impl VmSlot {
             .await?;
         let vm_dir = shell.run_dir.vm(&self.name);
         let log_tail = || process::qemu_log_tail(&vm_dir);
-        let loaded = crate::qemu::save::load_from_file(
-            &qmp,
-            pid,
-            &vm_dir.migration_socket(),
-            &state,
-            log_tail,
-        )
+        // QEMU binds the incoming socket in its VM dir, sealed since the launch: an unprivileged
+        // QEMU may write there for as long as the load runs, as for its own sockets at launch.
+        let loaded = async {
+            confine::open_vm_dir(&vm_dir, shell.confinement.run_as.as_ref())?;
+            let loaded = crate::qemu::save::load_from_file(
+                &qmp,
+                pid,
+                &vm_dir.migration_socket(),
+                &state,
+                log_tail,
+            )
+            .await;
+            confine::seal_vm_dir(&vm_dir)?;
+            loaded
+        }
         .await
         // Consumed before the guest runs: a save is never restored twice.
         .and_then(|()| saves::consume(&shell.saved, &self.name));
