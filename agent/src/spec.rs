@@ -120,8 +120,9 @@ pub struct DiskSpec {
     pub delete_on_remove: bool,
     /// The image is on storage every host that declares the VM sees under the same path: a
     /// live migration leaves it where it is. A disk that is not shared is copied to the target
-    /// while the VM runs (QEMU block mirror over NBD).
-    #[serde(default)]
+    /// while the VM runs (QEMU block mirror over NBD). Written only when set, as the NixOS
+    /// module writes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shared: bool,
 }
 
