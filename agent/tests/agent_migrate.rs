@@ -48,7 +48,7 @@ fn flags(endpoint: &str, host_id: &str) -> Vec<String> {
         "--host-id",
         host_id,
         "--lease-ttl",
-        "3",
+        "6",
         "--migration-address",
         "127.0.0.1",
     ]
