@@ -1,13 +1,13 @@
-//! The `plasmavmc` client commands where no agent (and no QEMU) is needed: help texts, `validate`,
-//! exit code 3 with a clear message when the agent is not reachable, and `plan` against "nothing
-//! running" when no agent runs.
+//! The `plasmavmc` client commands where no QEMU is needed: help texts, `validate`, exit code 3
+//! with a clear message when the agent is not reachable, `plan` against "nothing running" when no
+//! agent runs, and `--json` of the commands that answer with a message (a real agent without VMs).
 
 #[path = "support/agent.rs"]
 mod harness;
 #[path = "support/qemu_harness.rs"]
 mod qemu_harness;
 
-use harness::{path_str, run};
+use harness::{path_str, run, Host};
 use serde_json::{json, Value};
 
 fn write(dir: &tempfile::TempDir, name: &str, json: &Value) -> std::path::PathBuf {
@@ -196,4 +196,43 @@ fn plan_without_an_agent_plans_against_nothing_running_and_says_so() {
     ])
     .expect_code(2, "plan of an invalid file");
     assert!(out.stderr.contains("version"), "{}", out.stderr);
+}
+
+/// `cordon`, `uncordon` and `shutdown-host` answer with a message: `--json` prints it as one
+/// `{"message"}` object on stdout, with the exit codes of the plain output.
+#[test]
+fn message_commands_print_json() {
+    let mut host = Host::new();
+    host.write_config(json!({}));
+    host.start_agent();
+    let message = |args: &[&str]| {
+        let out = host.cli(args).expect_code(0, &args.join(" "));
+        let answer: Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: not one JSON object ({e}):\n{}", out.stdout));
+        answer["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{args:?}: no message: {answer}"))
+            .to_owned()
+    };
+    let cordoned = message(&["cordon", "--json"]);
+    assert!(cordoned.starts_with("host cordoned since"), "{cordoned}");
+    assert_eq!(host.status()["cordon"]["by"], "cordon");
+    let uncordoned = message(&["uncordon", "--json"]);
+    assert!(uncordoned.starts_with("host uncordoned"), "{uncordoned}");
+    assert_eq!(
+        message(&["uncordon", "--json"]),
+        "the host was not cordoned"
+    );
+    let left_alone = message(&["shutdown-host", "--only-when-system-stops", "--json"]);
+    assert!(left_alone.contains("not shutting down"), "{left_alone}");
+    assert_eq!(
+        message(&["shutdown-host", "--json"]),
+        "host shutdown: no VM was running"
+    );
+    let refused = host.cli(&["migrate", "web", "--cancel", "--json"]);
+    assert_ne!(refused.code, 0, "no such VM");
+    assert!(
+        refused.stdout.is_empty(),
+        "errors go to stderr: {refused:?}"
+    );
 }

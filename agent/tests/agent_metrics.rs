@@ -12,7 +12,6 @@ mod qemu_harness;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use harness::*;
@@ -111,8 +110,8 @@ fn metrics_show_every_documented_figure_disk_writes_and_survive_a_stalled_qemu()
         .map_or(0.0, value)
     };
     let before = written(&scrape);
-    write_in_guest(
-        &host,
+    host.in_guest(
+        "web",
         "dd if=/dev/urandom of=/dev/vda bs=64k count=16 conv=fsync",
     );
     let after = wait_scrape("the guest's writes in the disk counters", |s| {
@@ -254,41 +253,4 @@ fn names(scrape: &Scrape) -> String {
         .map(|s| format!("{} {:?} {:?}", s.metric, s.labels, s.value))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Runs `command` in the guest's shell through `plasmavmc console`, until it printed its end.
-fn write_in_guest(host: &Host, command: &str) {
-    let mut child = plasmavmc()
-        .args(["console", "web", "--run-dir"])
-        .arg(&host.run_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("plasmavmc console");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(format!("{command}; echo wrote-$((40+2))\n").as_bytes())
-        .unwrap();
-    // Stdin stays open until the guest said it is done (a piped console ends on a quiet line).
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            seen.extend_from_slice(&buf[..n]);
-            if String::from_utf8_lossy(&seen).contains("wrote-42") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let done = rx.recv_timeout(AGENT);
-    let _ = child.kill();
-    let _ = child.wait();
-    drop(stdin);
-    assert!(done.is_ok(), "the guest never finished {command:?}");
 }

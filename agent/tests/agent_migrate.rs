@@ -20,7 +20,6 @@ mod local_etcd;
 #[path = "support/qemu_harness.rs"]
 mod qemu_harness;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -188,59 +187,9 @@ fn wait_beating(host: &Host, what: &str) {
     }
 }
 
-/// Types `commands` into the guest's console on `host`; the console's output until they ran
-/// (a marker the shell prints after them: the heartbeat keeps the console from ever going quiet).
-fn guest(host: &Host, commands: &str) -> String {
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    let mut child = plasmavmc()
-        .args(["console", VM, "--run-dir"])
-        .arg(&host.run_dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("plasmavmc console");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(format!("{commands}\necho \"DO\"\"NE-{n}\"\n").as_bytes())
-        .unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(read) = std::io::Read::read(&mut stdout, &mut buf) {
-            if read == 0 || tx.send(buf[..read].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let (marker, deadline) = (format!("DONE-{n}"), Instant::now() + AGENT);
-    let mut output = Vec::new();
-    while !String::from_utf8_lossy(&output).contains(&marker) {
-        assert!(
-            Instant::now() < deadline,
-            "the guest never ran {commands:?}; console output:\n{}",
-            String::from_utf8_lossy(&output)
-        );
-        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
-            output.extend(chunk);
-        }
-    }
-    drop(stdin);
-    let _ = child.kill();
-    let _ = child.wait();
-    // The agent frees the console's writer seat once it sees the client gone.
-    std::thread::sleep(Duration::from_millis(300));
-    String::from_utf8_lossy(&output).into_owned()
-}
-
 /// The guest's uptime (seconds), as the guest says.
 fn guest_uptime(host: &Host) -> f64 {
-    let out = guest(
-        host,
-        "read up rest < /proc/uptime; echo \"UP\"\"TIME=$up\"\n",
-    );
+    let out = host.in_guest(VM, "read up rest < /proc/uptime; echo \"UP\"\"TIME=$up\"\n");
     out.split("UPTIME=")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
@@ -370,8 +319,8 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
         .expect_code(0, "b reloads its declaration");
 
     // The guest beats, and leaves a mark on the shared disk.
-    guest(
-        &a,
+    a.in_guest(
+        VM,
         "(while true; do read up rest < /proc/uptime; echo \"H\"\"B:$up\"; sleep 0.2; done) &\n\
          dev() { for d in /sys/block/vd*; do read s < $d/serial; [ \"$s\" = $1 ] && echo /dev/${d##*/}; done; }\n\
          echo MIGRATION-MARK-42 | dd of=$(dev shared1) bs=512 count=1 conv=fsync 2>/dev/null\n\
@@ -416,8 +365,8 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
         guest_uptime(&b) > uptime_before,
         "the guest's uptime goes on"
     );
-    let read = guest(
-        &b,
+    let read = b.in_guest(
+        VM,
         "echo 3 > /proc/sys/vm/drop_caches; dd if=$(dev shared1) bs=17 count=1 2>/dev/null; echo\n\
          dd if=$(dev local1) bs=17 count=1 2>/dev/null; echo",
     );

@@ -278,12 +278,12 @@ pub fn save(run_dir: &Path, vm: String, json: bool) -> ExitCode {
     done(ask_showing(run_dir, Request::Save { vm }, what), json)
 }
 
-pub fn cordon(run_dir: &Path) -> ExitCode {
-    done(ask(run_dir, Request::Cordon), false)
+pub fn cordon(run_dir: &Path, json: bool) -> ExitCode {
+    done(ask(run_dir, Request::Cordon), json)
 }
 
-pub fn uncordon(run_dir: &Path) -> ExitCode {
-    done(ask(run_dir, Request::Uncordon), false)
+pub fn uncordon(run_dir: &Path, json: bool) -> ExitCode {
+    done(ask(run_dir, Request::Uncordon), json)
 }
 
 /// `plasmavmc migrate`: progress on a terminal (the VM's status, asked every half second), then
@@ -305,12 +305,7 @@ pub fn migrate(run_dir: &Path, request: Request, json: bool) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Ok(Response::Done { message }) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
-        Ok(other) => unexpected(other),
-        Err(e) => client_failed(e),
+        answer => done(answer, json),
     }
 }
 
@@ -318,20 +313,21 @@ pub fn shutdown_host(
     run_dir: &Path,
     timeout_seconds: u64,
     only_when_system_stops: bool,
+    json: bool,
 ) -> ExitCode {
     if only_when_system_stops {
         let state = system_state();
         if state != "stopping" {
-            println!(
+            let message = format!(
                 "the host is not shutting down (systemctl is-system-running: {state}); VMs are left alone"
             );
-            return ExitCode::SUCCESS;
+            return done(Ok(Response::Done { message }), json);
         }
     }
     let what = "taking every VM down (powerdown or save)".to_owned();
     done(
         ask_showing(run_dir, Request::ShutdownHost { timeout_seconds }, what),
-        false,
+        json,
     )
 }
 

@@ -260,7 +260,7 @@ enum Command {
         #[arg(long, value_name = "MIB", conflicts_with = "cancel")]
         bandwidth: Option<u64>,
         /// Print the outcome as JSON: {"vm", "from", "to", "mode": "live"|"offline",
-        /// "downtimeMs", "totalMs", "transferredBytes"}.
+        /// "downtimeMs", "totalMs", "transferredBytes"} ({"message"} with --cancel).
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -274,6 +274,9 @@ enum Command {
     /// restarts and reboots. VMs declared on this host only (not `ha.enable`) are not affected:
     /// they have no other host.
     Cordon {
+        /// Print the outcome as JSON: {"message"}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -301,6 +304,9 @@ enum Command {
     },
     /// Open a cordoned host again (see `cordon` and `evacuate`): it takes HA VMs again.
     Uncordon {
+        /// Print the outcome as JSON: {"message"}.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -316,6 +322,9 @@ enum Command {
         /// says `stopping`): a unit stopped by hand or by a switch leaves the VMs alone.
         #[arg(long)]
         only_when_system_stops: bool,
+        /// Print the outcome as JSON: {"message"} (one line per VM in the message).
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         run_dir: RunDirArg,
     },
@@ -527,10 +536,11 @@ pub fn run() -> ExitCode {
         Command::ShutdownHost {
             timeout,
             only_when_system_stops,
+            json,
             run_dir,
-        } => commands::shutdown_host(&run_dir.run_dir, timeout, only_when_system_stops),
-        Command::Cordon { run_dir } => commands::cordon(&run_dir.run_dir),
-        Command::Uncordon { run_dir } => commands::uncordon(&run_dir.run_dir),
+        } => commands::shutdown_host(&run_dir.run_dir, timeout, only_when_system_stops, json),
+        Command::Cordon { json, run_dir } => commands::cordon(&run_dir.run_dir, json),
+        Command::Uncordon { json, run_dir } => commands::uncordon(&run_dir.run_dir, json),
         Command::Evacuate {
             wait,
             json,

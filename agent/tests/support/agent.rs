@@ -347,6 +347,59 @@ impl Host {
         }
     }
 
+    /// Runs `commands` in the shell on VM `name`'s console (a piped `plasmavmc console`) and
+    /// returns the console's output until they ran: a marker the shell prints after them says so
+    /// (a console that never goes quiet, a heartbeat say, cannot tell it).
+    pub fn in_guest(&self, name: &str, commands: &str) -> String {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut child = plasmavmc()
+            .args(["console", name, "--run-dir"])
+            .arg(&self.run_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("plasmavmc console");
+        let mut stdin = child.stdin.take().unwrap();
+        // Quoted apart, so the echoed command line does not hold the marker itself.
+        std::io::Write::write_all(
+            &mut stdin,
+            format!("{commands}\necho \"DO\"\"NE-{n}\"\n").as_bytes(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(read) = std::io::Read::read(&mut stdout, &mut buf) {
+                if read == 0 || tx.send(buf[..read].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let (marker, deadline) = (format!("DONE-{n}"), Instant::now() + AGENT);
+        let mut output = Vec::new();
+        while !String::from_utf8_lossy(&output).contains(&marker) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest {name} never ran {commands:?}; console output:\n{}",
+                String::from_utf8_lossy(&output)
+            );
+            if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
+                output.extend(chunk);
+            }
+        }
+        // Stdin stays open until the marker came: a piped console ends once stdin ended and
+        // the console was quiet.
+        drop(stdin);
+        let _ = child.kill();
+        let _ = child.wait();
+        // The agent frees the console's writer seat once it sees the client gone.
+        std::thread::sleep(Duration::from_millis(300));
+        String::from_utf8_lossy(&output).into_owned()
+    }
+
     pub fn agent_log(&self) -> PathBuf {
         self.dir.path().join("agent.log")
     }
