@@ -131,6 +131,23 @@ pub fn of_step(action: &Action, waiting: bool) -> Option<What> {
     })
 }
 
+/// The devices the guest was asked to release that QEMU no longer has (`present` says which it
+/// has): released after the step that asked had returned (`unplugWaiting`), so their
+/// `deviceRemoved` comes from here. Leaves the others in `unplugging`.
+pub fn released_late(
+    unplugging: &mut std::collections::BTreeSet<String>,
+    present: impl Fn(&str) -> bool,
+) -> Vec<What> {
+    let (still, released) = std::mem::take(unplugging)
+        .into_iter()
+        .partition(|device| present(device));
+    *unplugging = still;
+    released
+        .into_iter()
+        .map(|device| What::DeviceRemoved { device })
+        .collect()
+}
+
 /// The pending changes as the event lists them.
 pub fn pending_lines(pending: &[PendingChange]) -> Vec<String> {
     pending
@@ -195,6 +212,22 @@ mod tests {
         assert!(event(None, What::Missed { count: 2 })
             .render()
             .contains(" - (2 events missed"));
+    }
+
+    #[test]
+    fn a_device_released_late_is_removed_then() {
+        let mut unplugging: std::collections::BTreeSet<String> =
+            ["disk-data", "nic-eth1"].map(String::from).into();
+        let released = released_late(&mut unplugging, |device| device == "nic-eth1");
+        assert_eq!(
+            released,
+            [What::DeviceRemoved {
+                device: "disk-data".into()
+            }]
+        );
+        assert_eq!(unplugging, ["nic-eth1".to_owned()].into());
+        assert_eq!(released_late(&mut unplugging, |_| true), []);
+        assert_eq!(unplugging.len(), 1);
     }
 
     #[test]

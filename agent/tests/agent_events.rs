@@ -7,73 +7,10 @@ mod harness;
 #[path = "support/qemu_harness.rs"]
 mod qemu_harness;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use harness::*;
 use serde_json::{json, Value};
-
-/// `plasmavmc ARGS` running in the background, its stdout collected line by line.
-struct Follower {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Follower {
-    fn start(host: &Host, args: &[&str]) -> Follower {
-        let mut child = plasmavmc()
-            .args(args)
-            .arg("--run-dir")
-            .arg(&host.run_dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("plasmavmc");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let shared = lines.clone();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                shared.lock().unwrap().push(line);
-            }
-        });
-        Follower { child, lines }
-    }
-
-    fn events(&self) -> Vec<Value> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
-            .collect()
-    }
-
-    /// Waits until an event matches `wanted`; its index.
-    fn wait_for(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> usize {
-        let deadline = Instant::now() + BOOT;
-        loop {
-            let events = self.events();
-            if let Some(at) = events.iter().position(&wanted) {
-                return at;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} event in:\n{events:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn events_show_a_hotplug_then_a_qemu_kill_in_order_and_status_watch_redraws() {

@@ -418,8 +418,12 @@ impl VmSlot {
             }
         }
         let (pid, started) = (conn.pid, conn.started);
-        rt.unplugging
-            .retain(|device| peripherals.contains_key(device));
+        for released in crate::events::released_late(&mut rt.unplugging, |device| {
+            peripherals.contains_key(device)
+        }) {
+            tracing::info!(vm = %self.name, ?released, "the guest released a device late");
+            shell.journal.vm(&self.name, released);
+        }
         observed.unplugging = rt.unplugging.clone();
         self.set_images(observed.disks.values().map(|disk| &disk.path));
         self.update_status(|s| {

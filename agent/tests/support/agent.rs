@@ -470,6 +470,67 @@ impl Drop for Host {
     }
 }
 
+/// `plasmavmc ARGS` running in the background (`events --json`, `status --watch`), its stdout
+/// collected line by line; killed on drop.
+pub struct Follower {
+    pub child: Child,
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Follower {
+    pub fn start(host: &Host, args: &[&str]) -> Follower {
+        let mut child = plasmavmc()
+            .args(args)
+            .arg("--run-dir")
+            .arg(&host.run_dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("plasmavmc");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let shared = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(stdout).map_while(Result::ok) {
+                shared.lock().unwrap().push(line);
+            }
+        });
+        Follower { child, lines }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line:?}: {e}")))
+            .collect()
+    }
+
+    /// Waits until an event matches `wanted`; its index.
+    pub fn wait_for(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> usize {
+        let deadline = Instant::now() + BOOT;
+        loop {
+            let events = self.events();
+            if let Some(at) = events.iter().position(&wanted) {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {what} event in:\n{events:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn is_alive(pid: u32) -> bool {
     plasmavmc_agent::qemu::process::is_alive(pid)
 }
