@@ -1,5 +1,6 @@
 //! Failures against a real etcd: an agent killed without goodbye, a 30 s store outage, a
-//! 3-member cluster losing its leader, a silent partition (connections open, nothing through).
+//! 3-member cluster losing its leader or running with a member down, a silent partition
+//! (connections open, nothing through).
 
 mod support;
 
@@ -160,6 +161,37 @@ async fn publishing_goes_on_after_the_leader_is_killed() {
         get_json(&survivors, "/plasmavmc/hosts/h1").is_some(),
         "the host's lease survived the election"
     );
+}
+
+/// A member that is down from the start (the list names all three): the session connects to
+/// one that answers and keeps to it, so not one request fails. (etcd-client's balanced channel
+/// sent every third request to the dead member.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_member_in_the_list_fails_no_request() {
+    let mut etcd = cluster(3);
+    let eps = etcd.endpoints();
+    let follower = (leader_index(&eps) + 1) % 3; // no election: the store stays writable
+    etcd.kill(follower);
+    let survivors: Vec<String> = (0..3)
+        .filter(|i| *i != follower)
+        .map(|i| etcd.endpoint(i))
+        .collect();
+    let session = Session::start(config(eps.clone(), "h1", 3)).unwrap();
+    let mut notices = session.notices();
+    for round in 0..10 {
+        let state = ["running", "stopped"][round % 2];
+        session.sync(picture([local_vm("a", state, false, None)]));
+        eventually(&format!("a {state} (round {round})"), WAIT, || {
+            get_json(&survivors, "/plasmavmc/vms/acme/web/a").is_some_and(|a| a["state"] == state)
+        })
+        .await;
+    }
+    while let Ok(notice) = notices.try_recv() {
+        assert!(
+            !matches!(notice, Notice::Disconnected { .. }),
+            "a request failed: {notice:?}"
+        );
+    }
 }
 
 /// Which member leads, from `etcdctl endpoint status`.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use etcd_client::{Certificate, ConnectOptions, GetOptions, Identity, TlsOptions};
 
+use super::members::Members;
 use super::{fence, keys};
 
 /// Below this, the store TTL (one second less) would fall under etcd's own minimum of 2 s.
@@ -115,7 +116,12 @@ impl ChainFireConfig {
         // No HTTP/2 keep-alive pings: etcd sends GOAWAY ("too_many_pings") to clients pinging
         // more often than its --grpc-keepalive-min-time (5 s). Dead connections are noticed by
         // the session itself: keep-alive replies, request timeouts, watch progress requests.
-        let mut options = ConnectOptions::new().with_connect_timeout(self.op_timeout());
+        // Requiring a leader: a member cut off from the others, or amid an election, says "no
+        // leader" at once instead of letting requests time out, and ends watches and keep-alive
+        // streams it can no longer serve, so the session moves on to another member.
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(self.op_timeout())
+            .with_require_leader(true);
         if let Some((user, password)) = &self.user {
             // etcd drops a token unused for --auth-token-ttl (5 min), and a quiet session writes
             // nothing for longer: log in again rather than fail the next write.
@@ -141,12 +147,50 @@ impl ChainFireConfig {
         Ok(options)
     }
 
-    /// A client that has reached the store: its first read is done here, so that a TLS, login
-    /// or permission problem fails the connection, named as such, rather than a later request.
-    pub async fn connect(&self) -> anyhow::Result<etcd_client::Client> {
+    /// Where a task's connections start: a member picked by the host id.
+    pub fn members(&self) -> Members {
+        Members::new(self.endpoints.len(), &self.host_id)
+    }
+
+    /// A client pinned to one member that has answered, tried in `members`' order (see
+    /// [`Members`] for why one member per client). Each member's first read is done here, so that
+    /// a TLS, login or permission problem fails the connection, named as such, rather than a
+    /// later request. Fails when no member answers, with each member's reason.
+    pub async fn connect(&self, members: &mut Members) -> anyhow::Result<etcd_client::Client> {
+        let options = self
+            .connect_options()
+            .with_context(|| format!("chainfire: connecting to {}", self.target()))?;
+        let mut failures = Vec::new();
+        for member in members.order() {
+            let endpoint = &self.endpoints[member];
+            match self.connect_to(endpoint, options.clone()).await {
+                Ok(client) => {
+                    tracing::debug!(%endpoint, "chainfire: connected");
+                    members.connected(member);
+                    return Ok(client);
+                }
+                Err(e) => failures.push((endpoint, format!("{e:#}"))),
+            }
+        }
+        let reasons = match failures.as_slice() {
+            [(_, only)] => only.clone(),
+            all => all
+                .iter()
+                .map(|(endpoint, reason)| format!("{endpoint}: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        };
+        bail!("chainfire: connecting to {}: {reasons}", self.target())
+    }
+
+    async fn connect_to(
+        &self,
+        endpoint: &str,
+        options: ConnectOptions,
+    ) -> anyhow::Result<etcd_client::Client> {
+        let limit = self.op_timeout();
         let connecting = async {
-            let options = self.connect_options()?;
-            let mut client = etcd_client::Client::connect(&self.endpoints, Some(options)).await?;
+            let mut client = etcd_client::Client::connect([endpoint], Some(options)).await?;
             let probe = GetOptions::new()
                 .with_prefix()
                 .with_count_only()
@@ -154,10 +198,9 @@ impl ChainFireConfig {
             client.get(keys::ROOT, Some(probe)).await?;
             anyhow::Ok(client)
         };
-        tokio::time::timeout(self.op_timeout(), connecting)
+        tokio::time::timeout(limit, connecting)
             .await
-            .with_context(|| format!("chainfire: connecting to {} timed out", self.target()))?
-            .with_context(|| format!("chainfire: connecting to {}", self.target()))
+            .with_context(|| format!("no answer within {limit:?}"))?
     }
 
     /// What the connection was tried with, for errors (never the password): `https://cf1:2379

@@ -12,12 +12,14 @@ use super::backoff::Backoff;
 use super::clock::BootTime;
 use super::config::ChainFireConfig;
 use super::fence::LeaseStatus;
+use super::members::Members;
 
 /// Runs until aborted; the store being away only delays it.
 pub async fn keep_alive(config: ChainFireConfig, status: watch::Sender<Option<LeaseStatus>>) {
     let mut backoff = Backoff::new(Duration::from_secs(1));
+    let mut members = config.members();
     loop {
-        if let Err(e) = keep_alive_connected(&config, &status, &mut backoff).await {
+        if let Err(e) = keep_alive_connected(&config, &mut members, &status, &mut backoff).await {
             if lease_gone(&e) {
                 let lease = status.borrow().map(|l| l.id);
                 tracing::warn!(
@@ -35,10 +37,11 @@ pub async fn keep_alive(config: ChainFireConfig, status: watch::Sender<Option<Le
 
 async fn keep_alive_connected(
     config: &ChainFireConfig,
+    members: &mut Members,
     status: &watch::Sender<Option<LeaseStatus>>,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let mut client = config.connect().await?;
+    let mut client = config.connect(members).await?;
     let limit = config.op_timeout();
     let current = *status.borrow();
     let mut id = match current {

@@ -3,7 +3,7 @@
 //!
 //! Pure core: `keys`, `records`, `events`, `view`, `reconcile`, `fence`. Shell: `session` (a
 //! tokio task the daemon talks to through channels), `lease` (keep-alives), `store` (the writes),
-//! `trust` (the lease trust file fence guards and the next agent read), `clock` (boot time).
+//! `members` (which store member a connection goes to), `trust` (the lease trust file fence guards and the next agent read), `clock` (boot time).
 
 mod backoff;
 pub mod clock;
@@ -12,6 +12,7 @@ pub mod events;
 pub mod fence;
 pub mod keys;
 mod lease;
+pub mod members;
 pub mod moves;
 pub mod reconcile;
 pub mod records;

@@ -30,7 +30,7 @@ pub enum Switch {
 impl MoveStore {
     pub async fn connect(config: &ChainFireConfig) -> Result<MoveStore> {
         Ok(MoveStore {
-            client: config.connect().await?,
+            client: config.connect(&mut config.members()).await?,
             timeout: config.op_timeout(),
         })
     }

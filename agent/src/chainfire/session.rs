@@ -21,6 +21,7 @@ use super::config::ChainFireConfig;
 use super::events::{StateEvent, StateSink};
 use super::fence::{self, LeaseStatus};
 use super::keys::{self, VmKey};
+use super::members::Members;
 use super::reconcile::{self, Write};
 use super::records::{self, HostRecord, LocalVm};
 use super::trust::{self, LeaseTrust};
@@ -93,6 +94,7 @@ impl Session {
         let (notices, _) = broadcast::channel(4096);
         let (connected_tx, connected) = watch::channel(false);
         let worker = Worker {
+            members: config.members(),
             config: config.clone(),
             view: ClusterView::default(),
             revision: 0,
@@ -286,6 +288,8 @@ async fn gate(
 /// Publishing, watching and reconciling, in one task.
 struct Worker {
     config: ChainFireConfig,
+    /// Which store member the next connection tries first.
+    members: Members,
     view: ClusterView,
     /// Last store revision the view has seen; 0: read everything first.
     revision: i64,
@@ -319,7 +323,7 @@ impl Worker {
         backoff: &mut Backoff,
     ) -> anyhow::Result<std::convert::Infallible> {
         let limit = self.config.op_timeout();
-        let mut client = self.config.connect().await?;
+        let mut client = self.config.connect(&mut self.members).await?;
         if self.revision == 0 {
             self.reload(&mut client).await?;
         }
