@@ -22,9 +22,15 @@ const ECHO: Duration = Duration::from_secs(10);
 /// Ctrl-U: the shell forgets the typed line, so it never grows long.
 const KILL_LINE: u8 = 0x15;
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
     pub guest_dir: PathBuf,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
+    /// Keys typed (each one timed).
+    #[arg(long, default_value_t = 200)]
     pub keys: usize,
 }
 

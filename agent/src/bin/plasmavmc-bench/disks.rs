@@ -18,9 +18,15 @@ use crate::stats::Summary;
 const BLKSIZE: &str = "PLASMAVMC-GUEST-BLKSIZE ";
 const READY: &str = "PLASMAVMC-GUEST-READY";
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
     pub guest_dir: PathBuf,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
+    /// Creations per format and grows.
+    #[arg(long, default_value_t = 10)]
     pub rounds: usize,
 }
 

@@ -27,9 +27,14 @@ use serde_json::Value;
 use crate::agent::{pids_in_state, plasmavmc_binary, Agent};
 use crate::procs::qemu_count;
 
+#[derive(clap::Args)]
 pub struct Options {
+    #[arg(long, default_value_t = 3)]
     pub vms: usize,
+    /// Injections per fault.
+    #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
 }
 

@@ -57,9 +57,15 @@ const CHANGES: [Change; 3] = [
     },
 ];
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
     pub guest_dir: PathBuf,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
+    /// Live applications per change (each followed by a revert).
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
 }
 

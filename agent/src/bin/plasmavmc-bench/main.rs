@@ -28,6 +28,15 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// Defaults shared by the subcommands' options.
+const GUEST_DIR: &str = "target/test-guest";
+const WORK_DIR: &str = "/tmp/plasmavmc-bench";
+
+/// `--guest-dir` as an absolute path: the agents the benches start run elsewhere.
+fn absolute(path: &str) -> std::io::Result<PathBuf> {
+    std::path::absolute(path)
+}
+
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",
@@ -55,33 +64,15 @@ enum Bench {
         #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
         vms: Vec<usize>,
         /// Scratch directory for configs, state and run dirs.
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        #[arg(long, default_value = WORK_DIR)]
         work_dir: PathBuf,
     },
     /// Live change vs restart for a disk add, a NIC add and a vCPU add on one real guest (TCG),
     /// in a network namespace of the bench's own. Needs root.
-    Hotplug {
-        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-        #[arg(long, default_value = "target/test-guest")]
-        guest_dir: PathBuf,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-        /// Live applications per change (each followed by a revert).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-    },
+    Hotplug(hotplug::Options),
     /// Disk images: creating a 10 GiB sparse image (qcow2 and raw), and a live grow on one real
     /// guest (TCG): `reload --wait` and until the guest sees the new size.
-    Disks {
-        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-        #[arg(long, default_value = "target/test-guest")]
-        guest_dir: PathBuf,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-        /// Creations per format and grows.
-        #[arg(long, default_value_t = 10)]
-        rounds: usize,
-    },
+    Disks(disks::Options),
     /// `/metrics` with N guest-less VMs: scrape time, the agent's CPU per scrape, and the QMP
     /// commands scrapes cost (none: only the sampler talks to QEMU).
     Metrics {
@@ -98,37 +89,10 @@ enum Bench {
     },
     /// Console round trip: a key typed into `plasmavmc console` until the guest's echo comes
     /// back out of it, on one real guest's shell (TCG).
-    Console {
-        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-        #[arg(long, default_value = "target/test-guest")]
-        guest_dir: PathBuf,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-        /// Keys typed (each one timed).
-        #[arg(long, default_value_t = 200)]
-        keys: usize,
-    },
+    Console(console::Options),
     /// Managed save and restore of one real guest (TCG) against its boot; host shutdown of N
     /// guest-less VMs that ignore ACPI, in parallel (`shutdown-host`) against one by one.
-    Save {
-        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-        #[arg(long, default_value = "target/test-guest")]
-        guest_dir: PathBuf,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-        /// Memory of the saved guest.
-        #[arg(long, default_value_t = 256)]
-        memory_mib: u64,
-        /// Save/restore rounds (boots: at most 3).
-        #[arg(long, default_value_t = 5)]
-        rounds: usize,
-        /// VMs taken down by the host-shutdown measurement.
-        #[arg(long, default_value_t = 10)]
-        shutdown_vms: usize,
-        /// The agent's --stop-timeout there (each VM ignores ACPI, so each waits this long).
-        #[arg(long, default_value_t = 2)]
-        stop_timeout: u64,
-    },
+    Save(save::Options),
     /// Live migration between two agents on this machine (loopback etcd; the second agent in a
     /// mount namespace of its own): downtime and total time of an idle guest, of a guest
     /// dirtying memory (auto-converge) and of a guest with a 1 GiB local disk (NBD mirror);
@@ -176,7 +140,7 @@ enum Bench {
         /// Kills per TTL.
         #[arg(long, default_value_t = 5)]
         rounds: u32,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
+        #[arg(long, default_value = WORK_DIR)]
         work_dir: PathBuf,
         /// `etcd` binary (default: from PATH).
         #[arg(long)]
@@ -189,41 +153,11 @@ enum Bench {
     /// times into a real agent with guest-less QEMUs; count every VM's QEMU processes in /proc
     /// throughout, and print fault, tried, duplicates, VMs lost, VMs restarted. Needs root (the
     /// state and run dirs are small tmpfs).
-    Faults {
-        #[arg(long, default_value_t = 3)]
-        vms: usize,
-        /// Injections per fault.
-        #[arg(long, default_value_t = 3)]
-        rounds: u32,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-    },
+    Faults(faults::Options),
     /// `status` latency (median, p99) for N healthy guest-less VMs: with no fault, with one
     /// more VM's QEMU stalled (SIGSTOP), behind idle connections, and with concurrent clients.
     /// Runs real QEMUs (TCG); the idle connections are held by child processes, 10,000 each.
-    Status {
-        /// Comma-separated, run in this order.
-        #[arg(
-            long,
-            value_enum,
-            value_delimiter = ',',
-            default_value = "no-fault,stalled,idle,concurrent"
-        )]
-        scenarios: Vec<status::Scenario>,
-        #[arg(long, default_value_t = 4)]
-        vms: usize,
-        /// Requests measured per scenario (shared among the concurrent clients, at least 5 each).
-        #[arg(long, default_value_t = 200)]
-        samples: usize,
-        /// Idle connections held open in the `idle` scenario.
-        #[arg(long, default_value_t = 20_000)]
-        idle: usize,
-        /// Clients asking at once in the `concurrent` scenario.
-        #[arg(long, default_value_t = 200)]
-        clients: usize,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-    },
+    Status(status::Options),
     /// (Used by `status`.) Open N silent connections to SOCKET and hold them until stdin closes.
     #[command(hide = true)]
     HoldIdle { socket: PathBuf, connections: usize },
@@ -261,30 +195,8 @@ fn main() -> anyhow::Result<()> {
             work_dir,
             etcd,
         } => ha::report(etcd.as_deref(), &ttls, rounds, &work_dir)?,
-        Bench::Status {
-            scenarios,
-            vms,
-            samples,
-            idle,
-            clients,
-            work_dir,
-        } => status::report(&status::Options {
-            scenarios,
-            vms,
-            samples,
-            idle,
-            clients,
-            work_dir,
-        })?,
-        Bench::Faults {
-            vms,
-            rounds,
-            work_dir,
-        } => faults::report(&faults::Options {
-            vms,
-            rounds,
-            work_dir,
-        })?,
+        Bench::Status(options) => status::report(&options)?,
+        Bench::Faults(options) => faults::report(&options)?,
         Bench::Metrics {
             vms,
             scrapes,
@@ -296,28 +208,12 @@ fn main() -> anyhow::Result<()> {
             interval_seconds: interval,
             work_dir,
         })?,
-        Bench::Console {
-            guest_dir,
-            work_dir,
-            keys,
-        } => console::report(&console::Options {
-            guest_dir: std::path::absolute(guest_dir)?,
-            work_dir,
-            keys,
-        })?,
+        Bench::Console(options) => console::report(&options)?,
         Bench::HoldIdle {
             socket,
             connections,
         } => status::hold_idle_here(&socket, connections)?,
-        Bench::Disks {
-            guest_dir,
-            work_dir,
-            rounds,
-        } => disks::report(&disks::Options {
-            guest_dir: std::path::absolute(guest_dir)?,
-            work_dir,
-            rounds,
-        })?,
+        Bench::Disks(options) => disks::report(&options)?,
         Bench::Migrate {
             guest_dir,
             work_dir,
@@ -329,30 +225,8 @@ fn main() -> anyhow::Result<()> {
             memory_mib,
             rounds,
         })?,
-        Bench::Save {
-            guest_dir,
-            work_dir,
-            memory_mib,
-            rounds,
-            shutdown_vms,
-            stop_timeout,
-        } => save::report(&save::Options {
-            guest_dir: std::path::absolute(guest_dir)?,
-            work_dir,
-            memory_mib,
-            rounds,
-            shutdown_vms,
-            stop_timeout,
-        })?,
-        Bench::Hotplug {
-            guest_dir,
-            work_dir,
-            rounds,
-        } => hotplug::report(&hotplug::Options {
-            guest_dir: std::path::absolute(guest_dir)?,
-            work_dir,
-            rounds,
-        })?,
+        Bench::Save(options) => save::report(&options)?,
+        Bench::Hotplug(options) => hotplug::report(&options)?,
     }
     Ok(())
 }

@@ -19,12 +19,24 @@ use crate::stats::Summary;
 const VM: &str = "bench";
 const BOOT_MARKER: &str = "PLASMAVMC-GUEST-READY";
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
     pub guest_dir: PathBuf,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
+    /// Memory of the saved guest.
+    #[arg(long, default_value_t = 256)]
     pub memory_mib: u64,
+    /// Save/restore rounds (boots: at most 3).
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
+    /// VMs taken down by the host-shutdown measurement.
+    #[arg(long, default_value_t = 10)]
     pub shutdown_vms: usize,
+    /// The agent's --stop-timeout there (each VM ignores ACPI, so each waits this long).
+    #[arg(long, default_value_t = 2)]
     pub stop_timeout: u64,
 }
 

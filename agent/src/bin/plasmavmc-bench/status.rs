@@ -32,12 +32,28 @@ pub enum Scenario {
     Concurrent,
 }
 
+#[derive(clap::Args)]
 pub struct Options {
+    /// Comma-separated, run in this order.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "no-fault,stalled,idle,concurrent"
+    )]
     pub scenarios: Vec<Scenario>,
+    #[arg(long, default_value_t = 4)]
     pub vms: usize,
+    /// Requests measured per scenario (shared among the concurrent clients, at least 5 each).
+    #[arg(long, default_value_t = 200)]
     pub samples: usize,
+    /// Idle connections held open in the `idle` scenario.
+    #[arg(long, default_value_t = 20_000)]
     pub idle: usize,
+    /// Clients asking at once in the `concurrent` scenario.
+    #[arg(long, default_value_t = 200)]
     pub clients: usize,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
 }
 
