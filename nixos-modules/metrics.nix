@@ -4,6 +4,7 @@
 { config, lib, ... }:
 let
   inherit (lib) mkOption mkEnableOption types;
+  firewall = import ./firewall.nix { inherit lib; };
   cfg = config.services.plasmavmc.metrics;
   # An IPv6 address needs brackets in ADDR:PORT.
   host = if lib.hasInfix ":" cfg.listenAddress then "[${cfg.listenAddress}]" else cfg.listenAddress;
@@ -25,11 +26,7 @@ in
       description = "Port the metrics endpoint listens on.";
     };
 
-    openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = "Open `port` in the firewall for incoming connections (for a Prometheus on another host).";
-    };
+    openFirewall = firewall.mkOpenFirewallOption "Open `port` in the firewall for incoming connections (for a Prometheus on another host).";
   };
 
   config = lib.mkIf (config.services.plasmavmc.enable && cfg.enable) {
@@ -37,6 +34,6 @@ in
       "--metrics-listen"
       "${host}:${toString cfg.port}"
     ];
-    networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.port ];
+    networking.firewall = firewall.openTcp cfg.openFirewall { ports = [ cfg.port ]; };
   };
 }

@@ -9,6 +9,7 @@
 let
   inherit (lib) mkOption types;
   names = import ./names.nix { inherit lib; };
+  firewall = import ./firewall.nix { inherit lib; };
   cfg = config.services.plasmavmc;
   opt = "services.plasmavmc.migration";
   haVms = lib.attrNames (lib.filterAttrs (_: vm: vm.ha.enable) cfg.vms);
@@ -46,15 +47,11 @@ in
         description = "Last port of that range.";
       };
     };
-    openFirewall = mkOption {
-      type = types.bool;
-      default = false;
-      description = ''
-        Open `ports.from`..`ports.to` (TCP) in the firewall. Without TLS the migration stream
-        (guest memory and disks) is plaintext on the network: open them only on a network the
-        hypervisors alone share, or set `tlsDir`.
-      '';
-    };
+    openFirewall = firewall.mkOpenFirewallOption ''
+      Open `ports.from`..`ports.to` (TCP) in the firewall. Without TLS the migration stream
+      (guest memory and disks) is plaintext on the network: open them only on a network the
+      hypervisors alone share, or set `tlsDir`.
+    '';
     tlsDir = mkOption {
       type = types.nullOr names.absolutePath;
       default = null;
@@ -101,9 +98,9 @@ in
       ]
     );
 
-    networking.firewall.allowedTCPPortRanges = lib.mkIf cfg.migration.openFirewall [
-      { inherit (cfg.migration.ports) from to; }
-    ];
+    networking.firewall = firewall.openTcp cfg.migration.openFirewall {
+      ranges = [ { inherit (cfg.migration.ports) from to; } ];
+    };
 
     assertions = [
       {
