@@ -18,13 +18,20 @@
 }:
 let
   cfg = config.services.plasmavmc;
-  plasmavmc = lib.getExe' cfg.package "plasmavmc";
+  cli = import ./cli.nix { inherit lib cfg; };
+  inherit (cli) plasmavmc;
   timeout = lib.getExe' pkgs.coreutils "timeout";
   newDesired = config.environment.etc."plasmavmc/desired.json".source;
   controlSocket = "${cfg.runDir}/control.sock";
   hasPreSwitchChecks = options.system ? preSwitchChecks;
   agentRunning = "[ -S ${lib.escapeShellArg controlSocket} ]";
-  planCommand = "${timeout} 30 ${plasmavmc} plan --config ${newDesired} --run-dir ${lib.escapeShellArg cfg.runDir}";
+  planCommand = "${timeout} 30 ${
+    lib.escapeShellArgs (cli.toAgent [
+      "plan"
+      "--config"
+      newDesired
+    ])
+  }";
 
   # Refuses (non-zero) what the agent would refuse; prints the plan.
   check = ''

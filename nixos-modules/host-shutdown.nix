@@ -20,7 +20,7 @@
 }:
 let
   cfg = config.services.plasmavmc;
-  plasmavmc = lib.getExe' cfg.package "plasmavmc";
+  cli = import ./cli.nix { inherit lib cfg; };
   # Saves are not cut short at shutdownTimeout; this much more is theirs before systemd moves on.
   saveAllowance = 120;
 in
@@ -36,18 +36,17 @@ in
         Type = "oneshot";
         RemainAfterExit = true;
         ExecStart = utils.escapeSystemdExecArgs [
-          plasmavmc
+          cli.plasmavmc
           "--version"
         ];
-        ExecStop = utils.escapeSystemdExecArgs [
-          plasmavmc
-          "shutdown-host"
-          "--only-when-system-stops"
-          "--timeout"
-          (toString cfg.shutdownTimeout)
-          "--run-dir"
-          cfg.runDir
-        ];
+        ExecStop = utils.escapeSystemdExecArgs (
+          cli.toAgent [
+            "shutdown-host"
+            "--only-when-system-stops"
+            "--timeout"
+            (toString cfg.shutdownTimeout)
+          ]
+        );
         TimeoutStopSec = cfg.shutdownTimeout + saveAllowance;
       };
     };

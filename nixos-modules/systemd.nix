@@ -20,7 +20,7 @@ let
   # (nixpkgs PR 556436) and would re-read a stale file. /etc/plasmavmc/desired.json stays, for people.
   configPath = "/run/current-system/etc/plasmavmc/desired.json";
   desiredFile = config.environment.etc."plasmavmc/desired.json".source;
-  plasmavmc = lib.getExe' cfg.package "plasmavmc";
+  cli = import ./cli.nix { inherit lib cfg; };
 
   chainfire = cfg.chainfire.endpoints != [ ];
   chainfireArgs = lib.optionals chainfire (
@@ -113,14 +113,13 @@ in
       serviceConfig = {
         Type = "notify";
         # systemd's own quoting: a `%` or `$` in a path stays literal.
-        ExecStart = utils.escapeSystemdExecArgs ([ plasmavmc ] ++ agentArgs);
-        ExecReload = utils.escapeSystemdExecArgs [
-          plasmavmc
-          "reload"
-          "--wait"
-          "--run-dir"
-          cfg.runDir
-        ];
+        ExecStart = utils.escapeSystemdExecArgs ([ cli.plasmavmc ] ++ agentArgs);
+        ExecReload = utils.escapeSystemdExecArgs (
+          cli.toAgent [
+            "reload"
+            "--wait"
+          ]
+        );
         # Bounds ExecReload too (systemd has no separate reload timeout).
         TimeoutStartSec = reloadTimeout;
         Restart = "always";
