@@ -6,11 +6,9 @@
 { plasmavmcModule }:
 { lib, ... }:
 let
+  common = import ./common.nix { inherit plasmavmcModule; };
   secret = "vm-test-secret-3c1d5e";
   vmWith = disk: {
-    vcpus = 1;
-    memoryMiB = 128;
-    accel = "tcg"; # no nested KVM in the test VM
     disks = disk;
     credentials."passwd.plaintext-password.root".file = "/run/secrets/tiny-root";
     cloudInit.userData.text = "#cloud-config\n";
@@ -32,17 +30,9 @@ in
 
   nodes.host =
     { config, pkgs, ... }:
-    let
-      guest = import ./tiny-guest.nix { inherit pkgs; };
-    in
     {
-      imports = [ plasmavmcModule ];
-      virtualisation.memorySize = 2048;
-      virtualisation.cores = 2;
-      environment.systemPackages = [
-        config.services.plasmavmc.qemuPackage
-        pkgs.jq
-      ];
+      imports = [ (common.host 2048) ];
+      environment.systemPackages = [ config.services.plasmavmc.qemuPackage ];
       # The base image and the secret, as an image build and agenix would leave them.
       systemd.tmpfiles.rules = [ "d /var/lib/vms 0755 root root -" ];
       system.activationScripts.vm-test-inputs.text = ''
@@ -53,9 +43,7 @@ in
       '';
       services.plasmavmc = {
         enable = true;
-        vms.tiny = vmWith (root 64) // {
-          inherit (guest) kernel initrd cmdline;
-        };
+        vms.tiny = common.tinyVm pkgs { } // vmWith (root 64);
       };
       specialisation.grown.configuration.services.plasmavmc.vms.tiny.disks = lib.mkForce (root 128);
       specialisation.shrunk.configuration.services.plasmavmc.vms.tiny.disks = lib.mkForce (root 32);

@@ -5,67 +5,30 @@
 { plasmavmcModule }:
 { lib, ... }:
 let
-  leaseTtl = 5;
+  common = import ./common.nix { inherit plasmavmcModule; };
   hypervisor =
     hostId:
-    { config, pkgs, ... }:
-    let
-      guest = import ./tiny-guest.nix { inherit pkgs; };
-    in
+    { pkgs, ... }:
     {
-      imports = [ plasmavmcModule ];
-      virtualisation.memorySize = 1536;
-      virtualisation.cores = 2;
-      environment.systemPackages = [ pkgs.jq ];
-      services.plasmavmc = {
-        enable = true;
-        inherit hostId;
-        chainfire = {
-          endpoints = [ "http://store:2379" ];
-          inherit leaseTtl;
-        };
-        # A diskless guest: nothing to share between the hosts but the declaration.
-        vms.web = {
-          vcpus = 1;
-          memoryMiB = 128;
-          accel = "tcg"; # no nested KVM in the test VMs
-          inherit (guest) kernel initrd cmdline;
-          ha.enable = true;
-        };
+      imports = [ (common.hypervisor hostId) ];
+      # A diskless guest: nothing to share between the hosts but the declaration.
+      services.plasmavmc.vms.web = common.tinyVm pkgs { } // {
+        ha.enable = true;
       };
     };
 in
 {
   name = "plasmavmc-ha-failover";
 
-  nodes = {
-    store =
-      { ... }:
-      {
-        networking.firewall.allowedTCPPorts = [ 2379 ];
-        services.etcd = {
-          enable = true;
-          listenClientUrls = [ "http://0.0.0.0:2379" ];
-          advertiseClientUrls = [ "http://store:2379" ];
-        };
-      };
-    hv1 = hypervisor "hv1";
-    hv2 = hypervisor "hv2";
-  };
+  nodes = common.cluster hypervisor;
 
   testScript = ''
     import json, time
 
-    hosts = {"hv1": hv1, "hv2": hv2}
+    ${common.clusterScript}
 
     def status(node):
         return json.loads(node.succeed("plasmavmc status --json"))["vms"]["web"]
-
-    def qemu_alive(node):
-        # The pidfile names a live QEMU of this VM (the agent checks the same way).
-        return node.execute(
-            "pid=$(cat /run/plasmavmc/vms/web/pid) && grep -qa qemu-system /proc/$pid/cmdline"
-        )[0] == 0
 
     def holder_and_standby():
         for name, node in hosts.items():
@@ -74,10 +37,7 @@ in
                 return node, other
         raise Exception("nobody runs web")
 
-    start_all()
-    store.wait_for_unit("etcd.service")
-    for node in hosts.values():
-        node.wait_for_unit("plasmavmc.service")
+    start_cluster()
 
     with subtest("exactly one host runs the HA VM, under a fence guard"):
         hv1.wait_until_succeeds(
@@ -100,7 +60,7 @@ in
         lease = json.loads(holder.succeed("cat /run/plasmavmc/lease.json"))["lease"]
         holder.succeed("systemctl restart plasmavmc.service")
         holder.wait_for_unit("plasmavmc.service")
-        deadline = time.time() + 2 * ${toString leaseTtl}
+        deadline = time.time() + 2 * ${toString common.leaseTtl}
         while time.time() < deadline:
             assert qemu_alive(holder), "the holder's VM died with its agent's restart"
             assert not qemu_alive(standby), "two copies"

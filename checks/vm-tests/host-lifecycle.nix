@@ -6,27 +6,22 @@
 # the saved one restored (no second boot on its console).
 { plasmavmcModule }:
 { lib, ... }:
+let
+  common = import ./common.nix { inherit plasmavmcModule; };
+in
 {
   name = "plasmavmc-host-lifecycle";
 
   nodes.host =
     { config, pkgs, ... }:
     let
-      guest = import ./tiny-guest.nix { inherit pkgs; };
-      tiny = {
-        vcpus = 1;
+      tiny = common.tinyVm pkgs { } // {
         maxVcpus = 2;
-        memoryMiB = 128;
-        accel = "tcg"; # no nested KVM in the test VM
-        inherit (guest) kernel initrd cmdline;
       };
       agentPackage = config.services.plasmavmc.package;
     in
     {
-      imports = [ plasmavmcModule ];
-      virtualisation.memorySize = 2048;
-      virtualisation.cores = 2;
-      environment.systemPackages = [ pkgs.jq ];
+      imports = [ (common.host 2048) ];
 
       services.plasmavmc = {
         enable = true;

@@ -5,32 +5,23 @@
 # leaves that QEMU running; a specialisation without the VM stops it.
 { plasmavmcModule }:
 { lib, ... }:
+let
+  common = import ./common.nix { inherit plasmavmcModule; };
+in
 {
   name = "plasmavmc-lifecycle";
 
   nodes.host =
     { config, pkgs, ... }:
-    let
-      guest = import ./tiny-guest.nix { inherit pkgs; };
-    in
     {
-      imports = [ plasmavmcModule ];
-      virtualisation.memorySize = 2048;
-      virtualisation.cores = 2;
+      imports = [ (common.host 2048) ];
 
       networking.bridges.br0.interfaces = [ ];
-      environment.systemPackages = [
-        config.services.plasmavmc.qemuPackage
-        pkgs.jq
-      ];
+      environment.systemPackages = [ config.services.plasmavmc.qemuPackage ];
 
       services.plasmavmc = {
         enable = true;
-        vms.tiny = {
-          vcpus = 1;
-          memoryMiB = 128;
-          accel = "tcg"; # no nested KVM in the test VM
-          inherit (guest) kernel initrd cmdline;
+        vms.tiny = common.tinyVm pkgs { } // {
           limits = {
             cpuWeight = 200;
             memoryMaxMiB = 1536;

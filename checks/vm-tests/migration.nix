@@ -6,39 +6,21 @@
 { plasmavmcModule }:
 { lib, ... }:
 let
+  common = import ./common.nix { inherit plasmavmcModule; };
   settle = 5;
   hypervisor =
     hostId:
     { config, pkgs, ... }:
-    let
-      guest = import ./tiny-guest.nix {
-        inherit pkgs;
-        ticks = true;
-      };
-    in
     {
-      imports = [ plasmavmcModule ];
-      virtualisation.memorySize = 1536;
-      virtualisation.cores = 2;
-      environment.systemPackages = [ pkgs.jq ];
+      imports = [ (common.hypervisor hostId) ];
       services.plasmavmc = {
-        enable = true;
-        inherit hostId;
-        chainfire = {
-          endpoints = [ "http://store:2379" ];
-          leaseTtl = 5;
-        };
         migration = {
           address = config.networking.primaryIPAddress;
           openFirewall = true;
           placementSettle = settle;
         };
         # A diskless guest: nothing to copy or share but its memory.
-        vms.web = {
-          vcpus = 1;
-          memoryMiB = 128;
-          accel = "tcg"; # no nested KVM in the test VMs
-          inherit (guest) kernel initrd cmdline;
+        vms.web = common.tinyVm pkgs { ticks = true; } // {
           ha = {
             enable = true;
             preferredHosts = [ "hv1" ];
@@ -50,31 +32,13 @@ in
 {
   name = "plasmavmc-migration";
 
-  nodes = {
-    store =
-      { ... }:
-      {
-        networking.firewall.allowedTCPPorts = [ 2379 ];
-        services.etcd = {
-          enable = true;
-          listenClientUrls = [ "http://0.0.0.0:2379" ];
-          advertiseClientUrls = [ "http://store:2379" ];
-        };
-      };
-    hv1 = hypervisor "hv1";
-    hv2 = hypervisor "hv2";
-  };
+  nodes = common.cluster hypervisor;
 
   testScript = ''
     import json, re, time
 
-    hosts = {"hv1": hv1, "hv2": hv2}
+    ${common.clusterScript}
     console = "/run/plasmavmc/vms/web/console.log"
-
-    def qemu_alive(node):
-        return node.execute(
-            "pid=$(cat /run/plasmavmc/vms/web/pid) && grep -qa qemu-system /proc/$pid/cmdline"
-        )[0] == 0
 
     def runs_on():
         alive = [name for name, node in hosts.items() if qemu_alive(node)]
@@ -107,10 +71,7 @@ in
         )
         assert boots() == 1, "the guest booted again"
 
-    start_all()
-    store.wait_for_unit("etcd.service")
-    for node in hosts.values():
-        node.wait_for_unit("plasmavmc.service")
+    start_cluster()
 
     with subtest("each host publishes its migration address"):
         for name, node in hosts.items():
