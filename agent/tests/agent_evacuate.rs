@@ -5,10 +5,11 @@
 //! another VM prefer `a` moves that one too, live. Last, `b`'s host shutdown with
 //! `onHostShutdown = "evacuate"` moves its remaining VM live.
 //!
-//! A watcher counts every VM's QEMU processes on both hosts (by `/proc`, never by status) every
-//! 20 ms and fails the test the moment a VM has more than a source and an incoming copy; at every
-//! rest point each VM has exactly one, and no guest ever printed its boot marker twice (a move
-//! that restarted a VM would have).
+//! A watcher (`support/watcher.rs`) samples both hosts every 20 ms and fails the test the moment
+//! a VM has more than a source and an incoming QEMU, or two copies of a guest *run* at once (the
+//! guests beat on their consoles; two running copies would interleave); at every rest point each
+//! VM has exactly one, and no guest ever printed its boot marker twice (a move that restarted a
+//! VM would have).
 
 #[path = "support/etcd.rs"]
 mod etcd;
@@ -19,11 +20,9 @@ mod local_etcd;
 #[path = "support/qemu_harness.rs"]
 mod qemu_harness;
 
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use harness::watcher::Watcher;
 use harness::*;
 use serde_json::{json, Value};
 
@@ -67,59 +66,13 @@ fn declare_with(host: &Host, count: usize, preferred: &[(&str, &[&str])], on_shu
                 "ha": {"enable": true, "preferredHosts": hosts},
                 "onHostShutdown": on_shutdown,
             });
-            (vm.to_string(), host.vm(ha))
+            let mut vm_spec = host.vm(ha);
+            vm_spec["cmdline"] =
+                format!("{} {}", guest::guest_cmdline(false), guest::HEARTBEAT_FLAG).into();
+            (vm.to_string(), vm_spec)
         })
         .collect();
     host.write_config(Value::Object(vms));
-}
-
-/// Fails (at the next `check`) the moment a VM has more than two QEMUs on the two hosts.
-struct Watcher {
-    stop: Arc<AtomicBool>,
-    failure: Arc<Mutex<Option<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watcher {
-    fn start(a: &Host, b: &Host) -> Watcher {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failure = Arc::new(Mutex::new(None));
-        let runs: [PathBuf; 2] = [a.run_dir.clone(), b.run_dir.clone()];
-        let (s, f) = (stop.clone(), failure.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                for vm in VMS {
-                    let qemus: usize = runs.iter().map(|r| procs::qemu_count(r, vm)).sum();
-                    if qemus > 2 {
-                        f.lock()
-                            .unwrap()
-                            .get_or_insert(format!("{qemus} QEMUs of {vm} at once"));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Watcher {
-            stop,
-            failure,
-            thread: Some(thread),
-        }
-    }
-
-    fn check(&self) {
-        if let Some(problem) = self.failure.lock().unwrap().clone() {
-            panic!("{problem}");
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
 }
 
 /// Waits until `vm` runs on `on` only (one QEMU in all), then checks its guest booted once.
@@ -140,6 +93,10 @@ fn wait_only_on(vm: &str, on: &Host, off: &Host, watcher: &Watcher, what: &str) 
     assert_eq!(
         boots, 1,
         "{what}: {vm}'s guest booted again: it was restarted, not moved"
+    );
+    assert!(
+        on.console(vm).contains(guest::HEARTBEAT),
+        "{what}: {vm}'s guest beats (the watcher reads the beats)"
     );
 }
 
@@ -163,9 +120,10 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
         VMS.iter()
             .all(|vm| s["vms"][vm]["heldDown"] == "HA: another host holds it (a)")
     });
-    let watcher = Watcher::start(&a, &b);
+    let watcher = Watcher::start(&[&a, &b], &VMS, 2);
 
     // Evacuation: all three move, live.
+    VMS.iter().for_each(|vm| watcher.move_starts(vm));
     let out = a
         .cli(&["evacuate", "--wait", "--json"])
         .expect_code(0, "evacuate --wait");
@@ -194,12 +152,14 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
     }
 
     // Uncordoned: placement brings ev1 back to `a`, live, once `a` has settled.
+    watcher.move_starts("ev1");
     a.cli(&["uncordon"]).expect_code(0, "uncordon");
     wait_only_on("ev1", &a, &b, &watcher, "placement after uncordon");
     a.wait_running("ev1");
 
     // A reload that makes ev2 prefer `a` moves it there, live; ev3 (no preference) stays.
     let prefer_a_too: &[(&str, &[&str])] = &[("ev1", &["a"]), ("ev2", &["a", "b"])];
+    watcher.move_starts("ev2");
     declare(&a, VMS.len(), prefer_a_too);
     declare(&b, VMS.len(), prefer_a_too);
     a.cli(&["reload", "--wait"]).expect_code(0, "reload a");
@@ -213,6 +173,7 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
         declare_with(host, VMS.len(), prefer_a_too, "evacuate");
         host.cli(&["reload", "--wait"]).expect_code(0, "reload");
     }
+    watcher.move_starts("ev3");
     let shutdown = b
         .cli(&["shutdown-host"])
         .expect_code(0, "shutdown-host on b");

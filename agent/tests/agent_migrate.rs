@@ -22,16 +22,15 @@ mod qemu_harness;
 
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use etcd::CutProxy;
+use guest::HEARTBEAT;
+use harness::watcher::Watcher;
 use harness::*;
 use serde_json::{json, Value};
 
 const VM: &str = "mig1";
-const HEARTBEAT: &str = "HB:";
 /// `b`'s migration ports (the stream, then the disk copies): its incoming QEMU listens on
 /// 127.0.0.2, a proxy on 127.0.0.1 for each (the stream's is the one the test cuts).
 const B_PORT: u16 = 49391;
@@ -83,88 +82,6 @@ fn declaration(host: &Host, shared: &PathBuf, local: &PathBuf) -> Value {
             "local1": {"path": local, "format": "qcow2", "serial": "local1", "sizeMiB": 16, "create": {}},
         },
     }))
-}
-
-/// Samples both hosts until dropped; `moves` counts the moves started so far.
-struct Watcher {
-    stop: Arc<AtomicBool>,
-    moves: Arc<AtomicUsize>,
-    failure: Arc<Mutex<Option<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watcher {
-    fn start(a: &Host, b: &Host) -> Watcher {
-        let (stop, moves) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicUsize::new(0)),
-        );
-        let failure = Arc::new(Mutex::new(None));
-        let runs = [a.run_dir.clone(), b.run_dir.clone()];
-        let (s, m, f) = (stop.clone(), moves.clone(), failure.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let qemus: usize = runs.iter().map(|r| procs::qemu_count(r, VM)).sum();
-                let switches = heartbeat_switches(&runs);
-                let moves = m.load(Ordering::SeqCst);
-                let problem = if qemus > 2 {
-                    Some(format!("{qemus} QEMUs of {VM} at once"))
-                } else if switches > moves {
-                    Some(format!(
-                        "two copies ran: the guest's heartbeats changed host {switches} times in {moves} moves"
-                    ))
-                } else {
-                    None
-                };
-                if let Some(problem) = problem {
-                    f.lock().unwrap().get_or_insert(problem);
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Watcher {
-            stop,
-            moves,
-            failure,
-            thread: Some(thread),
-        }
-    }
-
-    fn move_starts(&self) {
-        self.moves.fetch_add(1, Ordering::SeqCst);
-    }
-
-    fn check(&self) {
-        if let Some(problem) = self.failure.lock().unwrap().clone() {
-            panic!("{problem}");
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The guest's heartbeats on both consoles, by guest uptime: how often the host changes.
-fn heartbeat_switches(runs: &[PathBuf; 2]) -> usize {
-    let mut beats: Vec<(f64, usize)> = Vec::new();
-    for (host, run) in runs.iter().enumerate() {
-        let log = std::fs::read_to_string(run.join("vms").join(VM).join("console.log"))
-            .unwrap_or_default();
-        beats.extend(
-            log.split(HEARTBEAT)
-                .skip(1)
-                .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-                .map(|uptime: f64| (uptime, host)),
-        );
-    }
-    beats.sort_by(|x, y| x.0.total_cmp(&y.0));
-    beats.windows(2).filter(|w| w[0].1 != w[1].1).count()
 }
 
 /// Heartbeats `host`'s console has shown.
@@ -292,7 +209,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     b.wait_status("b standing by", AGENT, |s| {
         s["vms"][VM]["heldDown"] == "HA: another host holds it (a)"
     });
-    let watcher = Watcher::start(&a, &b);
+    let watcher = Watcher::start(&[&a, &b], &[VM], 2);
 
     // Live changes since boot (a vCPU, a disk) and one that waits for a boot (cmdline).
     let hot = a.image("hot.qcow2");
@@ -330,7 +247,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     let uptime_before = guest_uptime(&a);
 
     // 1. A live move a -> b (through the proxy in front of b's listener).
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let moved = a
         .cli(&["migrate", VM, "--to", "b", "--json"])
         .expect_code(0, "live move a -> b");
@@ -413,7 +330,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     );
 
     // 2. `--cancel` mid-move (b -> a): the VM stays on b.
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
     wait_mid_move(&b);
     b.cli(&["migrate", VM, "--cancel"]).expect_code(0, "cancel");
@@ -421,7 +338,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     watcher.check();
 
     // 3. The target's QEMU killed -9 mid-move (b -> a).
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
     wait_mid_move(&b);
     let incoming = procs::qemu_pids(&a.run_dir, VM);
@@ -432,7 +349,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
 
     // 4. The target's agent killed -9 mid-move (b -> a); its fence guard takes the incoming
     // QEMU down, the source resumes.
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
     wait_mid_move(&b);
     a.kill_agent();
@@ -444,7 +361,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     });
 
     // 5. Back to a, live.
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let back = b
         .cli(&["migrate", VM, "--to", "a"])
         .expect_code(0, "live move b -> a");
@@ -455,7 +372,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     watcher.check();
 
     // 6. The migration connection cut mid-move (a -> b, through the proxy).
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
     wait_mid_move(&a);
     proxy.cut();
@@ -465,7 +382,7 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
 
     // 7. The source's agent killed -9 mid-move (a -> b): HA failover. a's guard fences its
     // copy, the incoming QEMU never resumes without the lock, b boots the VM afresh.
-    watcher.move_starts();
+    watcher.move_starts(VM);
     let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
     wait_mid_move(&a);
     a.kill_agent();

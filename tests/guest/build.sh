@@ -10,6 +10,8 @@
 # The guest powers off on the ACPI power button (modules button + evdev). For a guest that IGNORES
 # ACPI powerdown (a stop that runs into its timeout, a soft reset that falls back), add:
 #   plasmavmc.ignore_powerdown
+# For a guest that prints its uptime every 0.2 s (`HB:<seconds>`: two copies would interleave), add:
+#   plasmavmc.heartbeat
 # Memory: the init sets auto_online_blocks=online_movable before virtio_mem loads, so virtio-mem
 # memory is online (and unpluggable again) as soon as it is plugged; no cmdline flag needed.
 # For a guest that IGNORES PCI unplug requests, add:

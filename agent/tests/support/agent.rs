@@ -26,6 +26,8 @@ pub mod guest;
 pub mod mount_ns;
 #[path = "procs.rs"]
 pub mod procs;
+#[path = "watcher.rs"]
+pub mod watcher;
 
 use guest::{guest_artifacts, guest_cmdline, qemu_test_lock, BOOT_TIMEOUT, READY};
 

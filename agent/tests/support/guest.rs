@@ -11,7 +11,8 @@
 //! - once each: `PLASMAVMC-GUEST-CREDENTIAL NAME sha256=HEX` (fw_cfg credentials),
 //!   `PLASMAVMC-GUEST-SEED dev=vdX files=.. user-data-sha256=HEX` (the cloud-init seed) and
 //!   `PLASMAVMC-GUEST-WROTE vdX` (after writing to the disk `plasmavmc.write=SERIAL` names);
-//! - `PLASMAVMC-GUEST-POWEROFF` when it powers off on the ACPI power button.
+//! - `PLASMAVMC-GUEST-POWEROFF` when it powers off on the ACPI power button;
+//! - `HB:<uptime>` every 0.2 s when the kernel command line has `plasmavmc.heartbeat`.
 //!
 //! The guest also runs a root shell on the console (prompt `PROMPT`).
 #![allow(dead_code)] // each test binary uses a different part
@@ -36,6 +37,10 @@ pub const PROMPT: &str = "plasmavmc-guest:/# ";
 /// Kernel command line flag: the guest ignores the ACPI power button (`system_powerdown`), so a
 /// stop runs into its timeout and a soft reset falls back to a hard one.
 pub const IGNORE_POWERDOWN: &str = "plasmavmc.ignore_powerdown";
+/// Kernel command line flag: the guest prints `HEARTBEAT` and its uptime every 0.2 s.
+pub const HEARTBEAT_FLAG: &str = "plasmavmc.heartbeat";
+/// Prefix of the guest's heartbeat lines (`HB:<uptime seconds>`).
+pub const HEARTBEAT: &str = "HB:";
 /// Prefix of the guest's block size lines (`vda:SECTORS,...`, 512-byte sectors).
 pub const BLKSIZE: &str = "PLASMAVMC-GUEST-BLKSIZE ";
 /// A TCG boot to `READY` on a loaded 2-core machine (~6 s idle); generous on purpose.
