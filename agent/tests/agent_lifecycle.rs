@@ -138,15 +138,13 @@ fn a_killed_qemu_is_failed_and_restarted_per_restart_policy() {
 #[test]
 fn a_qemu_the_agent_cannot_identify_is_reported_and_never_touched() {
     use plasmavmc_agent::paths::RunDir;
-    use plasmavmc_agent::qemu::process::{launch_with_argv, qemu_binary};
-
     let mut host = Host::new();
     // A guest-less QEMU in a VM directory whose boot spec this agent cannot read.
     let run_dir = RunDir::new(&host.run_dir);
     let vm_dir = run_dir.vm("ghost");
     let spec = serde_json::from_value(host.vm(json!({}))).unwrap();
     let argv = qemu_harness::bare_argv("ghost", &vm_dir);
-    let ghost = launch_with_argv("ghost", &spec, &vm_dir, &qemu_binary(None), &argv, None).unwrap();
+    let ghost = qemu_harness::launch_argv("ghost", &spec, &vm_dir, &argv).unwrap();
     let _guard = qemu_harness::KillOnDrop(ghost);
     std::fs::write(vm_dir.boot_spec(), "not a spec").unwrap();
 

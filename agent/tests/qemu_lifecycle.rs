@@ -8,20 +8,12 @@ use std::time::Duration;
 
 use harness::*;
 use plasmavmc_agent::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
-use plasmavmc_agent::qemu::process::{is_alive, launch_with_argv, qmp_after_launch};
+use plasmavmc_agent::qemu::process::{is_alive, qmp_after_launch};
 use plasmavmc_agent::qemu::{QemuEvent, Qmp};
 
 async fn bare(run: &TempRun, name: &str) -> (u32, Qmp, KillOnDrop) {
     let vm = run.vm(name);
-    let pid = launch_with_argv(
-        name,
-        &tiny_spec(),
-        &vm,
-        &qemu(),
-        &bare_argv(name, &vm),
-        None,
-    )
-    .expect("launch");
+    let pid = launch_argv(name, &tiny_spec(), &vm, &bare_argv(name, &vm)).expect("launch");
     let guard = KillOnDrop(pid);
     (
         pid,

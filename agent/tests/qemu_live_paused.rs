@@ -15,7 +15,7 @@ use plasmavmc_agent::ids;
 use plasmavmc_agent::observed::{ObservedDisk, ObservedNic};
 use plasmavmc_agent::qemu::live::{apply_live, LiveError, LiveOutcome};
 use plasmavmc_agent::qemu::observe::observe;
-use plasmavmc_agent::qemu::process::{launch_with_argv, qmp_after_launch};
+use plasmavmc_agent::qemu::process::qmp_after_launch;
 use plasmavmc_agent::qemu::{lifecycle, Qmp};
 use plasmavmc_agent::spec::{DiskSpec, NicSpec, VmSpec};
 use serde_json::json;
@@ -34,7 +34,7 @@ async fn launch_paused(run: &TempRun, name: &str, spec: VmSpec) -> PausedVm {
     lifecycle::prepare_host_devices(name, &spec, None).expect("taps");
     let mut argv = qemu_argv(name, &spec, &vm, &Default::default(), &Default::default());
     argv.push("-S".into());
-    let pid = launch_with_argv(name, &spec, &vm, &qemu(), &argv, None).expect("launch");
+    let pid = launch_argv(name, &spec, &vm, &argv).expect("launch");
     let guard = KillOnDrop(pid);
     let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP");
     PausedVm {

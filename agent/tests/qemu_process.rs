@@ -15,8 +15,7 @@ async fn launched_qemu_is_found_again_and_reconnectable() {
     let run = TempRun::new();
     let vm = run.vm("web");
     let spec = tiny_spec();
-    let pid = process::launch_with_argv("web", &spec, &vm, &qemu(), &bare_argv("web", &vm), None)
-        .expect("launch");
+    let pid = launch_argv("web", &spec, &vm, &bare_argv("web", &vm)).expect("launch");
     let _guard = KillOnDrop(pid);
     let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP up");
     let status = qmp.query_status().await.expect("query-status");
@@ -80,15 +79,7 @@ async fn launched_qemu_is_found_again_and_reconnectable() {
 async fn killed_qemu_disconnects_without_shutdown() {
     let run = TempRun::new();
     let vm = run.vm("crash");
-    let pid = process::launch_with_argv(
-        "crash",
-        &tiny_spec(),
-        &vm,
-        &qemu(),
-        &bare_argv("crash", &vm),
-        None,
-    )
-    .expect("launch");
+    let pid = launch_argv("crash", &tiny_spec(), &vm, &bare_argv("crash", &vm)).expect("launch");
     let _guard = KillOnDrop(pid);
     let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP up");
     let mut events = qmp.subscribe();
@@ -134,8 +125,7 @@ async fn qemu_that_refuses_to_start_says_why() {
         "-blockdev".into(),
         "driver=file,node-name=x,filename=/nonexistent/disk.img".into(),
     ]);
-    let pid =
-        process::launch_with_argv("bad", &tiny_spec(), &vm, &qemu(), &argv, None).expect("spawned");
+    let pid = launch_argv("bad", &tiny_spec(), &vm, &argv).expect("spawned");
     let _guard = KillOnDrop(pid);
     let err = qmp_after_launch(pid, &vm, STARTUP)
         .await

@@ -83,25 +83,13 @@ pub fn launch(
     guard: Option<&Guard>,
     confinement: &Confinement,
 ) -> Result<u32> {
-    launch_with_extra(name, spec, vm_dir, qemu, &[], guard, confinement)
-}
-
-/// `launch` with `extra` arguments after the spec's (`-incoming` for a restore, say).
-pub fn launch_with_extra(
-    name: &str,
-    spec: &VmSpec,
-    vm_dir: &VmDir,
-    qemu: &Path,
-    extra: &[&str],
-    guard: Option<&Guard>,
-    confinement: &Confinement,
-) -> Result<u32> {
     let running = RunningConfig::booting(spec);
-    launch_running(name, &running, vm_dir, qemu, extra, guard, confinement)
+    launch_running(name, &running, vm_dir, qemu, &[], guard, confinement)
 }
 
 /// Launches QEMU with `running`'s devices laid out as it says (a migration target), recording
-/// `running.boot_spec` as the spec QEMU booted with (pending changes stay pending).
+/// `running.boot_spec` as the spec QEMU booted with (pending changes stay pending), with `extra`
+/// arguments after the spec's (`-incoming` for a restore, say).
 pub fn launch_running(
     name: &str,
     running: &RunningConfig,
@@ -134,18 +122,6 @@ pub fn launch_running(
         passed.raw_fds(),
     )
     // `passed` closes here: from now on only QEMU holds the values.
-}
-
-/// `launch_confined` with QEMU as the caller's user, in the caller's cgroup.
-pub fn launch_with_argv(
-    name: &str,
-    spec: &VmSpec,
-    vm_dir: &VmDir,
-    qemu: &Path,
-    args: &[String],
-    guard: Option<&Guard>,
-) -> Result<u32> {
-    launch_confined(name, spec, vm_dir, qemu, args, guard, &Confinement::none())
 }
 
 /// Starts QEMU with `args`, detached, and returns its PID. With `guard`, QEMU runs as the child

@@ -47,6 +47,24 @@ pub fn qemu() -> PathBuf {
     plasmavmc_agent::qemu::process::qemu_binary(None)
 }
 
+/// QEMU with `args`, detached, as the test's own user in its own cgroup, without a fence guard.
+pub fn launch_argv(
+    name: &str,
+    spec: &VmSpec,
+    vm_dir: &VmDir,
+    args: &[String],
+) -> anyhow::Result<u32> {
+    plasmavmc_agent::qemu::process::launch_confined(
+        name,
+        spec,
+        vm_dir,
+        &qemu(),
+        args,
+        None,
+        &plasmavmc_agent::qemu::Confinement::none(),
+    )
+}
+
 /// A guest-less, paused QEMU that carries the identity markers `find_running` checks.
 pub fn bare_argv(name: &str, vm_dir: &VmDir) -> Vec<String> {
     [
