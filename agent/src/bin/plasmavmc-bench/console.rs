@@ -4,7 +4,7 @@
 //! the guest's shell echoing, and all the way back.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -24,11 +24,8 @@ const KILL_LINE: u8 = 0x15;
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
-    pub guest_dir: PathBuf,
-    #[arg(long, default_value = crate::WORK_DIR)]
-    pub work_dir: PathBuf,
+    #[command(flatten)]
+    pub dirs: crate::GuestDirs,
     /// Keys typed (each one timed).
     #[arg(long, default_value_t = 200)]
     pub keys: usize,
@@ -45,11 +42,11 @@ pub fn report(options: &Options) -> Result<()> {
 
 fn measure(options: &Options) -> Result<Vec<Duration>> {
     let binary = plasmavmc_binary()?;
-    let work = options.work_dir.join("console");
+    let work = options.dirs.work_dir.join("console");
     let _ = std::fs::remove_dir_all(&work);
     let (state_dir, run_dir) = (work.join("state"), work.join("run"));
     std::fs::create_dir_all(&state_dir)?;
-    let guest = |file: &str| options.guest_dir.join(file);
+    let guest = |file: &str| options.dirs.guest_dir.join(file);
     let config = work.join("desired.json");
     let desired = json!({"version": 1, "vms": {VM: {
         "vcpus": 1, "memoryMiB": 128, "accel": "tcg", "machine": "q35",

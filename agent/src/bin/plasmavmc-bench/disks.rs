@@ -2,7 +2,7 @@
 //! under it), and a live grow on one real guest (TCG): `reload --wait` (the agent side: plan,
 //! `block_resize`) and until the guest itself reports the new size.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
@@ -20,18 +20,15 @@ const READY: &str = "PLASMAVMC-GUEST-READY";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
-    pub guest_dir: PathBuf,
-    #[arg(long, default_value = crate::WORK_DIR)]
-    pub work_dir: PathBuf,
+    #[command(flatten)]
+    pub dirs: crate::GuestDirs,
     /// Creations per format and grows.
     #[arg(long, default_value_t = 10)]
     pub rounds: usize,
 }
 
 pub fn report(options: &Options) -> Result<()> {
-    let work = options.work_dir.join("disks");
+    let work = options.dirs.work_dir.join("disks");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     for format in ["qcow2", "raw"] {
@@ -71,7 +68,7 @@ fn grow(options: &Options, work: &Path) -> Result<(Summary, Summary)> {
     let (state_dir, run_dir) = (work.join("state"), work.join("run"));
     std::fs::create_dir_all(&state_dir)?;
     std::fs::create_dir_all(&run_dir)?;
-    let guest = |file: &str| options.guest_dir.join(file);
+    let guest = |file: &str| options.dirs.guest_dir.join(file);
     let vm = |size_mib: u64| -> Value {
         json!({
             "vcpus": 1, "memoryMiB": 128, "accel": "tcg", "machine": "q35",

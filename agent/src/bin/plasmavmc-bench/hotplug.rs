@@ -59,11 +59,8 @@ const CHANGES: [Change; 3] = [
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
-    pub guest_dir: PathBuf,
-    #[arg(long, default_value = crate::WORK_DIR)]
-    pub work_dir: PathBuf,
+    #[command(flatten)]
+    pub dirs: crate::GuestDirs,
     /// Live applications per change (each followed by a revert).
     #[arg(long, default_value_t = 5)]
     pub rounds: usize,
@@ -102,7 +99,7 @@ struct Bench {
 impl Bench {
     fn start(options: &Options) -> Result<Self> {
         let binary = plasmavmc_binary()?;
-        let work = options.work_dir.join("hotplug");
+        let work = options.dirs.work_dir.join("hotplug");
         let _ = std::fs::remove_dir_all(&work);
         let (state_dir, run_dir) = (work.join("state"), work.join("run"));
         std::fs::create_dir_all(&state_dir)?;
@@ -122,7 +119,7 @@ impl Bench {
         netns.run(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
         netns.run(&["ip", "link", "set", BRIDGE, "up"])?;
 
-        let guest = |file: &str| options.guest_dir.join(file);
+        let guest = |file: &str| options.dirs.guest_dir.join(file);
         let base = json!({
             "vcpus": 1, "maxVcpus": 4, "memoryMiB": 256, "accel": "tcg", "machine": "q35",
             "kernel": guest("vmlinuz"), "initrd": guest("initramfs.cpio.gz"),

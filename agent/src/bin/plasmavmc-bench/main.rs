@@ -37,6 +37,16 @@ fn absolute(path: &str) -> std::io::Result<PathBuf> {
     std::path::absolute(path)
 }
 
+/// The test guest a bench boots, and where it works.
+#[derive(clap::Args)]
+pub struct GuestDirs {
+    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
+    #[arg(long, default_value = GUEST_DIR, value_parser = absolute)]
+    pub guest_dir: PathBuf,
+    #[arg(long, default_value = WORK_DIR)]
+    pub work_dir: PathBuf,
+}
+
 #[derive(Parser)]
 #[command(
     name = "plasmavmc-bench",

@@ -21,11 +21,8 @@ const BOOT_MARKER: &str = "PLASMAVMC-GUEST-READY";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-    #[arg(long, default_value = crate::GUEST_DIR, value_parser = crate::absolute)]
-    pub guest_dir: PathBuf,
-    #[arg(long, default_value = crate::WORK_DIR)]
-    pub work_dir: PathBuf,
+    #[command(flatten)]
+    pub dirs: crate::GuestDirs,
     /// Memory of the saved guest.
     #[arg(long, default_value_t = 256)]
     pub memory_mib: u64,
@@ -73,8 +70,8 @@ struct SaveFigures {
 }
 
 fn save_restore(binary: &Path, options: &Options) -> Result<SaveFigures> {
-    let work = fresh_dir(&options.work_dir.join("save"))?;
-    let guest = |file: &str| options.guest_dir.join(file);
+    let work = fresh_dir(&options.dirs.work_dir.join("save"))?;
+    let guest = |file: &str| options.dirs.guest_dir.join(file);
     let vm = json!({
         "vcpus": 1, "memoryMiB": options.memory_mib, "accel": "tcg", "machine": "q35",
         "kernel": guest("vmlinuz"), "initrd": guest("initramfs.cpio.gz"),
@@ -121,7 +118,7 @@ fn shutdown(binary: &Path, options: &Options) -> Result<(Duration, Duration)> {
     let timeout = options.stop_timeout.to_string();
     let mut took = Vec::new();
     for parallel in [true, false] {
-        let work = fresh_dir(&options.work_dir.join("shutdown"))?;
+        let work = fresh_dir(&options.dirs.work_dir.join("shutdown"))?;
         // Guest-less: SeaBIOS waits for a boot disk and ignores ACPI, as a hung guest would.
         let names: Vec<String> = (0..n).map(|i| format!("vm{i}")).collect();
         let config = write_config(&work, &names)?;
