@@ -2,7 +2,9 @@
 //! metric docs/metrics.md lists (but the ChainFire ones) is there with its labels for a running
 //! VM with a disk and a NIC; the disk's write counters grow after the guest writes; a QEMU stopped
 //! with SIGSTOP does not stall a scrape (its sample ages instead), and its figures move again once
-//! it runs. The agent and its taps live in a network namespace of the test's own.
+//! it runs; the NIC's counters grow both ways when the guest pings the bridge; the state changes
+//! at once on a stop, a start and a QEMU killed (not at the next sample). The agent, its taps and
+//! the bridge live in a network namespace of the test's own.
 
 #[path = "support/agent.rs"]
 mod harness;
@@ -31,7 +33,7 @@ fn metrics_show_every_documented_figure_disk_writes_and_survive_a_stalled_qemu()
     let mut host = Host::new();
     let data = host.image("data.qcow2");
     host.write_config(json!({"web": host.vm(json!({
-        "orgId": "acme", "projectId": "shop",
+        "orgId": "acme", "projectId": "shop", "restartPolicy": "never",
         "disks": {"data": {"path": data, "format": "qcow2"}},
         "nics": {"eth0": {"mac": "52:54:00:12:34:56", "bridge": "br0"}},
     }))}));
@@ -151,6 +153,59 @@ fn metrics_show_every_documented_figure_disk_writes_and_survive_a_stalled_qemu()
     wait_scrape("a fresh sample after SIGCONT", |s| {
         age(s).is_some_and(|age| age < 3.0)
     });
+
+    // The guest pings the bridge's address (in this test's network namespace): its NIC's
+    // counters grow both ways.
+    let status = std::process::Command::new("ip")
+        .args(["addr", "add", "10.77.0.1/24", "dev", "br0"])
+        .status()
+        .expect("ip");
+    assert!(status.success(), "an address on br0");
+    let nic = |s: &Scrape, metric: &str| {
+        find(s, metric, &[("vm", "web"), ("nic", "eth0")]).map_or(0.0, value)
+    };
+    let before = get_metrics().unwrap();
+    let ping = host.in_guest(
+        "web",
+        "ip link set eth0 up; ip addr add 10.77.0.2/24 dev eth0; ping -c 3 -W 5 10.77.0.1",
+    );
+    assert!(
+        ping.contains("3 packets received"),
+        "the bridge answered:\n{ping}"
+    );
+    wait_scrape("the pings in the NIC counters", |s| {
+        ["receive", "transmit"].iter().all(|way| {
+            let (bytes, packets) = (
+                format!("plasmavmc_vm_network_{way}_bytes_total"),
+                format!("plasmavmc_vm_network_{way}_packets_total"),
+            );
+            nic(s, &bytes) > nic(&before, &bytes)
+                && nic(s, &packets) >= nic(&before, &packets) + 3.0
+        })
+    });
+
+    // The state follows what the agent does and learns at once, not at the next sample.
+    let state = |s: &Scrape| {
+        let on = s.samples.iter().find(|x| {
+            x.metric == "plasmavmc_vm_state" && x.labels.get("vm") == Some("web") && value(x) == 1.0
+        });
+        on.and_then(|x| x.labels.get("state")).map(str::to_owned)
+    };
+    host.cli(&["stop", "web"]).expect_code(0, "stop");
+    assert_eq!(state(&get_metrics().unwrap()).as_deref(), Some("stopped"));
+    host.cli(&["start", "web"]).expect_code(0, "start");
+    assert_eq!(state(&get_metrics().unwrap()).as_deref(), Some("running"));
+    let events = Follower::start(&host, &["events", "--json"]);
+    std::thread::sleep(Duration::from_millis(500)); // subscribed before the kill
+    kill_9(host.wait_running("web"));
+    events.wait_for("failed", |e| e["event"] == "failed" && e["vm"] == "web");
+    let failed = get_metrics().unwrap();
+    assert_eq!(state(&failed).as_deref(), Some("failed"));
+    assert!(
+        find(&failed, "plasmavmc_vm_vcpus", &[("vm", "web")]).is_none(),
+        "its QEMU's figures went with it:\n{}",
+        names(&failed)
+    );
 }
 
 /// Metric names in docs/metrics.md's tables, but the ChainFire ones (this agent is standalone).

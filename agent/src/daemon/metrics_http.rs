@@ -12,7 +12,6 @@ use hyper::body::Bytes;
 use hyper::header::{ALLOW, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -29,8 +28,11 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding the metrics endpoint --metrics-listen {address}"))
 }
 
-/// Serves `/metrics` from `registry` until the agent stops.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
+/// The text of one scrape (from memory: it must not wait).
+pub type Scrape = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `/metrics` (the text `scrape` makes) until the agent stops.
+pub async fn serve(listener: TcpListener, scrape: Scrape) {
     let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = match listener.accept().await {
@@ -48,11 +50,11 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             );
             continue;
         };
-        let registry = Arc::clone(&registry);
+        let scrape = Arc::clone(&scrape);
         tokio::spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&registry, &request);
+                let response = respond(&*scrape, &request);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
@@ -64,7 +66,7 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     }
 }
 
-fn respond<B>(registry: &Registry, request: &Request<B>) -> Response<Full<Bytes>> {
+fn respond<B>(scrape: &dyn Fn() -> String, request: &Request<B>) -> Response<Full<Bytes>> {
     let reply = |status, content_type, body: String| {
         Response::builder()
             .status(status)
@@ -88,7 +90,7 @@ fn respond<B>(registry: &Registry, request: &Request<B>) -> Response<Full<Bytes>
         "/metrics" => reply(
             StatusCode::OK,
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-            crate::metrics::text(registry),
+            scrape(),
         ),
         "/" => reply(
             StatusCode::OK,

@@ -215,17 +215,17 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     tokio::spawn(server::serve(listener, handler, attach));
     tokio::spawn(console::rotate_logs(run_dir.clone()));
     if let (Some(listener), Some(options)) = (metrics_listener, &options.metrics) {
-        let figures = {
+        let exposition = crate::metrics::Exposition::new(&host_label, Arc::clone(&daemon.metrics));
+        let scrape = {
             let daemon = Arc::clone(&daemon);
-            move || metrics::figures(&daemon)
+            move || exposition.text(&metrics::figures(&daemon))
         };
-        let registry = crate::metrics::registry(&host_label, &daemon.metrics, figures);
         tracing::info!(listen = %options.listen, interval = ?options.interval, "serving Prometheus metrics at /metrics");
         tokio::spawn(metrics::sample_forever(
             Arc::clone(&daemon),
             options.interval,
         ));
-        tokio::spawn(metrics_http::serve(listener, Arc::new(registry)));
+        tokio::spawn(metrics_http::serve(listener, Arc::new(scrape)));
     }
     let config_watch = match watch::ConfigWatch::start(&options.config, triggers.clone()) {
         Ok(watch) => Some(watch),

@@ -1,9 +1,14 @@
-//! `HostFigures` as metric families, and the registry a scrape encodes: the agent's own live
-//! metrics (reconcile durations, reload results) plus a collector that turns the figures of the
-//! moment into families.
+//! `HostFigures` as metric families, and the text a scrape serves: the agent's own metrics
+//! (reconcile durations, reload results) and the figures of the moment.
+//!
+//! Encoding is most of a scrape's cost, and most families change only when the agent learns
+//! something (a sample round, a VM started or stopped, a new declaration): those *stable*
+//! families are encoded once per change and the text kept. The *live* ones (uptimes, sample
+//! ages, QMP counters, the ChainFire session's clocks) are encoded at every scrape.
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -14,7 +19,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{HostFigures, VmFigures};
+use super::{AgedSample, HostFigures, VmFigures};
 use crate::status::VmState;
 
 /// Every state a VM can be in, for the one-hot `plasmavmc_vm_state`.
@@ -92,8 +97,9 @@ impl Family {
     }
 }
 
-/// The figures as families, in a fixed order; families without a series are left out.
-pub fn families(figures: &HostFigures) -> Vec<Family> {
+/// The families that change only when the agent learns something, in a fixed order; families
+/// without a series are left out.
+fn stable_families(figures: &HostFigures) -> Vec<Family> {
     use Kind::{Counter, Gauge};
     let mut state = Family::new(
         "vm_state",
@@ -115,11 +121,6 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         Counter,
         "Restarts by the restart policy after its QEMU went away.",
     );
-    let mut uptime = Family::new(
-        "vm_uptime_seconds",
-        Gauge,
-        "Seconds since the VM's QEMU started.",
-    );
     let mut pending = Family::new(
         "vm_pending_changes",
         Gauge,
@@ -129,26 +130,6 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         "vm_ha_lock_held",
         Gauge,
         "1 while this host holds the HA VM's ChainFire lock.",
-    );
-    let mut qmp_commands = Family::new(
-        "vm_qmp_commands",
-        Counter,
-        "QMP commands sent to the VM's QEMU (the sampler's and the agent's).",
-    );
-    let mut qmp_errors = Family::new(
-        "vm_qmp_errors",
-        Counter,
-        "QMP commands to the VM's QEMU that failed (refused or connection lost).",
-    );
-    let mut qmp_timeouts = Family::new(
-        "vm_qmp_timeouts",
-        Counter,
-        "QMP commands to the VM's QEMU that got no answer in time.",
-    );
-    let mut age = Family::new(
-        "vm_sample_age_seconds",
-        Gauge,
-        "Age of the sample the VM's QEMU figures come from (grows while QEMU does not answer).",
     );
     let mut cpu = Family::new(
         "vm_cpu_seconds",
@@ -234,18 +215,11 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         }
         restarts.push(labels.clone(), Value::Int(u64::from(vm.restarts)));
         pending.push(labels.clone(), Value::Int(vm.pending as u64));
-        qmp_commands.push(labels.clone(), Value::Int(vm.qmp_commands));
-        qmp_errors.push(labels.clone(), Value::Int(vm.qmp_errors));
-        qmp_timeouts.push(labels.clone(), Value::Int(vm.qmp_timeouts));
         if let Some(held) = vm.ha_lock_held {
             ha_lock.push(labels.clone(), Value::Int(u64::from(held)));
         }
-        if let Some(seconds) = vm.uptime_seconds {
-            uptime.push(labels.clone(), Value::Float(seconds));
-        }
         let Some(aged) = &vm.sample else { continue };
         let sample = &aged.sample;
-        age.push(labels.clone(), Value::Float(aged.age_seconds));
         vcpus.push(labels.clone(), Value::Int(u64::from(sample.vcpus)));
         memory.push(labels.clone(), Value::Int(sample.memory_bytes));
         if let Some(process) = sample.process {
@@ -276,6 +250,76 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
         }
     }
 
+    [
+        state,
+        vcpus,
+        memory,
+        restarts,
+        pending,
+        ha_lock,
+        cpu,
+        rss,
+        disk_read_bytes,
+        disk_written_bytes,
+        disk_reads,
+        disk_writes,
+        disk_flushes,
+        disk_read_time,
+        disk_write_time,
+        disk_flush_time,
+        rx_bytes,
+        tx_bytes,
+        rx_packets,
+        tx_packets,
+    ]
+    .into_iter()
+    .filter(|family| !family.series.is_empty())
+    .collect()
+}
+
+/// The families whose values move at every instant, in a fixed order; families without a
+/// series are left out.
+fn live_families(figures: &HostFigures) -> Vec<Family> {
+    use Kind::{Counter, Gauge};
+    let mut uptime = Family::new(
+        "vm_uptime_seconds",
+        Gauge,
+        "Seconds since the VM's QEMU started.",
+    );
+    let mut qmp_commands = Family::new(
+        "vm_qmp_commands",
+        Counter,
+        "QMP commands sent to the VM's QEMU (the sampler's and the agent's).",
+    );
+    let mut qmp_errors = Family::new(
+        "vm_qmp_errors",
+        Counter,
+        "QMP commands to the VM's QEMU that failed (refused or connection lost).",
+    );
+    let mut qmp_timeouts = Family::new(
+        "vm_qmp_timeouts",
+        Counter,
+        "QMP commands to the VM's QEMU that got no answer in time.",
+    );
+    let mut age = Family::new(
+        "vm_sample_age_seconds",
+        Gauge,
+        "Age of the sample the VM's QEMU figures come from (grows while QEMU does not answer).",
+    );
+
+    for vm in &figures.vms {
+        let labels = vm_labels(vm);
+        qmp_commands.push(labels.clone(), Value::Int(vm.qmp_commands));
+        qmp_errors.push(labels.clone(), Value::Int(vm.qmp_errors));
+        qmp_timeouts.push(labels.clone(), Value::Int(vm.qmp_timeouts));
+        if let Some(seconds) = vm.uptime_seconds {
+            uptime.push(labels.clone(), Value::Float(seconds));
+        }
+        if let Some(aged) = &vm.sample {
+            age.push(labels, Value::Float(aged.age_seconds));
+        }
+    }
+
     let mut connected = Family::new(
         "chainfire_connected",
         Gauge,
@@ -298,31 +342,11 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
     }
 
     [
-        state,
-        vcpus,
-        memory,
-        restarts,
         uptime,
-        pending,
-        ha_lock,
         qmp_commands,
         qmp_errors,
         qmp_timeouts,
         age,
-        cpu,
-        rss,
-        disk_read_bytes,
-        disk_written_bytes,
-        disk_reads,
-        disk_writes,
-        disk_flushes,
-        disk_read_time,
-        disk_write_time,
-        disk_flush_time,
-        rx_bytes,
-        tx_bytes,
-        rx_packets,
-        tx_packets,
         connected,
         lease,
         keepalive,
@@ -330,6 +354,29 @@ pub fn families(figures: &HostFigures) -> Vec<Family> {
     .into_iter()
     .filter(|family| !family.series.is_empty())
     .collect()
+}
+
+/// What the stable families show: `figures` without the live values. Every field
+/// `live_families` reads must be cleared here, or a change of it alone would not be shown.
+fn stable_part(figures: &HostFigures) -> HostFigures {
+    HostFigures {
+        vms: figures
+            .vms
+            .iter()
+            .map(|vm| VmFigures {
+                qmp_commands: 0,
+                qmp_errors: 0,
+                qmp_timeouts: 0,
+                uptime_seconds: None,
+                sample: vm.sample.as_ref().map(|aged| AgedSample {
+                    sample: aged.sample.clone(),
+                    age_seconds: 0.0,
+                }),
+                ..vm.clone()
+            })
+            .collect(),
+        chainfire: None,
+    }
 }
 
 fn vm_labels(vm: &VmFigures) -> Vec<(&'static str, String)> {
@@ -405,49 +452,75 @@ impl AgentMetrics {
     }
 }
 
-/// The collector a scrape calls: the figures of the moment, as families.
-struct Sampled<F>(F);
+/// Families made beforehand, as a collector.
+#[derive(Debug)]
+struct Families(Vec<Family>);
 
-impl<F> fmt::Debug for Sampled<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Sampled")
-    }
-}
-
-impl<F: Fn() -> HostFigures + Send + Sync + 'static> Collector for Sampled<F> {
+impl Collector for Families {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        for family in families(&(self.0)()) {
+        for family in &self.0 {
             family.encode(&mut encoder)?;
         }
         Ok(())
     }
 }
 
-/// Everything under the `plasmavmc_` prefix with a `host` label: the agent's own metrics and
-/// the per-VM figures `figures` gathers at each scrape (from memory: it must not wait).
-pub fn registry(
-    host: &str,
-    agent: &AgentMetrics,
-    figures: impl Fn() -> HostFigures + Send + Sync + 'static,
-) -> Registry {
-    let host_label = (Cow::Borrowed("host"), Cow::Owned(host.to_owned()));
-    let mut registry = Registry::with_prefix_and_labels("plasmavmc", [host_label].into_iter());
-    registry.register(
-        "reconcile_duration_seconds",
-        "How long reconciles took (observe, plan and apply, all VMs)",
-        agent.reconcile_seconds.clone(),
-    );
-    registry.register(
-        "reloads",
-        "Config reloads, by result: applied, incomplete (a step failed or waits), invalid (refused)",
-        agent.reloads.clone(),
-    );
-    registry.register_collector(Box::new(Sampled(figures)));
-    registry
+/// The text a scrape serves (Prometheus text format, version 0.0.4): everything under the
+/// `plasmavmc_` prefix with a `host` label. Keeps the stable families' text until what they
+/// show changes.
+pub struct Exposition {
+    host: String,
+    agent: Arc<AgentMetrics>,
+    /// The stable part of the figures last encoded, and its text.
+    stable: Mutex<Option<(HostFigures, String)>>,
 }
 
-/// The registry's families in the Prometheus text format (version 0.0.4).
-pub fn text(registry: &Registry) -> String {
+impl Exposition {
+    pub fn new(host: &str, agent: Arc<AgentMetrics>) -> Exposition {
+        Exposition {
+            host: host.to_owned(),
+            agent,
+            stable: Mutex::new(None),
+        }
+    }
+
+    /// The text for `figures` (gathered from memory at this scrape).
+    pub fn text(&self, figures: &HostFigures) -> String {
+        let shown = stable_part(figures);
+        let mut stable = self.stable.lock().unwrap_or_else(PoisonError::into_inner);
+        if !matches!(&*stable, Some((last, _)) if *last == shown) {
+            let text = encode(&self.registry(stable_families(figures)));
+            *stable = Some((shown, text));
+        }
+        let text = &stable.as_ref().expect("encoded above").1;
+        let mut out = String::with_capacity(text.len() + 32 * 1024);
+        out.push_str(text);
+        drop(stable);
+        let mut live = self.registry(live_families(figures));
+        live.register(
+            "reconcile_duration_seconds",
+            "How long reconciles took (observe, plan and apply, all VMs)",
+            self.agent.reconcile_seconds.clone(),
+        );
+        live.register(
+            "reloads",
+            "Config reloads, by result: applied, incomplete (a step failed or waits), invalid (refused)",
+            self.agent.reloads.clone(),
+        );
+        out.push_str(&encode(&live));
+        out
+    }
+
+    /// A registry with the prefix and the host label, holding `families`.
+    fn registry(&self, families: Vec<Family>) -> Registry {
+        let host_label = (Cow::Borrowed("host"), Cow::Owned(self.host.clone()));
+        let mut registry = Registry::with_prefix_and_labels("plasmavmc", [host_label].into_iter());
+        registry.register_collector(Box::new(Families(families)));
+        registry
+    }
+}
+
+fn encode(registry: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
         .expect("writing to a String cannot fail");
@@ -521,7 +594,7 @@ mod tests {
         let agent = AgentMetrics::default();
         agent.observe_reconcile(0.003);
         agent.count_reload(ReloadResult::Applied);
-        text(&registry("h1", &agent, move || figures.clone()))
+        Exposition::new("h1", Arc::new(agent)).text(&figures)
     }
 
     #[test]
@@ -567,21 +640,18 @@ mod tests {
 
     #[test]
     fn a_stopped_vm_has_its_state_but_no_qemu_figures() {
-        let families = families(&HostFigures {
+        let stopped = HostFigures {
             vms: vec![vm("db", VmState::Stopped, None)],
             chainfire: None,
-        });
+        };
+        let families = stable_families(&stopped);
         let names: Vec<&str> = families.iter().map(|f| f.name).collect();
+        assert_eq!(names, ["vm_state", "vm_restarts", "vm_pending_changes"]);
+        let live = live_families(&stopped);
+        let names: Vec<&str> = live.iter().map(|f| f.name).collect();
         assert_eq!(
             names,
-            [
-                "vm_state",
-                "vm_restarts",
-                "vm_pending_changes",
-                "vm_qmp_commands",
-                "vm_qmp_errors",
-                "vm_qmp_timeouts"
-            ]
+            ["vm_qmp_commands", "vm_qmp_errors", "vm_qmp_timeouts"]
         );
         let state = &families[0];
         assert_eq!(state.series.len(), STATES.len());
@@ -628,5 +698,53 @@ mod tests {
             chainfire: None,
         });
         assert!(text.contains(r#"org="a\"b\\c""#), "{text}");
+    }
+
+    /// The stable text is kept while what it shows is the same, re-encoded as soon as it is
+    /// not (a VM stopped: its state at once, its QEMU figures gone); live values are always
+    /// those of the scrape.
+    #[test]
+    fn the_stable_text_follows_every_change_and_live_values_every_scrape() {
+        let exposition = Exposition::new("h1", Arc::new(AgentMetrics::default()));
+        let mut figures = HostFigures {
+            vms: vec![vm("web", VmState::Running, Some(running_sample()))],
+            chainfire: None,
+        };
+        let labels = r#"host="h1",vm="web",org="acme",project="web""#;
+        let first = exposition.text(&figures);
+        figures.vms[0].uptime_seconds = Some(13.5);
+        figures.vms[0].qmp_commands = 44;
+        figures.vms[0].sample.as_mut().unwrap().age_seconds = 1.25;
+        let later = exposition.text(&figures);
+        for line in [
+            format!("plasmavmc_vm_uptime_seconds{{{labels}}} 13.5"),
+            format!("plasmavmc_vm_qmp_commands_total{{{labels}}} 44"),
+            format!("plasmavmc_vm_sample_age_seconds{{{labels}}} 1.25"),
+        ] {
+            assert!(later.lines().any(|l| l == line), "no {line:?} in:\n{later}");
+        }
+        assert_eq!(first.lines().count(), later.lines().count());
+
+        figures.vms[0] = vm("web", VmState::Stopped, None);
+        let stopped = exposition.text(&figures);
+        assert!(
+            stopped
+                .lines()
+                .any(|l| l == format!(r#"plasmavmc_vm_state{{{labels},state="stopped"}} 1"#)),
+            "{stopped}"
+        );
+        assert!(!stopped.contains("plasmavmc_vm_vcpus"), "{stopped}");
+
+        let mut sample = running_sample();
+        sample.disks.get_mut("root").unwrap().written_bytes = 16384;
+        figures.vms[0] = vm("web", VmState::Running, Some(sample));
+        let written = exposition.text(&figures);
+        assert!(
+            written.lines().any(|l| l
+                == format!(
+                    r#"plasmavmc_vm_disk_written_bytes_total{{{labels},disk="root"}} 16384"#
+                )),
+            "{written}"
+        );
     }
 }

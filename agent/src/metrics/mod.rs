@@ -5,7 +5,8 @@
 //! VM's figures from QMP (`query-blockstats`, vCPUs, memory, netdevs), its taps' counters
 //! and `/proc/PID/stat`, at most once per interval and with a per-VM timeout; a scrape encodes the
 //! last sample of every VM with its age (`plasmavmc_vm_sample_age_seconds`), so a stalled QEMU
-//! makes its own figures old, never the scrape slow.
+//! makes its own figures old, never the scrape slow. The text of what changes only with a sample
+//! or a state change is encoded once per change (see `encode`).
 //!
 //! Pure: the daemon fills [`HostFigures`] from its status snapshots and the last samples;
 //! `families` turns them into metric families. `sample` parses what the sampler reads.
@@ -19,9 +20,7 @@ pub mod sample;
 
 use std::collections::BTreeMap;
 
-pub use encode::{
-    families, registry, text, AgentMetrics, Family, Kind, ReloadResult, Series, Value,
-};
+pub use encode::{AgentMetrics, Exposition, Family, Kind, ReloadResult, Series, Value};
 
 use crate::status::VmState;
 
