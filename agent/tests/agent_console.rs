@@ -2,7 +2,9 @@
 //! shell and reads the answer; a second writer is refused with who holds the console; a reader
 //! gets the log's tail; Ctrl-] detaches and restores the terminal; the log holds the session;
 //! after `kill -9` of the agent, the adopted VM's console works again and `--force` takes it over;
-//! a VM booted without a console socket (by an older agent) is told apart.
+//! a VM booted without a console socket (by an older agent) is told apart. Commands that wait
+//! (`reset --soft`, `stop` of a guest ignoring the power button) show their progress on a
+//! terminal, and none of it when piped.
 
 #[path = "support/agent.rs"]
 mod harness;
@@ -24,7 +26,7 @@ use serde_json::json;
 const ANSWER: Duration = Duration::from_secs(60);
 const CTRL_RIGHT_BRACKET: u8 = 0x1d;
 
-/// `plasmavmc console` on a pseudo-terminal, as an operator's terminal would run it.
+/// `plasmavmc` (`console`, say) on a pseudo-terminal, as an operator's terminal would run it.
 struct Terminal {
     child: Child,
     master: File,
@@ -37,17 +39,23 @@ struct Terminal {
 
 impl Terminal {
     fn attach(host: &Host, vm: &str) -> Terminal {
+        Terminal::run(host, &["console", vm])
+    }
+
+    /// `plasmavmc ARGS --run-dir` with stdin, stdout and stderr on the terminal.
+    fn run(host: &Host, args: &[&str]) -> Terminal {
         let pty = nix::pty::openpty(None, None).expect("openpty");
         let slave = File::from(pty.slave);
         let cooked = tcgetattr(slave.as_fd()).unwrap();
         let child = plasmavmc()
-            .args(["console", vm, "--run-dir"])
+            .args(args)
+            .arg("--run-dir")
             .arg(&host.run_dir)
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
             .stderr(Stdio::from(slave.try_clone().unwrap()))
             .spawn()
-            .expect("plasmavmc console");
+            .expect("plasmavmc");
         let master = File::from(pty.master);
         let screen = Arc::new(Mutex::new(Vec::new()));
         let mut reader = master.try_clone().unwrap();
@@ -223,4 +231,46 @@ fn console_types_into_the_guest_one_writer_at_a_time_and_survives_an_agent_resta
     );
     let unknown = host.cli(&["console", "nosuchvm", "--no-stdin"]);
     assert_eq!(unknown.code, 2, "{unknown:?}");
+}
+
+/// A command that waits shows on a terminal what it waits for and for how long, a line redrawn
+/// every second and erased at the end; piped, its output is the result alone.
+#[test]
+fn waiting_commands_show_progress_on_a_terminal_only() {
+    const STOP_TIMEOUT: &str = "3";
+    let mut host = Host::new();
+    let cmdline = guest::guest_cmdline_ignoring_powerdown();
+    host.write_config(json!({"web": host.vm(json!({"cmdline": cmdline}))}));
+    host.start_agent_with(&["--stop-timeout", STOP_TIMEOUT]);
+    host.wait_running("web");
+
+    // The guest ignores the power button: each command waits the whole stop timeout.
+    let mut terminal = Terminal::run(&host, &["reset", "--soft", "web"]);
+    assert_eq!(terminal.wait_exit(), 0, "{}", terminal.screen());
+    let screen = terminal.screen();
+    for line in [
+        "\r\x1b[2Ksoft reset of web: waiting for the guest to shut down (a hard reset if it does not)... 1s",
+        "... 2s",
+        "\r\x1b[2Kweb: the guest did not shut down within 3s; it was hard-reset instead",
+    ] {
+        assert!(screen.contains(line), "no {line:?} on the terminal:\n{screen:?}");
+    }
+
+    let piped = host
+        .cli(&["reset", "--soft", "web"])
+        .expect_code(0, "reset --soft, piped");
+    assert!(
+        piped.stderr.is_empty()
+            && piped.stdout.starts_with("web: the guest did not shut down")
+            && !piped.stdout.contains('\x1b'),
+        "the result alone: {piped:?}"
+    );
+
+    let mut terminal = Terminal::run(&host, &["stop", "web"]);
+    assert_eq!(terminal.wait_exit(), 0, "{}", terminal.screen());
+    let screen = terminal.screen();
+    assert!(
+        screen.contains("stopping web: waiting for the guest to shut down... 2s"),
+        "{screen:?}"
+    );
 }
