@@ -236,3 +236,47 @@ fn message_commands_print_json() {
         "errors go to stderr: {refused:?}"
     );
 }
+
+/// What the Nix package runs at install time (flake.nix `postInstall`): a completion script per
+/// shell and a man page per command, from the binary itself.
+#[test]
+fn completions_and_man_pages_come_from_the_binary_as_the_package_installs_them() {
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&["completions", shell]).expect_code(0, shell).stdout;
+        for word in ["console", "shutdown-host", "--json"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run(&["manpages", path_str(dir.path())]).expect_code(0, "manpages");
+    let help = run(&["--help"]).expect_code(0, "--help").stdout;
+    let commands = help
+        .split("Commands:")
+        .nth(1)
+        .and_then(|rest| rest.split("Options:").next())
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.strip_prefix("  ")?.split_whitespace().next())
+        .filter(|command| *command != "help")
+        .collect::<Vec<_>>();
+    assert!(commands.len() > 15, "{commands:?}");
+    for command in commands {
+        let page = dir.path().join(format!("plasmavmc-{command}.1"));
+        assert!(page.exists(), "no man page for {command}");
+    }
+    assert!(dir.path().join("plasmavmc.1").exists());
+    let flake = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../flake.nix"))
+        .expect("flake.nix");
+    for installs in [
+        "plasmavmc completions bash",
+        "plasmavmc completions zsh",
+        "plasmavmc completions fish",
+        "plasmavmc manpages man",
+        "installManPage man/*.1",
+    ] {
+        assert!(
+            flake.contains(installs),
+            "the package no longer runs {installs:?}"
+        );
+    }
+}
