@@ -8,24 +8,13 @@ use std::time::Duration;
 
 use harness::*;
 use plasmavmc_agent::qemu::lifecycle::{self, ResetOutcome, StopOutcome};
-use plasmavmc_agent::qemu::process::{is_alive, qmp_after_launch};
-use plasmavmc_agent::qemu::{QemuEvent, Qmp};
-
-async fn bare(run: &TempRun, name: &str) -> (u32, Qmp, KillOnDrop) {
-    let vm = run.vm(name);
-    let pid = launch_argv(name, &tiny_spec(), &vm, &bare_argv(name, &vm)).expect("launch");
-    let guard = KillOnDrop(pid);
-    (
-        pid,
-        qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP"),
-        guard,
-    )
-}
+use plasmavmc_agent::qemu::process::is_alive;
+use plasmavmc_agent::qemu::QemuEvent;
 
 #[tokio::test]
 async fn stop_quits_qemu_when_the_guest_ignores_the_powerdown() {
     let run = TempRun::new();
-    let (pid, qmp, _guard) = bare(&run, "a").await;
+    let (pid, qmp, _guard) = launch_bare(&run, "a").await;
     let outcome = lifecycle::stop(Some(&qmp), pid, Duration::from_secs(1))
         .await
         .unwrap();
@@ -40,18 +29,14 @@ async fn stop_quits_qemu_when_the_guest_ignores_the_powerdown() {
 #[tokio::test]
 async fn stop_without_qmp_kills() {
     let run = TempRun::new();
-    let (pid, qmp, _guard) = bare(&run, "b").await;
+    let (pid, qmp, _guard) = launch_bare(&run, "b").await;
     let mut events = qmp.subscribe();
     let outcome = lifecycle::stop(None, pid, Duration::from_secs(1))
         .await
         .unwrap();
     assert_eq!(outcome, StopOutcome::Killed);
-    let event = tokio::time::timeout(STARTUP, events.recv())
-        .await
-        .unwrap()
-        .unwrap();
     assert_eq!(
-        event,
+        next_event(&mut events).await,
         QemuEvent::Disconnected {
             after_shutdown: false
         }
@@ -61,7 +46,7 @@ async fn stop_without_qmp_kills() {
 #[tokio::test]
 async fn soft_reset_falls_back_to_hard_and_says_so() {
     let run = TempRun::new();
-    let (pid, qmp, _guard) = bare(&run, "c").await;
+    let (pid, qmp, _guard) = launch_bare(&run, "c").await;
     let mut events = qmp.subscribe();
     let outcome = lifecycle::reset_soft(&qmp, Duration::from_secs(1))
         .await

@@ -78,18 +78,11 @@ async fn launched_qemu_is_found_again_and_reconnectable() {
 #[tokio::test]
 async fn killed_qemu_disconnects_without_shutdown() {
     let run = TempRun::new();
-    let vm = run.vm("crash");
-    let pid = launch_argv("crash", &tiny_spec(), &vm, &bare_argv("crash", &vm)).expect("launch");
-    let _guard = KillOnDrop(pid);
-    let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP up");
+    let (_pid, qmp, guard) = launch_bare(&run, "crash").await;
     let mut events = qmp.subscribe();
-    drop(KillOnDrop(pid));
-    let event = tokio::time::timeout(STARTUP, events.recv())
-        .await
-        .expect("event")
-        .unwrap();
+    drop(guard);
     assert_eq!(
-        event,
+        next_event(&mut events).await,
         QemuEvent::Disconnected {
             after_shutdown: false
         }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use plasmavmc_agent::paths::{RunDir, VmDir};
+use plasmavmc_agent::qemu::{QemuEvent, Qmp};
 use plasmavmc_agent::spec::VmSpec;
 
 /// Time for a QEMU to come up under TCG on a loaded 2-core machine.
@@ -45,6 +46,26 @@ impl Drop for KillOnDrop {
 
 pub fn qemu() -> PathBuf {
     plasmavmc_agent::qemu::process::qemu_binary(None)
+}
+
+/// A guest-less, paused QEMU (`bare_argv`) for VM `name` in `run`, its QMP connection, and the
+/// guard that kills it.
+pub async fn launch_bare(run: &TempRun, name: &str) -> (u32, Qmp, KillOnDrop) {
+    let vm = run.vm(name);
+    let pid = launch_argv(name, &tiny_spec(), &vm, &bare_argv(name, &vm)).expect("launch");
+    let guard = KillOnDrop(pid);
+    let qmp = plasmavmc_agent::qemu::process::qmp_after_launch(pid, &vm, STARTUP)
+        .await
+        .expect("QMP");
+    (pid, qmp, guard)
+}
+
+/// The next event QMP delivers, within `STARTUP`.
+pub async fn next_event(events: &mut tokio::sync::broadcast::Receiver<QemuEvent>) -> QemuEvent {
+    tokio::time::timeout(STARTUP, events.recv())
+        .await
+        .expect("an event in time")
+        .expect("the event stream")
 }
 
 /// QEMU with `args`, detached, as the test's own user in its own cgroup, without a fence guard.
