@@ -4,6 +4,7 @@
   imports = [
     ./options.nix
     ./systemd.nix
+    ./first-apply.nix
     ./host-shutdown.nix
     ./activation.nix
     ./assertions.nix

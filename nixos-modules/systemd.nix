@@ -4,7 +4,8 @@
 # applies it (`plasmavmc reload --wait` exits non-zero when any of it failed, which makes the switch
 # fail loudly). Any other change to the unit (a new agent package, new flags) restarts the agent,
 # which is safe: QEMU lives outside the agent's cgroup and the restarted agent adopts every VM
-# without touching it, then applies the (possibly new) desired state.
+# without touching it, then applies the (possibly new) desired state; whether that first apply
+# failed, plasmavmc-first-apply.service (./first-apply.nix) tells the switch.
 {
   config,
   lib,

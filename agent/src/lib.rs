@@ -14,6 +14,7 @@ pub mod disk_image;
 pub mod evacuation;
 pub mod events;
 pub mod files;
+pub mod first_apply;
 pub mod identity;
 pub mod ids;
 pub mod metrics;

@@ -58,6 +58,8 @@ let
       after = listOf types.str;
       before = listOf types.str;
       requires = listOf types.str;
+      bindsTo = listOf types.str;
+      partOf = listOf types.str;
       path = listOf (types.either types.package types.str);
       environment = mkOption {
         type = types.attrsOf (types.nullOr (types.either types.str types.package));

@@ -1,5 +1,6 @@
 # The packages the module refers to, as named store paths. Module evaluation only interpolates
-# them into unit files and scripts; nothing is built. `writeText` is real: builtins.toFile.
+# them into unit files and scripts; nothing is built. `writeText` is real: builtins.toFile; a
+# `writeShellScript` keeps its `text`, as the real one's derivation does.
 let
   package = name: {
     type = "derivation";
@@ -15,4 +16,5 @@ in
   systemd = package "systemd";
   coreutils = package "coreutils";
   writeText = name: text: builtins.toFile name text;
+  writeShellScript = name: text: package name // { inherit text; };
 }

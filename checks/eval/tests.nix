@@ -444,6 +444,66 @@ in
     };
   };
 
+  # Started after every agent start (wanted by the agent, restarted and stopped with it) and by
+  # multi-user.target, whose start a switch waits for; it waits for the first apply as long as a
+  # reload may take, systemd a little longer.
+  firstApplyUnit = {
+    expr =
+      let
+        u = everyField.config.systemd.services.plasmavmc-first-apply;
+      in
+      {
+        inherit (u)
+          wantedBy
+          after
+          bindsTo
+          partOf
+          ;
+        inherit (u.serviceConfig)
+          Type
+          RemainAfterExit
+          RuntimeDirectory
+          RuntimeDirectoryPreserve
+          ExecStart
+          TimeoutStartSec
+          ;
+      };
+    expected = {
+      wantedBy = [
+        "multi-user.target"
+        "plasmavmc.service"
+      ];
+      after = [ "plasmavmc.service" ];
+      bindsTo = [ "plasmavmc.service" ];
+      partOf = [ "plasmavmc.service" ];
+      Type = "oneshot";
+      RemainAfterExit = true;
+      RuntimeDirectory = "plasmavmc-first-apply";
+      RuntimeDirectoryPreserve = true;
+      ExecStart = execLine "${store}-plasmavmc/bin/plasmavmc first-apply --timeout 210s --run-dir /run/pvmc";
+      TimeoutStartSec = 240;
+    };
+  };
+
+  # Once per agent start: a later switch (which resets failed units and starts multi-user.target
+  # again) skips it for the same agent instead of failing on that agent's old outcome.
+  firstApplyIsCheckedOncePerAgentInvocation = {
+    expr =
+      let
+        script = minimal.config.systemd.services.plasmavmc-first-apply.serviceConfig.ExecCondition.text;
+      in
+      map (line: lib.hasInfix line script) [
+        "${store}-systemd/bin/systemctl show --property=InvocationID --value plasmavmc.service"
+        ''[ "$agent" = "$checked" ]''
+        "exit 1"
+      ];
+    expected = [
+      true
+      true
+      true
+    ];
+  };
+
   hostShutdownDefaultsToPowerdownWithin300s = {
     expr = [
       minimal.config.services.plasmavmc.vms.a.onHostShutdown

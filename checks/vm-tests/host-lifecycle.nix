@@ -1,6 +1,8 @@
 # The host's own life, the way an operator lives it: dry-activate shows the plan's own lines; a
 # config-only switch reloads the agent (same MainPID) and a new agent package restarts it (new
-# MainPID), the QEMUs untouched in both; an invalid desired state is refused by the switch before
+# MainPID), the QEMUs untouched in both; a switch that restarts the agent fails, naming
+# plasmavmc-first-apply.service, when the new agent's first apply fails (a VM whose disk image is
+# not there), while the agent (not restarted again) and the QEMUs run on; an invalid desired state is refused by the switch before
 # anything changes; `systemctl stop plasmavmc` leaves the VMs running; a reboot saves the VM that
 # says `onHostShutdown = "save"` and powers the other down, and after the boot both come back,
 # the saved one restored (no second boot on its console).
@@ -19,6 +21,14 @@ in
         maxVcpus = 2;
       };
       agentPackage = config.services.plasmavmc.package;
+      # The same agent binary at another store path: a new package to switch-to-configuration.
+      relinked =
+        name:
+        pkgs.symlinkJoin {
+          inherit name;
+          paths = [ agentPackage ];
+          meta.mainProgram = "plasmavmc";
+        };
     in
     {
       imports = [ (common.host 2048) ];
@@ -39,13 +49,20 @@ in
       # The same change plus a new agent package (the same binary at another store path).
       specialisation.newagent.configuration = {
         services.plasmavmc.vms.plain.vcpus = lib.mkForce 2;
-        services.plasmavmc.package = lib.mkForce (
-          pkgs.symlinkJoin {
-            name = "plasmavmc-relinked";
-            paths = [ agentPackage ];
-            meta.mainProgram = "plasmavmc";
-          }
-        );
+        services.plasmavmc.package = lib.mkForce (relinked "plasmavmc-relinked");
+      };
+
+      # Another agent package again, plus a VM that passes validation but cannot start: its disk
+      # image does not exist.
+      specialisation.brokenvm.configuration = {
+        services.plasmavmc.vms.plain.vcpus = lib.mkForce 2;
+        services.plasmavmc.package = lib.mkForce (relinked "plasmavmc-relinked-again");
+        services.plasmavmc.vms.broken = tiny // {
+          disks.data = {
+            path = "/var/lib/plasmavmc-test/absent.qcow2";
+            format = "qcow2";
+          };
+        };
       };
 
       # A desired state the agent refuses (a schema version it does not know).
@@ -113,6 +130,40 @@ in
         assert main_pid() != agent, "the agent was not restarted"
         assert qemu_pids() == qemus, "a VM was restarted"
         host.succeed("systemctl status plasmavmc.service | grep -q 'first apply done'")
+        host.succeed("systemctl is-active plasmavmc-first-apply.service")
+        agent = main_pid()
+
+    # `test` rather than `switch`: the units are handled alike; `switch` would also make the
+    # broken specialisation the boot default.
+    with subtest("a switch that restarts the agent fails when its first apply does"):
+        code, out = switch("brokenvm")
+        assert code == 4, out
+        failed = [line for line in out.splitlines() if "the following units failed:" in line]
+        assert failed and "plasmavmc-first-apply.service" in failed[0], out
+        restarted = main_pid()
+        assert restarted != agent, "the agent was not restarted"
+        host.succeed("systemctl is-failed plasmavmc-first-apply.service")
+        host.succeed(
+            "journalctl -u plasmavmc-first-apply.service | grep 'broken: .*absent.qcow2 does not exist'"
+        )
+        code, out = host.execute("plasmavmc first-apply")
+        assert code == 1 and out.startswith("first apply FAILED for broken"), out
+
+    with subtest("the agent and the VMs run on after it, the agent never restarted again"):
+        host.sleep(5)
+        host.succeed("systemctl is-active plasmavmc.service")
+        assert main_pid() == restarted, "the agent was restarted again"
+        assert host.succeed("systemctl show -P NRestarts plasmavmc.service").strip() == "0"
+        assert qemu_pids() == qemus, "a VM was restarted"
+        for pid in qemus.values():
+            host.succeed(f"kill -0 {pid}")
+
+    with subtest("the next switch that restarts the agent checks its first apply anew, and passes"):
+        code, out = switch("newagent")
+        assert code == 0, out
+        assert main_pid() != restarted, "the agent was not restarted"
+        assert qemu_pids() == qemus, "a VM was restarted"
+        host.succeed("systemctl is-active plasmavmc-first-apply.service")
         agent = main_pid()
 
     with subtest("an invalid desired state is refused before anything changes"):

@@ -331,6 +331,39 @@ pub fn shutdown_host(
     )
 }
 
+/// `plasmavmc first-apply`: the agent's first apply since it started, waited for up to
+/// `timeout`; the exit code says whether it failed (still running at the timeout counts).
+pub fn first_apply(run_dir: &Path, timeout: std::time::Duration, json: bool) -> ExitCode {
+    let request = Request::FirstApply {
+        wait_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+    };
+    let what = "waiting for the agent's first apply".to_owned();
+    match ask_showing(run_dir, request, what) {
+        Ok(Response::FirstApply { first_apply }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&first_apply).expect("serializes")
+                );
+            } else {
+                print!("{}", first_apply.render());
+            }
+            if first_apply.is_pending() {
+                eprintln!(
+                    "the first apply is still running after {}; `plasmavmc status` shows each VM",
+                    humantime::format_duration(timeout)
+                );
+                return ExitCode::from(EXIT_FAILED);
+            }
+            first_apply
+                .failure()
+                .map_or(ExitCode::SUCCESS, exit_code_of)
+        }
+        Ok(other) => unexpected(other),
+        Err(e) => client_failed(e),
+    }
+}
+
 /// What `systemctl is-system-running` says (`stopping` while the host shuts down).
 fn system_state() -> String {
     match std::process::Command::new("systemctl")
@@ -399,13 +432,17 @@ pub(super) fn unexpected(response: Response) -> ExitCode {
     match response {
         Response::Error { kind, message } => {
             eprintln!("{message}");
-            ExitCode::from(match kind {
-                ErrorKind::InvalidConfig | ErrorKind::BadRequest => EXIT_INVALID,
-                ErrorKind::Failed => EXIT_FAILED,
-            })
+            exit_code_of(kind)
         }
         other => fail(format!("unexpected answer from the agent: {other:?}")),
     }
+}
+
+fn exit_code_of(kind: ErrorKind) -> ExitCode {
+    ExitCode::from(match kind {
+        ErrorKind::InvalidConfig | ErrorKind::BadRequest => EXIT_INVALID,
+        ErrorKind::Failed => EXIT_FAILED,
+    })
 }
 
 pub(super) fn client_failed(e: ClientError) -> ExitCode {

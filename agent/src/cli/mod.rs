@@ -310,6 +310,27 @@ enum Command {
         #[command(flatten)]
         run_dir: RunDirArg,
     },
+    /// Say how the running agent's first apply went, waiting for it while it runs: exit 0 when
+    /// every VM was applied, 1 naming each VM that failed and why (or when it still runs at
+    /// --timeout), 2 when the agent had no valid config (nothing touched), 3 when no agent is
+    /// reachable.
+    ///
+    /// The first apply is the one right after the agent started (at boot, after a switch that
+    /// restarted it, after `systemctl restart plasmavmc`); later reloads do not change its
+    /// outcome: their own exit code, `status` and `events` say how they went. The NixOS module
+    /// runs this as plasmavmc-first-apply.service after every agent start, so a switch that
+    /// restarts the agent fails, naming that unit, when the first apply fails.
+    FirstApply {
+        /// How long to wait for a first apply that is still running (e.g. 90s, 5m).
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Print the outcome as JSON: {"state": "pending"|"done"|"failed"|"notApplied", "steps",
+        /// "vms": {NAME: why}, "kind", "message"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run_dir: RunDirArg,
+    },
     /// (Run by the NixOS module at host shutdown.) Take every running VM down as its
     /// `onHostShutdown` says: `powerdown` (ACPI, then quit after the stop timeout), `save`, or
     /// `evacuate` (HA VMs move live to another host, the others are saved), all VMs in
@@ -539,6 +560,11 @@ pub fn run() -> ExitCode {
             json,
             run_dir,
         } => commands::shutdown_host(&run_dir.run_dir, timeout, only_when_system_stops, json),
+        Command::FirstApply {
+            timeout,
+            json,
+            run_dir,
+        } => commands::first_apply(&run_dir.run_dir, timeout, json),
         Command::Cordon { json, run_dir } => commands::cordon(&run_dir.run_dir, json),
         Command::Uncordon { json, run_dir } => commands::uncordon(&run_dir.run_dir, json),
         Command::Evacuate {
@@ -628,6 +654,23 @@ mod tests {
         assert_eq!(args.trust_file, guard.trust_file);
         assert_eq!(args.run_as, Some(run_as));
         assert_eq!(args.command, ["/bin/qemu", "-name", "guest=ha1"]);
+    }
+
+    #[test]
+    fn nixos_module_first_apply_invocation_parses() {
+        let cli = Cli::try_parse_from([
+            "plasmavmc",
+            "first-apply",
+            "--timeout",
+            "240s",
+            "--run-dir",
+            "/run/plasmavmc",
+        ])
+        .unwrap();
+        let Command::FirstApply { timeout, json, .. } = cli.command else {
+            panic!("not first-apply")
+        };
+        assert_eq!((timeout.as_secs(), json), (240, false));
     }
 
     #[test]

@@ -64,6 +64,10 @@ pub fn timeout_for(request: &Request) -> Duration {
         Request::Migrate { .. } => Duration::from_secs(6 * 3600),
         // The powerdowns' bound, plus what saves may take beyond it (as the NixOS unit allows).
         Request::ShutdownHost { timeout_seconds } => Duration::from_secs(timeout_seconds + 180),
+        // The agent answers by itself once the wait is over.
+        Request::FirstApply { wait_ms } => {
+            Duration::from_millis(*wait_ms) + Duration::from_secs(30)
+        }
     }
 }
 
@@ -119,7 +123,10 @@ fn exchange(socket: &Path, request: &Request) -> Result<Response, ClientError> {
 fn read_only(request: &Request) -> bool {
     matches!(
         request,
-        Request::Status | Request::Plan { .. } | Request::ClusterStatus
+        Request::Status
+            | Request::Plan { .. }
+            | Request::ClusterStatus
+            | Request::FirstApply { .. }
     )
 }
 

@@ -81,6 +81,9 @@ pub enum Request {
     /// that declares it (live, two at a time). Answered at once with the plan; `Status` follows
     /// the moves.
     Evacuate,
+    /// How this agent's first apply since it started went, waiting up to `wait_ms` for it while
+    /// it still runs (answered `Pending` after that).
+    FirstApply { wait_ms: u64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +129,9 @@ pub enum Response {
     /// An evacuation as planned (or as far as it got, if one was running).
     Evacuation {
         evacuation: crate::evacuation::Evacuation,
+    },
+    FirstApply {
+        first_apply: crate::first_apply::FirstApply,
     },
 }
 

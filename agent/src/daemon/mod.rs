@@ -14,6 +14,7 @@
 //! - `placement`: moving HA VMs to their `ha.preferredHosts`.
 //! - `metrics`, `metrics_http`: the sampler behind `/metrics`, and the endpoint.
 //! - `journal`: the event stream behind `plasmavmc events`.
+//! - `first_apply`: the first apply after start, its outcome kept for `plasmavmc first-apply`.
 //! - `migration`: live migration, both the source's and the target's side.
 
 mod adopt;
@@ -22,6 +23,7 @@ mod config_file;
 mod console;
 mod cordon;
 mod evacuate;
+mod first_apply;
 mod handover;
 mod journal;
 mod metrics;
@@ -45,7 +47,6 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use crate::chainfire::{ChainFireConfig, Session};
-use crate::control::protocol::StepOutcome;
 use crate::control::server;
 use crate::paths::RunDir;
 use crate::qemu::cgroup::Cgroups;
@@ -236,8 +237,15 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
     watch::forward_sighup(triggers.clone())?;
     // READY only once the first apply is done (or has run for FIRST_APPLY_WAIT): a switch that
-    // restarts the agent then waits for it, and `systemctl status` says how it went.
-    let first_apply = first_apply(&daemon).await;
+    // restarts the agent then waits for it, and `systemctl status` says how it went. Whether it
+    // failed, the switch learns from `plasmavmc first-apply` (plasmavmc-first-apply.service).
+    let first_apply = match first_apply::run(&daemon, FIRST_APPLY_WAIT).await {
+        outcome if outcome.is_pending() => format!(
+            "first apply still running after {}s; it goes on (`plasmavmc first-apply` waits for it)",
+            FIRST_APPLY_WAIT.as_secs()
+        ),
+        outcome => outcome.summary(),
+    };
     let _ = sd_notify::notify(
         false,
         &[
@@ -284,47 +292,6 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         tracing::info!(trust = %trust_file.display(), "chainfire: leaving the lease to the next agent");
     }
     Ok(())
-}
-
-/// Runs the first reconcile, waiting for it at most FIRST_APPLY_WAIT (it goes on in the
-/// background after that); says how it went, in one line.
-async fn first_apply(daemon: &Arc<Daemon>) -> String {
-    let reconcile = tokio::spawn({
-        let daemon = Arc::clone(daemon);
-        async move { daemon.reconcile(false).await }
-    });
-    match tokio::time::timeout(FIRST_APPLY_WAIT, reconcile).await {
-        Ok(Ok(Ok(report))) => {
-            let failed: Vec<String> = report
-                .steps
-                .iter()
-                .filter(|step| matches!(step.outcome, StepOutcome::Failed { .. }))
-                .map(|step| step.vm.clone())
-                .collect();
-            if failed.is_empty() {
-                format!("first apply done ({} steps)", report.steps.len())
-            } else {
-                let line = format!(
-                    "first apply FAILED for {} (plasmavmc status says why)",
-                    failed.join(", ")
-                );
-                tracing::error!("{line}");
-                line
-            }
-        }
-        Ok(Ok(Err((_, message)))) => {
-            tracing::error!("first apply refused: {message}");
-            format!(
-                "first apply refused: {}",
-                message.lines().next().unwrap_or("")
-            )
-        }
-        Ok(Err(e)) => format!("first apply crashed: {e}"),
-        Err(_) => format!(
-            "first apply still running after {}s; it goes on",
-            FIRST_APPLY_WAIT.as_secs()
-        ),
-    }
 }
 
 /// Fences at once when HA VMs leave `may_run`, and reconciles so new ones start here.

@@ -93,6 +93,8 @@ pub struct Daemon {
     pub(super) evacuation: Mutex<Option<crate::evacuation::Evacuation>>,
     /// Wakes placement (`ha.preferredHosts`) when the desired state changed.
     pub(super) placement_wake: tokio::sync::Notify,
+    /// How the first apply after this agent started went (`plasmavmc first-apply`).
+    pub(super) first_apply: super::first_apply::FirstApplyOutcome,
 }
 
 pub(super) type Refusal = (ErrorKind, String);
@@ -134,6 +136,7 @@ impl Daemon {
             metrics: Default::default(),
             evacuation: Mutex::new(None),
             placement_wake: tokio::sync::Notify::new(),
+            first_apply: Default::default(),
         }
     }
 
@@ -567,6 +570,9 @@ impl Daemon {
                 .map(|message| Response::Done { message }),
             Request::Uncordon => self.uncordon().await,
             Request::Evacuate => self.evacuate().await,
+            Request::FirstApply { wait_ms } => Ok(Response::FirstApply {
+                first_apply: self.first_apply.wait(Duration::from_millis(wait_ms)).await,
+            }),
         };
         result.unwrap_or_else(|(kind, message)| Response::Error { kind, message })
     }
