@@ -63,3 +63,25 @@ pub async fn run(daemon: &Arc<Daemon>, wait: Duration) -> FirstApply {
     });
     daemon.first_apply.wait(wait).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The case READY does not wait for: an apply still running when asked, that ends later.
+    #[tokio::test]
+    async fn a_waiter_gets_an_outcome_set_after_it_asked_and_pending_past_its_wait() {
+        let outcome = Arc::new(FirstApplyOutcome::default());
+        let early = outcome.wait(Duration::from_millis(10)).await;
+        assert_eq!(early, FirstApply::Pending);
+        let waiter = tokio::spawn({
+            let outcome = Arc::clone(&outcome);
+            async move { outcome.wait(Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        outcome.set(FirstApply::Done { steps: 1 });
+        assert_eq!(waiter.await.unwrap(), FirstApply::Done { steps: 1 });
+        let later = outcome.wait(Duration::ZERO).await;
+        assert_eq!(later, FirstApply::Done { steps: 1 });
+    }
+}
