@@ -33,8 +33,11 @@ use crate::qemu::migrate as qemu_migrate;
 use crate::qemu::Qmp;
 use crate::status::VmState;
 
-/// How often a move asks QEMU how far it is.
+/// How often a move asks QEMU how far it is while waiting for something else.
 const POLL: Duration = Duration::from_millis(10);
+/// How often a move refreshes its progress when QEMU reports no change of status (a `MIGRATION`
+/// event wakes it at once: the switchover is never waited for by polling).
+const PROGRESS: Duration = Duration::from_millis(100);
 /// How long the target may take to answer (it launches a paused QEMU).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// A move whose memory transfer makes no progress for this long is given up (stay on the
@@ -311,6 +314,15 @@ impl Daemon {
                 "{why}; the VM runs here as before"
             )));
         };
+        let tls = self.migration.tls_dir.as_deref();
+        if let Some(dir) = tls {
+            if let Err(e) = qemu_migrate::tls_credentials(qmp, dir, "client").await {
+                return Err(MigrationError::Abandoned(format!(
+                    "loading the TLS credentials in {}: {e}; the VM runs here as before",
+                    dir.display()
+                )));
+            }
+        }
         let copied = request.running.disks_to_copy();
         if !copied.is_empty() {
             report.stage("copying disks", &copied);
@@ -336,9 +348,9 @@ impl Daemon {
                 )));
             }
         }
-        let tls = self.migration.tls_dir.as_deref();
         let started = async {
-            qemu_migrate::prepare_source(qmp, request.mode, options.bandwidth, tls).await?;
+            qemu_migrate::prepare_source(qmp, request.mode, options.bandwidth, tls.is_some())
+                .await?;
             if request.mode == Mode::Offline {
                 qmp.stop().await?;
             }
@@ -393,6 +405,7 @@ impl Daemon {
                 "{why}; the VM runs here as before"
             )));
         }
+        let confirmed_at = Instant::now();
         self.moves
             .lock()
             .unwrap()
@@ -403,7 +416,12 @@ impl Daemon {
             .await;
         let result = match switched {
             Ok(()) => {
-                self.finish_out(slot, key, request, qmp, paused_at, report)
+                let times = Switchover {
+                    paused: paused_at,
+                    confirmed: confirmed_at,
+                    locked: Instant::now(),
+                };
+                self.finish_out(slot, key, request, qmp, times, report)
                     .await
             }
             Err(why) => {
@@ -431,7 +449,8 @@ impl Daemon {
         cancel: &mut watch::Receiver<bool>,
         report: &Reporter,
     ) -> Result<(), String> {
-        qemu_migrate::disks::mirror(qmp, address, nbd_port, copied)
+        let tls = self.migration.tls_dir.is_some();
+        qemu_migrate::disks::mirror(qmp, address, nbd_port, copied, tls)
             .await
             .map_err(|e| format!("starting the mirror: {e}"))?;
         let mut last_progress = (0, Instant::now());
@@ -553,6 +572,7 @@ impl Daemon {
         report: &Reporter,
     ) -> Result<Instant, String> {
         let mut last_progress = (0, Instant::now());
+        let mut events = qmp.subscribe();
         loop {
             if *cancel.borrow() {
                 return Err("cancelled by the operator".into());
@@ -582,7 +602,7 @@ impl Daemon {
             } else if last_progress.1.elapsed() > STALL_TIMEOUT {
                 return Err(format!("no progress for {}s", STALL_TIMEOUT.as_secs()));
             }
-            tokio::time::sleep(POLL).await;
+            qemu_migrate::next_change(&mut events, PROGRESS).await;
         }
     }
 
@@ -627,12 +647,13 @@ impl Daemon {
         key: &VmKey,
         request: &MigrationRecord,
         qmp: &Qmp,
-        paused_at: Instant,
+        times: Switchover,
         report: &Reporter,
     ) -> Result<MigrationOutcome, MigrationError> {
         let to = request.to.as_str();
         tracing::info!(vm = %key.vm, to, "migration: the HA lock is {to}'s; sending the rest");
         report.stage("completing", &[]);
+        let mut events = qmp.subscribe();
         let completed = async {
             qemu_migrate::continue_after_pause(qmp).await?;
             loop {
@@ -644,11 +665,12 @@ impl Daemon {
                         "the migration {s} after the switchover: {}",
                         status.error.as_deref().unwrap_or("QEMU gave no reason")
                     ),
-                    _ => tokio::time::sleep(POLL).await,
+                    _ => qemu_migrate::next_change(&mut events, PROGRESS).await,
                 }
             }
         }
         .await;
+        let completed_at = Instant::now();
         // Quit in every case: the lock is the target's, this QEMU never runs the guest again.
         self.recover(slot, qmp, key, record::recovery(true), to)
             .await;
@@ -658,11 +680,23 @@ impl Daemon {
             ))
         })?;
         let resumed = self.target_resumed(key, &request.id).await;
-        let downtime = resumed.unwrap_or_else(Instant::now) - paused_at;
+        let resumed_at = resumed.unwrap_or_else(Instant::now);
+        let downtime = resumed_at - times.paused;
         if resumed.is_none() {
             tracing::warn!(vm = %key.vm, to, "migration: {to} did not report the guest running within {}s", RESUMED_WAIT.as_secs());
         }
-        tracing::info!(vm = %key.vm, to, downtime_ms = downtime.as_millis() as u64, "migration: done");
+        let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis() as u64;
+        tracing::info!(
+            vm = %key.vm,
+            to,
+            downtime_ms = downtime.as_millis() as u64,
+            confirm_ms = ms(times.paused, times.confirmed),
+            lock_ms = ms(times.confirmed, times.locked),
+            rest_sent_ms = ms(times.locked, completed_at),
+            running_there_ms = ms(completed_at, resumed_at),
+            "migration: done (downtime: source paused until the target runs; the target's \
+             confirmation, the lock transaction, the rest of the stream, the target's resume)"
+        );
         Ok(MigrationOutcome {
             vm: key.vm.clone(),
             from: request.from.clone(),
@@ -869,6 +903,8 @@ impl Daemon {
                 qemu_migrate::disks::unexport(&qmp, &copied).await;
                 forget_images(&aside);
                 let resumed = qmp.cont().await;
+                // Said at once: the source measures the downtime until it hears this.
+                let _ = store.answer(&key, &answer(Answer::Resumed), lease).await;
                 slot.adopt_incoming(&self.shell, qmp, pid, running.boot_spec.clone())
                     .await;
                 match resumed {
@@ -880,7 +916,6 @@ impl Daemon {
                     }
                 }
                 self.keep_running_here(&vm, &running).await;
-                let _ = store.answer(&key, &answer(Answer::Resumed), lease).await;
             }
             TargetStep::Discard(mut why) => {
                 if !crate::qemu::process::is_alive(pid) {
@@ -971,6 +1006,7 @@ impl Daemon {
             .as_ref()
             .unwrap_or(&self.migration.address);
         let copied = running.disks_to_copy();
+        let tls = self.migration.tls_dir.is_some();
         let listening = async {
             qemu_migrate::prepare_target(&qmp, self.migration.tls_dir.as_deref())
                 .await
@@ -992,7 +1028,7 @@ impl Daemon {
                 .claim_port("the disk copies (NBD)", |nbd_port| {
                     let (qmp, copied) = (&qmp, &copied);
                     async move {
-                        qemu_migrate::disks::export(qmp, listen, nbd_port, copied)
+                        qemu_migrate::disks::export(qmp, listen, nbd_port, copied, tls)
                             .await
                             .map_err(|e| e.to_string())
                     }
@@ -1049,7 +1085,8 @@ impl Daemon {
         let Some(mut cluster) = self.cluster() else {
             return TargetStep::Discard("the ChainFire session is gone".into());
         };
-        let may_run = self.may_run();
+        let mut may_run = self.may_run();
+        let mut events = qmp.subscribe();
         let mut completed_at: Option<Instant> = None;
         let mut has_confirmed = false;
         loop {
@@ -1059,7 +1096,9 @@ impl Daemon {
                 .get(key)
                 .filter(|m| m.value.id == confirmed.id)
                 .map(|m| m.value.phase);
-            let holds_lock = may_run.as_ref().is_some_and(|m| m.borrow().contains(key));
+            let holds_lock = may_run
+                .as_mut()
+                .is_some_and(|m| m.borrow_and_update().contains(key));
             let incoming = if crate::qemu::process::is_alive(pid) {
                 match qemu_migrate::status(qmp).await {
                     Ok(status) => Some(status.status.unwrap_or_else(|| "none".into())),
@@ -1088,9 +1127,21 @@ impl Daemon {
                 }
                 decided => return decided,
             }
+            // The lock (may_run), the request (the cluster view) and the stream (QEMU's events)
+            // each wake this at once.
+            let lock_moves = async {
+                let changed = match may_run.as_mut() {
+                    Some(m) => m.changed().await.is_ok(),
+                    None => false,
+                };
+                if !changed {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = cluster.changed() => {}
-                _ = tokio::time::sleep(POLL) => {}
+                _ = lock_moves => {}
+                _ = qemu_migrate::next_change(&mut events, PROGRESS) => {}
             }
         }
     }
@@ -1108,6 +1159,13 @@ impl Daemon {
             }
         }
     }
+}
+
+/// When the source reached each step of the switchover (its guest paused at the first).
+struct Switchover {
+    paused: Instant,
+    confirmed: Instant,
+    locked: Instant,
 }
 
 /// Keeps the VM's status and the caller's progress channel in step.

@@ -4,11 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokio::sync::broadcast;
 
 use super::observe::{device_path, peripherals};
-use super::qmp::{Qmp, QmpError};
+use super::qmp::{QemuEvent, Qmp, QmpError};
 use crate::migration::{Cpus, HotCpu, MigrationProgress, Mode, Placement};
 
 /// QEMU's id of the TLS credentials object (`--migration-tls-dir`).
@@ -20,13 +22,14 @@ const DOWNTIME_LIMIT_MS: u64 = 50;
 const UNTHROTTLED: u64 = 1 << 40;
 
 /// The source's settings: stop at `pre-switchover` until told (the HA lock moves then), converge
-/// a busy guest by throttling its vCPUs (auto-converge), and encrypt with TLS when configured.
-/// `bandwidth`: a cap in bytes per second (None: as fast as the link goes).
+/// a busy guest by throttling its vCPUs (auto-converge), and encrypt with TLS (the credentials
+/// loaded by [`tls_credentials`] first). `bandwidth`: a cap in bytes per second (None: as fast
+/// as the link goes).
 pub async fn prepare_source(
     qmp: &Qmp,
     mode: Mode,
     bandwidth: Option<u64>,
-    tls_dir: Option<&Path>,
+    tls: bool,
 ) -> Result<(), QmpError> {
     let capabilities = [
         ("pause-before-switchover", true),
@@ -38,19 +41,18 @@ pub async fn prepare_source(
         "downtime-limit": DOWNTIME_LIMIT_MS,
         "max-bandwidth": bandwidth.unwrap_or(UNTHROTTLED),
     });
-    if let Some(dir) = tls_dir {
-        add_tls(qmp, dir, "client").await?;
+    if tls {
         parameters["tls-creds"] = TLS_CREDS.into();
     }
     qmp.command("migrate-set-parameters", parameters).await?;
     Ok(())
 }
 
-/// The target's settings, before `migrate-incoming`.
+/// The target's settings, before `migrate-incoming` (and the NBD export of the disks copied).
 pub async fn prepare_target(qmp: &Qmp, tls_dir: Option<&Path>) -> Result<(), QmpError> {
     set_capabilities(qmp, &[("events", true)]).await?;
     if let Some(dir) = tls_dir {
-        add_tls(qmp, dir, "server").await?;
+        tls_credentials(qmp, dir, "server").await?;
         qmp.command("migrate-set-parameters", json!({"tls-creds": TLS_CREDS}))
             .await?;
     }
@@ -68,8 +70,11 @@ async fn set_capabilities(qmp: &Qmp, capabilities: &[(&str, bool)]) -> Result<()
 }
 
 /// `tls-creds-x509` over `dir` (ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem,
-/// client-key.pem), checking the peer's certificate.
-async fn add_tls(qmp: &Qmp, dir: &Path, endpoint: &str) -> Result<(), QmpError> {
+/// client-key.pem), checking the peer's certificate; `endpoint` is `client` on the source (of
+/// the stream and of the disk copies), `server` on the target. Loaded afresh on every move (a
+/// source QEMU keeps them from an abandoned one).
+pub async fn tls_credentials(qmp: &Qmp, dir: &Path, endpoint: &str) -> Result<(), QmpError> {
+    let _ = qmp.command("object-del", json!({ "id": TLS_CREDS })).await;
     qmp.command(
         "object-add",
         json!({"qom-type": "tls-creds-x509", "id": TLS_CREDS, "dir": dir,
@@ -90,7 +95,8 @@ pub async fn cancel(qmp: &Qmp) -> Result<(), QmpError> {
     qmp.command("migrate_cancel", json!({})).await.map(drop)
 }
 
-/// NBD export (target) and block mirror (source) of the disks a move copies. Names: export
+/// NBD export (target) and block mirror (source) of the disks a move copies, over TLS when the
+/// migration stream is (`tls`: the credentials are loaded). Names: export
 /// `disk-ID` of node `disk-ID-fmt`; on the source, NBD client node and mirror job `mig-ID`.
 pub mod disks {
     use super::*;
@@ -106,12 +112,14 @@ pub mod disks {
         listen: &str,
         port: u16,
         disks: &[String],
+        tls: bool,
     ) -> Result<(), QmpError> {
-        qmp.command(
-            "nbd-server-start",
-            json!({"addr": {"type": "inet", "data": {"host": listen, "port": port.to_string()}}}),
-        )
-        .await?;
+        let mut server =
+            json!({"addr": {"type": "inet", "data": {"host": listen, "port": port.to_string()}}});
+        if tls {
+            server["tls-creds"] = TLS_CREDS.into();
+        }
+        qmp.command("nbd-server-start", server).await?;
         for disk in disks {
             qmp.command(
                 "block-export-add",
@@ -140,14 +148,15 @@ pub mod disks {
         address: &str,
         port: u16,
         disks: &[String],
+        tls: bool,
     ) -> Result<(), QmpError> {
         for disk in disks {
-            qmp.command(
-                "blockdev-add",
-                json!({"driver": "nbd", "node-name": job(disk), "export": ids::disk_device(disk),
-                       "server": {"type": "inet", "host": address, "port": port.to_string()}}),
-            )
-            .await?;
+            let mut client = json!({"driver": "nbd", "node-name": job(disk), "export": ids::disk_device(disk),
+                                    "server": {"type": "inet", "host": address, "port": port.to_string()}});
+            if tls {
+                client["tls-creds"] = TLS_CREDS.into();
+            }
+            qmp.command("blockdev-add", client).await?;
             qmp.command(
                 "blockdev-mirror",
                 json!({"job-id": job(disk), "device": ids::disk_format_node(disk), "target": job(disk),
@@ -223,6 +232,23 @@ pub struct Status {
     pub expected_downtime_ms: Option<u64>,
     /// What QEMU measured, once completed (source side).
     pub downtime_ms: Option<u64>,
+}
+
+/// Waits until QEMU reports a migration status change (a `MIGRATION` event: the `events`
+/// capability is on at both ends) or its QMP socket closes, `at_most`: a move reacts to the
+/// switchover at once instead of on its next poll, and still refreshes its progress meanwhile.
+pub async fn next_change(events: &mut broadcast::Receiver<QemuEvent>, at_most: Duration) {
+    let change = async {
+        loop {
+            match events.recv().await {
+                Ok(QemuEvent::Migration { .. } | QemuEvent::Disconnected { .. })
+                | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(at_most, change).await;
 }
 
 pub async fn status(qmp: &Qmp) -> Result<Status, QmpError> {

@@ -56,6 +56,11 @@ pub enum QemuEvent {
         device: Option<String>,
         size_bytes: u64,
     },
+    /// The migration's status changed (`active`, `pre-switchover`, `completed`, ...): with the
+    /// `events` capability on, a move waits on these rather than polling.
+    Migration {
+        status: String,
+    },
     /// The socket closed. `after_shutdown == false` means QEMU went away without a `SHUTDOWN`:
     /// it died. (Confirm with the process: a QMP decode failure closes the stream too.)
     Disconnected {
@@ -629,6 +634,9 @@ impl QemuEvent {
                 path: data.path,
             },
             E::GUEST_PANICKED { .. } => QemuEvent::GuestPanicked,
+            E::MIGRATION { data, .. } => QemuEvent::Migration {
+                status: enum_name(&data.status),
+            },
             E::MEMORY_DEVICE_SIZE_CHANGE { data, .. } => QemuEvent::MemoryDeviceSizeChange {
                 device: data.id,
                 size_bytes: data.size,
