@@ -104,9 +104,11 @@ enum Bench {
     /// guest-less VMs that ignore ACPI, in parallel (`shutdown-host`) against one by one.
     Save(save::Options),
     /// Live migration between two agents on this machine (loopback etcd; the second agent in a
-    /// mount namespace of its own): downtime and total time of an idle guest, of a guest
-    /// dirtying memory (auto-converge) and of a guest with a 1 GiB local disk (NBD mirror);
-    /// and the restart way (HA failover) in the same run. Needs root.
+    /// mount namespace of its own): downtime and total time of idle guests, of a guest
+    /// dirtying memory (auto-converge) and of a guest with a 1 GiB local disk (NBD mirror) that
+    /// keeps writing (no acknowledged write may be lost); `evacuate --wait` of 5 idle guests;
+    /// QEMU processes counted all along (never two copies); and the restart way (stop there,
+    /// boot here; HA failover) in the same run. Needs root.
     Migrate {
         /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
         #[arg(long, default_value = "target/test-guest")]
@@ -115,8 +117,9 @@ enum Bench {
         work_dir: PathBuf,
         #[arg(long, default_value_t = 256)]
         memory_mib: u64,
-        /// Moves per guest (back and forth).
-        #[arg(long, default_value_t = 6)]
+        /// Rounds: each moves 5 idle guests a -> b and evacuates b, and moves the dirtying guest
+        /// and the disk guest a -> b -> a.
+        #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
     /// ChainFire against loopback etcd: host-failure detection and HA failover after a kill -9

@@ -33,10 +33,11 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "median {} (min {}, p95 {}, max {}; {} runs)",
+            "median {} (min {}, p95 {}, p99 {}, max {}; {} runs)",
             ms(self.median),
             ms(self.min),
             ms(self.p95),
+            ms(self.p99),
             ms(self.max),
             self.samples
         )
