@@ -141,7 +141,8 @@ pub enum Response {
 pub enum ErrorKind {
     /// The config file is invalid or unreadable; nothing was touched (exit 2).
     InvalidConfig,
-    /// The request names something that does not exist, e.g. an undeclared VM (exit 2).
+    /// The request names something that does not exist, e.g. an undeclared VM, or is refused
+    /// before anything is touched, e.g. a move to an incompatible host (exit 2).
     BadRequest,
     /// The operation was attempted and failed (exit 1).
     Failed,

@@ -672,14 +672,23 @@ impl Daemon {
         .await;
         let completed_at = Instant::now();
         // Quit in every case: the lock is the target's, this QEMU never runs the guest again.
-        self.recover(slot, qmp, key, record::recovery(true), to)
-            .await;
+        // Meanwhile, learn when the target runs the guest (the quit takes no part in the downtime).
+        let resumed = async {
+            if completed.is_ok() {
+                self.target_resumed(key, &request.id).await
+            } else {
+                None
+            }
+        };
+        let (resumed, ()) = tokio::join!(
+            resumed,
+            self.recover(slot, qmp, key, record::recovery(true), to)
+        );
         let status = completed.map_err(|e| {
             MigrationError::AfterSwitchover(format!(
                 "{e:#}; the HA lock is {to}'s, which boots the VM afresh"
             ))
         })?;
-        let resumed = self.target_resumed(key, &request.id).await;
         let resumed_at = resumed.unwrap_or_else(Instant::now);
         let downtime = resumed_at - times.paused;
         if resumed.is_none() {

@@ -783,8 +783,9 @@ impl Daemon {
         let (progress, _) = tokio::sync::watch::channel(Default::default());
         match self.migrate_vm(vm, &to, options, progress).await {
             Ok(outcome) => Ok(Response::Migrated { outcome }),
+            // Nothing started: exit 2, as for any request refused before touching anything.
             Err(e @ MigrationError::Refused(_)) => {
-                Err((ErrorKind::Failed, format!("{vm} not moved: {e}")))
+                Err((ErrorKind::BadRequest, format!("{vm} not moved: {e}")))
             }
             Err(e) => Err((ErrorKind::Failed, format!("{vm}: {e}"))),
         }
