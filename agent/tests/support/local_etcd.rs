@@ -258,7 +258,7 @@ impl Drop for LocalEtcd {
 
 impl TestPki {
     /// Makes the CA and both certificates in `dir` with the `openssl` CLI (ECDSA P-256).
-    fn generate(dir: &Path) -> anyhow::Result<Self> {
+    pub fn generate(dir: &Path) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir).context("PKI dir")?;
         openssl(
             dir,
