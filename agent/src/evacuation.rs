@@ -143,6 +143,28 @@ impl Evacuation {
         evacuation
     }
 
+    /// The evacuation a restarted agent carries on: `self` as the previous agent kept it,
+    /// `routes` planned now for the VMs still running here, which are queued (or stay) anew. A
+    /// VM no longer running here keeps its outcome; one that was queued or moving when the agent
+    /// died left while it restarted (its move settled with the HA lock on the target).
+    pub fn resume(&self, routes: &BTreeMap<String, Route>) -> Evacuation {
+        let mut resumed = Evacuation::start(self.started_at.clone(), routes);
+        for (name, before) in &self.vms {
+            if resumed.vms.contains_key(name) {
+                continue;
+            }
+            let mut vm = before.clone();
+            if matches!(vm.state, MoveState::Queued | MoveState::Moving) {
+                vm.state = MoveState::Moved;
+                vm.note =
+                    Some("no longer runs here: its move settled while the agent restarted".into());
+            }
+            resumed.vms.insert(name.clone(), vm);
+        }
+        resumed.finished = !resumed.in_flight();
+        resumed
+    }
+
     pub fn in_flight(&self) -> bool {
         self.vms
             .values()
@@ -318,5 +340,39 @@ mod tests {
         assert!(!evacuation.in_flight() && !evacuation.succeeded());
         let nothing = Evacuation::start("t0".into(), &BTreeMap::new());
         assert!(nothing.finished && nothing.succeeded());
+    }
+
+    #[test]
+    fn a_resumed_evacuation_requeues_what_still_runs_here_and_keeps_what_left() {
+        let routes = BTreeMap::from([
+            ("moved".to_owned(), moves(&["hv1"])),
+            ("moving".to_owned(), moves(&["hv1"])),
+            ("abandoned".to_owned(), moves(&["hv2"])),
+            ("queued".to_owned(), moves(&["hv2"])),
+        ]);
+        let mut before = Evacuation::start("t0".into(), &routes);
+        before.vms.get_mut("moved").unwrap().state = MoveState::Moved;
+        before.vms.get_mut("moving").unwrap().state = MoveState::Moving;
+        before.vms.get_mut("abandoned").unwrap().state = MoveState::Moving;
+        // After the restart "abandoned" (its move undone) and "queued" still run here.
+        let now = BTreeMap::from([
+            ("abandoned".to_owned(), moves(&["hv1"])),
+            ("queued".to_owned(), moves(&["hv2"])),
+        ]);
+        let resumed = before.resume(&now);
+        assert_eq!(resumed.started_at, "t0", "the same evacuation");
+        assert!(!resumed.finished);
+        assert_eq!(resumed.vms["moved"], before.vms["moved"]);
+        assert_eq!(resumed.vms["moving"].state, MoveState::Moved);
+        assert!(resumed.vms["moving"]
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("restarted"));
+        assert_eq!(resumed.vms["abandoned"].state, MoveState::Queued);
+        assert_eq!(resumed.vms["abandoned"].to.as_deref(), Some("hv1"));
+        assert_eq!(resumed.vms["queued"].state, MoveState::Queued);
+        let nothing_left = before.resume(&BTreeMap::new());
+        assert!(nothing_left.finished && nothing_left.succeeded());
     }
 }

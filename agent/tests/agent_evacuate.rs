@@ -1,5 +1,6 @@
 //! Evacuation and placement end to end: two real agents (hosts `a` and `b`) against a real etcd,
-//! three real HA guests. `evacuate --wait` moves all three live to `b`; the cordoned `a`
+//! three real HA guests. `evacuate --wait` moves all three live to `b`, carried on by a new
+//! agent after `a`'s is killed -9 as the moves start; the cordoned `a`
 //! receives nothing (no migration, no placement) until `uncordon`; then placement
 //! (`ha.preferredHosts`) brings back the VM that prefers `a`, and a config reload that makes
 //! another VM prefer `a` moves that one too, live. Last, `b`'s host shutdown with
@@ -39,7 +40,8 @@ fn start(host: &mut Host, endpoint: &str, id: &str, ports: &str) {
         "--host-id",
         id,
         "--lease-ttl",
-        "3",
+        // Room to restart an agent before its fence guards fire, on a loaded 2-core machine.
+        "10",
         "--migration-address",
         "127.0.0.1",
         "--migration-ports",
@@ -94,10 +96,13 @@ fn wait_only_on(vm: &str, on: &Host, off: &Host, watcher: &Watcher, what: &str) 
         boots, 1,
         "{what}: {vm}'s guest booted again: it was restarted, not moved"
     );
-    assert!(
-        on.console(vm).contains(guest::HEARTBEAT),
-        "{what}: {vm}'s guest beats (the watcher reads the beats)"
-    );
+    while !on.console(vm).contains(guest::HEARTBEAT) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {vm}'s guest does not beat (the watcher reads the beats)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -122,12 +127,34 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
     });
     let watcher = Watcher::start(&[&a, &b], &VMS, 2);
 
-    // Evacuation: all three move, live.
+    // Evacuation: all three move, live, although `a`'s agent is killed -9 as the moves start
+    // and started again: the new agent settles the moves in flight and carries the evacuation
+    // on; the client that lost it follows it again with `evacuate --wait`.
     VMS.iter().for_each(|vm| watcher.move_starts(vm));
+    let first = a.cli_in_background(&["evacuate", "--wait"]);
+    let started = a.wait_status("a move of the evacuation sending memory", AGENT, |s| {
+        VMS.iter().any(|vm| {
+            s["vms"][vm]["migration"]["ramTransferredBytes"]
+                .as_u64()
+                .is_some_and(|bytes| bytes > 0)
+        })
+    });
+    a.kill_agent();
+    let lost = finished(first);
+    assert_ne!(lost.code, 0, "{lost:?}");
+    assert!(
+        lost.stderr.contains("evacuate --wait"),
+        "says how to follow again: {lost:?}"
+    );
+    start(&mut a, &endpoint, "a", "49401-49404");
     let out = a
         .cli(&["evacuate", "--wait", "--json"])
-        .expect_code(0, "evacuate --wait");
+        .expect_code(0, "evacuate --wait, again after the agent restarted");
     let evacuation: Value = serde_json::from_str(&out.stdout).expect("--json");
+    assert_eq!(
+        evacuation["startedAt"], started["evacuation"]["startedAt"],
+        "the same evacuation, carried on: {evacuation:#}"
+    );
     for vm in VMS {
         assert_eq!(evacuation["vms"][vm]["state"], "moved", "{evacuation:#}");
         assert_eq!(evacuation["vms"][vm]["to"], "b", "{evacuation:#}");

@@ -1,8 +1,9 @@
 //! Live migration end to end: two real agents (hosts `a` and `b`, their own run dirs and host
 //! ids; `b` in a mount namespace of its own, where the local disk's directory is another one)
 //! against a real etcd, one real HA guest with a shared disk and a local one (copied by every
-//! move), moved back and forth and broken mid-move in every way the issue names. One booted
-//! guest serves every check.
+//! move), moved back and forth and broken mid-move in every way the issue names, the agents
+//! of either side killed -9 mid-move and started again among them. One booted guest serves
+//! every check.
 //!
 //! A watcher samples both hosts every 20 ms all along and fails the test the moment two copies
 //! run: it counts the VM's QEMU processes (by `/proc`, never by status: at most two, the source
@@ -20,8 +21,9 @@ mod local_etcd;
 #[path = "support/qemu_harness.rs"]
 mod qemu_harness;
 
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use etcd::CutProxy;
@@ -46,7 +48,9 @@ fn flags(endpoint: &str, host_id: &str) -> Vec<String> {
         "--host-id",
         host_id,
         "--lease-ttl",
-        "6",
+        // a: room to restart its agent mid-move before its fence guards fire (10 s: a
+        // loaded 2-core machine; 6 s: a renewal can come 2.3 s late there).
+        if host_id == "a" { "10" } else { "6" },
         "--migration-address",
         "127.0.0.1",
     ]
@@ -115,25 +119,7 @@ fn guest_uptime(host: &Host) -> f64 {
 
 /// `plasmavmc migrate` on `from`, in the background.
 fn migrate_in_background(from: &Host, args: &[&str]) -> Child {
-    plasmavmc()
-        .arg("migrate")
-        .arg(VM)
-        .args(args)
-        .arg("--run-dir")
-        .arg(&from.run_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("plasmavmc migrate")
-}
-
-fn finished(child: Child) -> Cli {
-    let output = child.wait_with_output().unwrap();
-    Cli {
-        code: output.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    from.cli_in_background(&[&["migrate", VM][..], args].concat())
 }
 
 /// Waits until `host`'s move of the VM has sent some memory: the move is in flight.
@@ -165,6 +151,76 @@ fn assert_abandoned(move_: Cli, source: &Host, target: &Host, source_pid: u32, w
     while target.qemu_count(VM) != 0 {
         assert!(Instant::now() < deadline, "{what}: the incoming QEMU stays");
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// After a source agent restarted mid-move: the VM runs on `source` as before (same QEMU
+/// `pid`, the guest beating, its uptime past `uptime_before`), the new agent says why, nothing
+/// of it on `target`.
+fn assert_kept_after_restart(
+    source: &Host,
+    target: &Host,
+    pid: u32,
+    uptime_before: f64,
+    what: &str,
+) {
+    let status = source.wait_status(&format!("{what}: the move settled"), AGENT, |s| {
+        s["vms"][VM]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("interrupted by an agent restart"))
+            && s["vms"][VM]["state"] == "running"
+    });
+    assert_eq!(status["vms"][VM]["pid"], pid, "{what}: the same QEMU");
+    wait_beating(source, what);
+    let deadline = Instant::now() + AGENT;
+    while target.qemu_count(VM) != 0 {
+        assert!(Instant::now() < deadline, "{what}: the incoming QEMU stays");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        guest_uptime(source) > uptime_before,
+        "{what}: the guest's uptime goes on"
+    );
+}
+
+/// With `host`'s agent dead (its QMP socket free): lifts the source QEMU's bandwidth cap and
+/// waits until it pauses at the switchover (`pause-before-switchover`), where it stays.
+fn speed_to_switchover(host: &Host) {
+    use std::io::BufRead;
+    let socket = host.run_dir.join("vms").join(VM).join("qmp.sock");
+    let stream = std::os::unix::net::UnixStream::connect(&socket).expect("the QMP socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    // Skips the greeting and events: the reply to `command`.
+    let mut execute = |command: Value| -> Value {
+        writeln!(writer, "{command}").unwrap();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("QMP answers");
+            let reply: Value = serde_json::from_str(&line).expect("QMP speaks JSON");
+            if reply.get("return").is_some() || reply.get("error").is_some() {
+                return reply;
+            }
+        }
+    };
+    execute(json!({"execute": "qmp_capabilities"}));
+    let lifted = execute(json!({"execute": "migrate-set-parameters",
+        "arguments": {"max-bandwidth": 1u64 << 30}}));
+    assert!(lifted.get("return").is_some(), "{lifted}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = execute(json!({"execute": "query-migrate"}));
+        if status["return"]["status"] == "pre-switchover" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the source never paused at the switchover: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -380,7 +436,47 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     proxy.heal();
     watcher.check();
 
-    // 7. The source's agent killed -9 mid-move (a -> b): HA failover. a's guard fences its
+    // 7. The source's agent killed -9 mid-move (a -> b) and started again at once: its lease
+    // and the HA lock are still its own, so the new agent abandons the move it finds (cancels
+    // it); the same QEMU runs the guest on, the incoming QEMU goes.
+    // 8. The same, but the source QEMU, its agent gone, goes on to the switchover and waits
+    // there, paused (the test lifts its bandwidth cap over QMP): the lock never moved, so the
+    // restarted agent cancels the move and resumes the guest.
+    for (at_switchover, what) in [
+        (false, "source agent restarted mid-transfer"),
+        (true, "source agent restarted at the switchover"),
+    ] {
+        let uptime_before = guest_uptime(&a);
+        watcher.move_starts(VM);
+        let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
+        wait_mid_move(&a);
+        a.kill_agent();
+        drop(finished(move_));
+        if at_switchover {
+            speed_to_switchover(&a);
+        }
+        start(&mut a, &endpoint, "a");
+        assert_kept_after_restart(&a, &b, on_a, uptime_before, what);
+        watcher.check();
+    }
+
+    // 9. The target's agent killed -9 mid-move (a -> b) and started again at once: it finds
+    // the incoming QEMU without the lock and discards it, never resumes it; the source resumes.
+    watcher.move_starts(VM);
+    let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
+    wait_mid_move(&a);
+    b.kill_agent();
+    b.start_agent_with_mount(&b_local, &a_local, &b_flags);
+    assert_abandoned(
+        finished(move_),
+        &a,
+        &b,
+        on_a,
+        "target agent restarted mid-transfer",
+    );
+    watcher.check();
+
+    // 10. The source's agent killed -9 mid-move (a -> b), not started again: HA failover. a's guard fences its
     // copy, the incoming QEMU never resumes without the lock, b boots the VM afresh.
     watcher.move_starts(VM);
     let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);

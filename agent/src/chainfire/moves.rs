@@ -91,6 +91,33 @@ impl MoveStore {
         Ok(())
     }
 
+    /// Every move recorded with `host` as its source or target, by VM (what an agent restarted
+    /// mid-move finds of its previous agent's moves). An unreadable record is skipped.
+    pub async fn requests_involving(&self, host: &str) -> Result<Vec<(VmKey, MigrationRecord)>> {
+        let mut client = self.client.clone();
+        let options = etcd_client::GetOptions::new().with_prefix();
+        let resp = self
+            .run(
+                client.get(keys::MIGRATIONS, Some(options)),
+                "reading the recorded moves",
+            )
+            .await??;
+        let mut found = Vec::new();
+        for kv in resp.kvs() {
+            let Ok(keys::Key::Migration(key)) = keys::parse(kv.key()) else {
+                continue;
+            };
+            match serde_json::from_slice::<MigrationRecord>(kv.value()) {
+                Ok(record) if record.from == host || record.to == host => found.push((key, record)),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(key = %keys::migration(&key), "an unreadable move record: {e}")
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Who holds VM `key`'s lock now, as the store says.
     pub async fn lock_holder(&self, key: &VmKey) -> Result<Option<LockRecord>> {
         let mut client = self.client.clone();

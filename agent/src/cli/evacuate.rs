@@ -1,5 +1,7 @@
 //! `plasmavmc evacuate [--wait] [--json]`: asks the agent to evacuate the host, prints the plan,
 //! and with --wait follows `status` until every move has ended, printing each VM as it changes.
+//! Run again, it answers with the evacuation under way (or the one an agent restart carries on):
+//! a client that lost the agent follows it again.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -57,12 +59,18 @@ fn follow(run_dir: &Path, mut shown: Evacuation, json: bool) -> Result<Evacuatio
         let now = match ask(run_dir, Request::Status) {
             Ok(Response::Status { status }) => status.evacuation,
             Ok(other) => return Err(unexpected(other)),
-            Err(e) => return Err(client_failed(e)),
+            Err(e) => {
+                eprintln!(
+                    "lost the agent (restarting?): the evacuation goes on once it is back; \
+                     `plasmavmc evacuate --wait` follows it again"
+                );
+                return Err(client_failed(e));
+            }
         };
         let Some(now) = now.filter(|now| now.started_at == shown.started_at) else {
             eprintln!(
-                "the agent no longer knows this evacuation (it restarted?): the host stays \
-                 cordoned; run `plasmavmc evacuate` again to move what is left"
+                "the agent no longer knows this evacuation (uncordoned and evacuated anew?): \
+                 run `plasmavmc evacuate` again to move what is left"
             );
             return Err(ExitCode::from(EXIT_FAILED));
         };

@@ -290,7 +290,8 @@ enum Command {
     /// `nixos-rebuild boot && plasmavmc evacuate --wait && reboot`.
     ///
     /// Prints the plan; with --wait, follows the moves and exits 0 when every VM that could move
-    /// did, 1 when a move failed (the VM runs here as before).
+    /// did, 1 when a move failed (the VM runs here as before). An agent restarted meanwhile
+    /// carries the evacuation on; run again, `evacuate --wait` follows the one under way.
     Evacuate {
         /// Wait until every move has ended, printing each as it does.
         #[arg(long)]

@@ -3,23 +3,29 @@
 //! `crate::evacuation`'s decision; each move is [`Daemon::migrate_vm`].
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::watch;
 
 use super::migration::{MigrationError, MoveOptions};
 use super::supervisor::{Daemon, Refusal};
+use crate::chainfire::ClusterView;
 use crate::control::protocol::{ErrorKind, Response};
 use crate::evacuation::{self, Evacuation, MoveState, Route};
 use crate::migration::{MigrationProgress, Mode};
 
 /// Moves at once: enough to empty a host quickly, few enough that each keeps its bandwidth.
 const PARALLEL: usize = 2;
+/// How long `evacuate` waits for an agent that just started to be ready to move VMs.
+const READY_WAIT: Duration = Duration::from_secs(60);
 
 impl Daemon {
     /// Cordons the host, plans the moves and starts them; answers with the plan at once (the
-    /// moves go on; `status` follows them). An evacuation still running is answered as it is.
+    /// moves go on; `status` follows them). An evacuation running is answered as it is; one the
+    /// previous agent left unfinished (`evacuation.json`) is carried on.
     pub(super) async fn evacuate(self: &Arc<Self>) -> Result<Response, Refusal> {
         let Some(view) = self.cluster_view() else {
             return Err((
@@ -29,8 +35,24 @@ impl Daemon {
             ));
         };
         self.cordon("evacuate")?;
-        if let Some(running) = self.evacuation.lock().unwrap().clone() {
-            if !running.finished {
+        let view = match tokio::time::timeout(READY_WAIT, self.ready_to_move()).await {
+            Ok(Some(view)) => view,
+            Ok(None) => view,
+            Err(_) => {
+                return Err((
+                    ErrorKind::Failed,
+                    format!(
+                        "the host is cordoned, but this agent is not ready to move VMs after {}s \
+                         (the moves its previous agent left are not settled, or ChainFire is \
+                         unreachable): nothing moved yet; run `plasmavmc evacuate` again",
+                        READY_WAIT.as_secs()
+                    ),
+                ))
+            }
+        };
+        let mut current = self.evacuation.lock().unwrap();
+        if self.evacuating.load(Ordering::SeqCst) {
+            if let Some(running) = current.clone() {
                 return Ok(Response::Evacuation {
                     evacuation: running,
                 });
@@ -49,14 +71,56 @@ impl Daemon {
             .map(|(name, spec)| (name.as_str(), spec))
             .collect();
         let routes = evacuation::plan(self.host_id(), &running, &view);
-        let evacuation = Evacuation::start(crate::chainfire::records::now(), &routes);
+        let evacuation = match current.as_ref().filter(|e| !e.finished) {
+            Some(unfinished) => unfinished.resume(&routes),
+            None => Evacuation::start(crate::chainfire::records::now(), &routes),
+        };
         tracing::warn!(
             "evacuating: {}",
             evacuation.render().trim_end().replace('\n', ";")
         );
-        *self.evacuation.lock().unwrap() = Some(evacuation.clone());
+        self.keep_evacuation(&evacuation);
+        *current = Some(evacuation.clone());
+        self.evacuating.store(true, Ordering::SeqCst);
+        drop(current);
         tokio::spawn(Arc::clone(self).run_evacuation(routes));
         Ok(Response::Evacuation { evacuation })
+    }
+
+    /// At start: carries on the evacuation the previous agent left unfinished.
+    pub(super) async fn resume_evacuation(self: &Arc<Self>) {
+        if !self.evacuation_unfinished() || !self.is_cordoned() {
+            return;
+        }
+        tracing::warn!("carrying on the evacuation the previous agent left unfinished");
+        if let Err((_, why)) = self.evacuate().await {
+            tracing::error!("the evacuation the previous agent left cannot go on: {why}");
+        }
+    }
+
+    /// Whether the last evacuation has moves to go (this agent's, or the previous one's).
+    pub(super) fn evacuation_unfinished(&self) -> bool {
+        self.evacuation
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|e| !e.finished)
+    }
+
+    /// Waits until the moves the previous agent left are settled and the cluster view has this
+    /// host in it (so the other hosts are known too); that view.
+    async fn ready_to_move(&self) -> Option<ClusterView> {
+        let _ = self
+            .moves_settled
+            .subscribe()
+            .wait_for(|settled| *settled)
+            .await;
+        let mut cluster = self.cluster_watch()?;
+        let view = cluster
+            .wait_for(|view| view.hosts.contains_key(&self.host_id))
+            .await
+            .ok()?;
+        Some((**view).clone())
     }
 
     async fn run_evacuation(self: Arc<Self>, routes: BTreeMap<String, Route>) {
@@ -71,6 +135,7 @@ impl Daemon {
             })
             .await;
         let done = self.update_evacuation(|e| e.finished = true);
+        self.evacuating.store(false, Ordering::SeqCst);
         match done.filter(Evacuation::succeeded) {
             Some(_) => tracing::info!("evacuation finished"),
             None => tracing::error!("evacuation finished, some moves FAILED (status says which)"),
@@ -79,6 +144,11 @@ impl Daemon {
 
     /// One VM's move, with its evacuation entry kept up to date.
     async fn evacuate_vm(self: &Arc<Self>, vm: &str, targets: &[String]) {
+        if !self.is_cordoned() {
+            let why = "the host was uncordoned before it moved: the evacuation ended".to_owned();
+            self.set_evacuated(vm, MoveState::Staying, "-", Some(why));
+            return;
+        }
         let (state, to, note) = match self
             .try_targets(vm, targets, |to| {
                 self.set_evacuated(vm, MoveState::Moving, to, None)
@@ -165,9 +235,20 @@ impl Daemon {
 
     fn update_evacuation(&self, change: impl FnOnce(&mut Evacuation)) -> Option<Evacuation> {
         let mut evacuation = self.evacuation.lock().unwrap();
-        evacuation.as_mut().map(|e| {
+        let changed = evacuation.as_mut().map(|e| {
             change(e);
             e.clone()
-        })
+        });
+        if let Some(changed) = &changed {
+            self.keep_evacuation(changed);
+        }
+        changed
+    }
+
+    /// Writes the evacuation for the next agent (`evacuation.json`, beside the cordon).
+    fn keep_evacuation(&self, evacuation: &Evacuation) {
+        if let Err(e) = self.cordons.lock().unwrap().save_evacuation(evacuation) {
+            tracing::error!("keeping the evacuation for the next agent: {e:#}; an agent restart would forget it");
+        }
     }
 }

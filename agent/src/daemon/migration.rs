@@ -89,6 +89,18 @@ pub struct Moves {
     answered: BTreeSet<String>,
 }
 
+impl Moves {
+    /// Whether this agent moves `vm` away now.
+    pub fn is_outgoing(&self, vm: &str) -> bool {
+        self.outgoing.contains_key(vm)
+    }
+
+    /// Claims request `id` for this agent to answer or settle; false if it was claimed already.
+    pub fn claim(&mut self, id: &str) -> bool {
+        self.answered.insert(id.to_owned())
+    }
+}
+
 /// Why a move did not happen; the VM runs where it ran.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
@@ -803,13 +815,7 @@ pub async fn follow_requests(daemon: Arc<Daemon>) {
             .map(|(key, m)| (key.clone(), m.value.clone()))
             .collect();
         for (key, request) in requests {
-            if !daemon
-                .moves
-                .lock()
-                .unwrap()
-                .answered
-                .insert(request.id.clone())
-            {
+            if !daemon.moves.lock().unwrap().claim(&request.id) {
                 continue;
             }
             let daemon = Arc::clone(&daemon);
@@ -1157,7 +1163,7 @@ impl Daemon {
 
     /// A VM that arrived runs here as it ran there: one not started by `autostart` gets an
     /// operator start (else the next reconcile would stop it).
-    async fn keep_running_here(&self, vm: &str, running: &RunningConfig) {
+    pub(super) async fn keep_running_here(&self, vm: &str, running: &RunningConfig) {
         let autostart = self
             .declared(vm)
             .map_or(running.boot_spec.autostart, |s| s.autostart);

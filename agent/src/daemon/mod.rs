@@ -25,6 +25,7 @@ mod cordon;
 mod evacuate;
 mod first_apply;
 mod handover;
+mod interrupted;
 mod journal;
 mod metrics;
 mod metrics_http;
@@ -188,6 +189,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     // An invalid config at startup: adopt (watch) what runs, touch nothing until a valid one.
     let _ = daemon.load_config().await;
     adopt::adopt_running(&daemon).await?;
+    // Moves the previous agent left unfinished: their VMs are held from the first reconcile
+    // until each is settled (which may wait for ChainFire); then its evacuation goes on.
+    let mid_move = daemon.hold_vms_mid_move().await;
+    tokio::spawn({
+        let daemon = Arc::clone(&daemon);
+        async move {
+            daemon.settle_interrupted_moves(mid_move).await;
+            daemon.resume_evacuation().await;
+        }
+    });
     // Moves addressed to this host are answered from now on, not only after the first apply
     // (which may take a while): a source waits a minute at most.
     tokio::spawn(migration::follow_requests(Arc::clone(&daemon)));

@@ -63,12 +63,7 @@ fn place_all(
     settle: Duration,
     moves: &Arc<Mutex<Moves>>,
 ) -> Option<BootTime> {
-    let evacuating = daemon
-        .evacuation
-        .lock()
-        .unwrap()
-        .as_ref()
-        .is_some_and(|e| !e.finished);
+    let evacuating = daemon.evacuation_unfinished();
     let desired = daemon.desired_state()?;
     let mut wake: Option<BootTime> = None;
     for (name, spec) in &desired.vms {

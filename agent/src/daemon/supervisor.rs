@@ -89,8 +89,13 @@ pub struct Daemon {
     pub(super) cordons: Mutex<Cordons>,
     /// Reconcile durations and reload results, for `/metrics`.
     pub metrics: Arc<AgentMetrics>,
-    /// The last evacuation (`evacuate`), as `status` shows it.
+    /// The last evacuation (`evacuate`), as `status` shows it (kept in `evacuation.json`).
     pub(super) evacuation: Mutex<Option<crate::evacuation::Evacuation>>,
+    /// Whether this agent runs the evacuation's moves now.
+    pub(super) evacuating: std::sync::atomic::AtomicBool,
+    /// True once the moves the previous agent left are settled (`interrupted`): no evacuation
+    /// starts before.
+    pub(super) moves_settled: tokio::sync::watch::Sender<bool>,
     /// Wakes placement (`ha.preferredHosts`) when the desired state changed.
     pub(super) placement_wake: tokio::sync::Notify,
     /// How the first apply after this agent started went (`plasmavmc first-apply`).
@@ -132,9 +137,11 @@ impl Daemon {
             moves: Mutex::new(Moves::default()),
             fenced: Mutex::new(BTreeSet::new()),
             host_stopping: Default::default(),
+            evacuation: Mutex::new(cordons.saved_evacuation()),
+            evacuating: Default::default(),
+            moves_settled: tokio::sync::watch::Sender::new(false),
             cordons: Mutex::new(cordons),
             metrics: Default::default(),
-            evacuation: Mutex::new(None),
             placement_wake: tokio::sync::Notify::new(),
             first_apply: Default::default(),
         }

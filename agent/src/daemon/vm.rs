@@ -133,8 +133,9 @@ impl VmEvent {
 
 pub struct VmSlot {
     pub name: String,
-    /// Held across one reconcile of this VM (observe → plan → execute).
-    pub reconciling: tokio::sync::Mutex<()>,
+    /// Held across one reconcile of this VM (observe → plan → execute); owned by a task that
+    /// settles a move left unfinished by the previous agent until it is settled.
+    pub reconciling: Arc<tokio::sync::Mutex<()>>,
     runtime: tokio::sync::Mutex<Runtime>,
     status: Mutex<VmStatus>,
     /// The disk images its QEMU had attached when last seen (see `handover`).
@@ -1165,6 +1166,16 @@ impl VmSlot {
             conn.qmp.clone(),
             conn.pid,
         ))
+    }
+
+    /// The QMP connection of this VM's QEMU, if one runs.
+    pub async fn qmp(&self) -> Option<Arc<Qmp>> {
+        self.runtime
+            .lock()
+            .await
+            .conn
+            .as_ref()
+            .map(|c| c.qmp.clone())
     }
 
     /// A migration target's QEMU: `running`'s devices, paused, waiting for `migrate-incoming`,

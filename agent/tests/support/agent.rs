@@ -69,6 +69,11 @@ impl Cli {
     }
 }
 
+/// The result of a command started with `Host::cli_in_background`, once it exits.
+pub fn finished(child: Child) -> Cli {
+    Cli::from(child.wait_with_output().expect("waiting for plasmavmc"))
+}
+
 pub fn plasmavmc() -> Command {
     Command::new(env!("CARGO_BIN_EXE_plasmavmc"))
 }
@@ -268,14 +273,22 @@ impl Host {
 
     /// `plasmavmc ARGS --run-dir <this host's run dir>`.
     pub fn cli(&self, args: &[&str]) -> Cli {
-        Cli::from(
-            plasmavmc()
-                .args(args)
-                .arg("--run-dir")
-                .arg(&self.run_dir)
-                .output()
-                .expect("running plasmavmc"),
-        )
+        Cli::from(self.client(args).output().expect("running plasmavmc"))
+    }
+
+    /// `cli` in the background (a command that waits, say): `finished` gives its result.
+    pub fn cli_in_background(&self, args: &[&str]) -> Child {
+        self.client(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running plasmavmc")
+    }
+
+    fn client(&self, args: &[&str]) -> Command {
+        let mut command = plasmavmc();
+        command.args(args).arg("--run-dir").arg(&self.run_dir);
+        command
     }
 
     /// `status --json`, parsed; remembers every QEMU PID in it for cleanup.
