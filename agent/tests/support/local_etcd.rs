@@ -401,8 +401,24 @@ impl Etcdctl {
     }
 }
 
+/// A loopback port nobody listens on, taken below the kernel's ephemeral range: a port the
+/// kernel hands out (`bind` to port 0) is free only until the next outgoing connection takes it
+/// as its source port, and the many client connections of a test often did before etcd bound it.
 fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU16, Ordering};
+    const FIRST: u16 = 20_000;
+    const COUNT: u16 = 12_000; // up to 31999, below Linux's default ephemeral start (32768)
+                               // Each process starts at its own place, so two test binaries or a bench rarely race.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(COUNT)) as u16;
+    for _ in 0..COUNT {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % COUNT;
+        let port = FIRST + (start + offset) % COUNT;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 /// A plain HTTP/1.0 GET on loopback (etcd's `/health`), without an HTTP client dependency.
