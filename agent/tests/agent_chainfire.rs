@@ -40,17 +40,7 @@ fn agent_publishes_its_vm_and_a_killed_agents_vm_turns_unknown() {
     let endpoints = etcd.endpoints();
     let mut host = Host::new();
     host.write_config(json!({ "web": host.vm(json!({})) }));
-    let ttl = TTL.to_string();
-    host.start_agent_with(&[
-        "--stop-timeout",
-        "2",
-        "--chainfire",
-        &endpoints.join(","),
-        "--host-id",
-        "h1",
-        "--lease-ttl",
-        &ttl,
-    ]);
+    host.start_agent_with(&cluster_agent_flags(&endpoints.join(","), "h1", TTL));
     let pid = host.wait_running("web");
 
     let record = wait_key(&endpoints, VM_KEY, "state running", |v| {

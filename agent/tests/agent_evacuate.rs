@@ -30,25 +30,16 @@ use serde_json::{json, Value};
 const VMS: [&str; 3] = ["ev1", "ev2", "ev3"];
 const SETTLE_SECS: u64 = 2;
 
+/// Each host's migration ports.
+const A_PORTS: &str = "18401-18404";
+const B_PORTS: &str = "18411-18414";
+
 fn start(host: &mut Host, endpoint: &str, id: &str, ports: &str) {
-    let settle = SETTLE_SECS.to_string();
-    host.start_agent_with(&[
-        "--stop-timeout",
-        "2",
-        "--chainfire",
-        endpoint,
-        "--host-id",
-        id,
-        "--lease-ttl",
-        // Room to restart an agent before its fence guards fire, on a loaded 2-core machine.
-        "10",
-        "--migration-address",
-        "127.0.0.1",
-        "--migration-ports",
-        ports,
-        "--placement-settle",
-        &settle,
-    ]);
+    // Room to restart an agent before its fence guards fire, on a loaded 2-core machine.
+    let mut flags = cluster_agent_flags(endpoint, id, 10);
+    flags.extend(migration_flags(ports));
+    flags.extend(["--placement-settle".into(), SETTLE_SECS.to_string()]);
+    host.start_agent_with(&flags);
 }
 
 /// The first `count` VMs as both hosts declare them; `preferred[vm]` lists its preferred hosts.
@@ -113,14 +104,14 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
     let mut b = Host::another(&a);
     let prefers_a: &[(&str, &[&str])] = &[("ev1", &["a"])];
     // One guest boots at a time (TCG on a loaded machine); `b` is not up yet, so `a` takes all.
-    start(&mut a, &endpoint, "a", "49401-49404");
+    start(&mut a, &endpoint, "a", A_PORTS);
     for (count, vm) in VMS.iter().enumerate() {
         declare(&a, count + 1, prefers_a);
         a.wait_running(vm);
         a.wait_boot(vm);
     }
     declare(&b, VMS.len(), prefers_a);
-    start(&mut b, &endpoint, "b", "49411-49414");
+    start(&mut b, &endpoint, "b", B_PORTS);
     b.wait_status("b standing by for all three", AGENT, |s| {
         VMS.iter()
             .all(|vm| s["vms"][vm]["heldDown"] == "HA: another host holds it (a)")
@@ -146,7 +137,7 @@ fn evacuation_moves_every_vm_live_a_cordoned_host_receives_nothing_and_placement
         lost.stderr.contains("evacuate --wait"),
         "says how to follow again: {lost:?}"
     );
-    start(&mut a, &endpoint, "a", "49401-49404");
+    start(&mut a, &endpoint, "a", A_PORTS);
     let out = a
         .cli(&["evacuate", "--wait", "--json"])
         .expect_code(0, "evacuate --wait, again after the agent restarted");

@@ -39,19 +39,6 @@ fn pair(extra: Value) -> (Host, Host) {
     (a, b)
 }
 
-fn flags<'a>(endpoint: &'a str, host_id: &'a str, ttl: &'a str) -> [&'a str; 8] {
-    [
-        "--stop-timeout",
-        "2",
-        "--chainfire",
-        endpoint,
-        "--host-id",
-        host_id,
-        "--lease-ttl",
-        ttl,
-    ]
-}
-
 /// The PID in `host`'s pidfile for the VM, if that QEMU is alive.
 fn live_qemu(host: &Host) -> Option<u32> {
     let text = std::fs::read_to_string(host.run_dir.join("vms").join(VM).join("pid")).ok()?;
@@ -73,10 +60,10 @@ fn parent_of(pid: u32) -> u32 {
 
 /// Starts `a` (the holder, once its VM runs) then `b` (standby), each with its way to the store;
 /// returns a's QEMU PID.
-fn start_holder_then_standby(a: &mut Host, b: &mut Host, stores: [&str; 2], ttl: &str) -> u32 {
-    a.start_agent_with(&flags(stores[0], "a", ttl));
+fn start_holder_then_standby(a: &mut Host, b: &mut Host, stores: [&str; 2], ttl: u64) -> u32 {
+    a.start_agent_with(&cluster_agent_flags(stores[0], "a", ttl));
     let pid = a.wait_running(VM);
-    b.start_agent_with(&flags(stores[1], "b", ttl));
+    b.start_agent_with(&cluster_agent_flags(stores[1], "b", ttl));
     b.wait_status("ha1 held on b", AGENT, |s| {
         s["vms"][VM]["heldDown"] == "HA: another host holds it (a)"
     });
@@ -131,7 +118,7 @@ fn a_partitioned_holder_fences_before_the_other_host_takes_over() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let proxy = runtime.block_on(CutProxy::start(endpoint.clone()));
     let (mut a, mut b) = pair(json!({}));
-    let a_pid = start_holder_then_standby(&mut a, &mut b, [&proxy.endpoint, &endpoint], "3");
+    let a_pid = start_holder_then_standby(&mut a, &mut b, [&proxy.endpoint, &endpoint], 3);
     let guard = a.vm_status(VM)["fenceGuard"]
         .as_u64()
         .expect("a fence guard") as u32;
@@ -153,7 +140,7 @@ fn a_killed_agents_guard_fences_its_vm_before_the_other_host_takes_over() {
     let etcd = single();
     let endpoint = etcd.endpoint(0);
     let (mut a, mut b) = pair(json!({}));
-    let a_pid = start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], "3");
+    let a_pid = start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], 3);
 
     a.kill_agent(); // and nobody restarts it
     let (fenced, taken_over) = fenced_then_taken_over(&a, &b, Instant::now());
@@ -167,7 +154,7 @@ fn a_killed_agents_guard_fences_its_vm_before_the_other_host_takes_over() {
     assert!(marker.contains("past its guard deadline"), "{marker}");
 
     // The agent comes back late: it explains what happened and leaves the VM to b.
-    a.start_agent_with(&flags(&endpoint, "a", "3"));
+    a.start_agent_with(&cluster_agent_flags(&endpoint, "a", 3));
     let status = a.wait_status("a explains the fence", AGENT, |s| {
         s["vms"][VM]["heldDown"] == "HA: another host holds it (b)"
     });
@@ -187,12 +174,12 @@ fn an_agent_restarted_in_time_keeps_its_vm_and_its_lease() {
     let endpoints = etcd.endpoints();
     let (mut a, mut b) = pair(json!({}));
     let ttl = 5;
-    let a_pid = start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], &ttl.to_string());
+    let a_pid = start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], ttl);
     let trust_file = a.run_dir.join("lease.json");
     let lease = trust::read(&trust_file).unwrap().lease;
 
     a.kill_agent();
-    a.start_agent_with(&flags(&endpoint, "a", &ttl.to_string()));
+    a.start_agent_with(&cluster_agent_flags(&endpoint, "a", ttl));
     let watch_until = Instant::now() + Duration::from_secs(2 * ttl);
     never_two(&a, &b, "two lease TTLs pass", |on_a, _| {
         assert_eq!(on_a, Some(a_pid), "the VM ran on, untouched");
@@ -220,7 +207,7 @@ fn a_killed_qemu_or_guard_restarts_on_the_holder_and_a_holder_that_gives_up_hand
     let etcd = single();
     let endpoint = etcd.endpoint(0);
     let (mut a, mut b) = pair(json!({}));
-    let first = start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], "3");
+    let first = start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], 3);
 
     // QEMU killed: the holder restarts it (restartPolicy on-failure), the standby stays put.
     kill_9(first);
@@ -286,12 +273,12 @@ fn a_cordoned_host_takes_no_vm_over_until_uncordoned_and_a_cordoned_holder_lets_
     let endpoint = etcd.endpoint(0);
     let endpoints = etcd.endpoints();
     let (mut a, mut b) = pair(json!({}));
-    start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], "3");
+    start_holder_then_standby(&mut a, &mut b, [&endpoint; 2], 3);
 
     // Cordoned, then its agent restarted: the cordon is in the store and stays.
     b.cli(&["cordon"]).expect_code(0, "cordon b");
     b.kill_agent();
-    b.start_agent_with(&flags(&endpoint, "b", "3"));
+    b.start_agent_with(&cluster_agent_flags(&endpoint, "b", 3));
     let status = b.status();
     assert_eq!(status["cordon"]["by"], "cordon", "{status:#}");
     let published = || get_json(&endpoints, "/plasmavmc/hosts/b").unwrap();
@@ -327,7 +314,7 @@ fn a_cordoned_host_takes_no_vm_over_until_uncordoned_and_a_cordoned_holder_lets_
 
     // b cordoned while it runs ha1: it stays. Its QEMU killed: b lets it go to a instead of
     // restarting it.
-    a.start_agent_with(&flags(&endpoint, "a", "3"));
+    a.start_agent_with(&cluster_agent_flags(&endpoint, "a", 3));
     b.cli(&["cordon"])
         .expect_code(0, "cordon b while it runs ha1");
     std::thread::sleep(Duration::from_secs(2));
@@ -353,7 +340,7 @@ fn a_guarded_qemu_whose_pidfile_is_gone_is_found_by_the_scan_and_never_doubled()
     let endpoint = etcd.endpoint(0);
     let mut a = Host::new();
     a.write_config(json!({ VM: a.vm(json!({"ha": {"enable": true}})) }));
-    a.start_agent_with(&flags(&endpoint, "a", "10"));
+    a.start_agent_with(&cluster_agent_flags(&endpoint, "a", 10));
     let pid = a.wait_running(VM);
     let guard = parent_of(pid);
     assert!(
@@ -363,7 +350,7 @@ fn a_guarded_qemu_whose_pidfile_is_gone_is_found_by_the_scan_and_never_doubled()
 
     a.kill_agent();
     std::fs::remove_file(a.run_dir.join("vms").join(VM).join("pid")).unwrap();
-    a.start_agent_with(&flags(&endpoint, "a", "10"));
+    a.start_agent_with(&cluster_agent_flags(&endpoint, "a", 10));
     let status = a.wait_status("ha1 found by the scan", AGENT, |s| {
         s["vms"][VM]["state"] == "unresponsive"
     });

@@ -33,45 +33,30 @@ use harness::*;
 use serde_json::{json, Value};
 
 const VM: &str = "mig1";
+/// `a`'s migration ports.
+const A_PORTS: &str = "18381-18382";
 /// `b`'s migration ports (the stream, then the disk copies): its incoming QEMU listens on
 /// 127.0.0.2, a proxy on 127.0.0.1 for each (the stream's is the one the test cuts).
-const B_PORT: u16 = 49391;
+const B_PORT: u16 = 18391;
 /// A bandwidth cap (MiB/s) that keeps a move in flight long enough to break it.
 const SLOW: &str = "1";
 
 fn flags(endpoint: &str, host_id: &str) -> Vec<String> {
-    let mut flags: Vec<String> = [
-        "--stop-timeout",
-        "2",
-        "--chainfire",
-        endpoint,
-        "--host-id",
-        host_id,
-        "--lease-ttl",
-        // a: room to restart its agent mid-move before its fence guards fire (10 s: a
-        // loaded 2-core machine; 6 s: a renewal can come 2.3 s late there).
-        if host_id == "a" { "10" } else { "6" },
-        "--migration-address",
-        "127.0.0.1",
-    ]
-    .map(str::to_owned)
-    .into();
+    // a: room to restart its agent mid-move before its fence guards fire (10 s: a loaded
+    // 2-core machine; 6 s: a renewal can come 2.3 s late there).
+    let lease_ttl = if host_id == "a" { 10 } else { 6 };
+    let mut flags = cluster_agent_flags(endpoint, host_id, lease_ttl);
     if host_id == "b" {
-        flags.extend(
-            ["--migration-listen", "127.0.0.2", "--migration-ports"]
-                .map(str::to_owned)
-                .into_iter()
-                .chain([format!("{B_PORT}-{}", B_PORT + 1)]),
-        );
+        flags.extend(migration_flags(&format!("{B_PORT}-{}", B_PORT + 1)));
+        flags.extend(["--migration-listen".into(), "127.0.0.2".into()]);
     } else {
-        flags.extend(["--migration-ports".into(), "49381-49382".into()]);
+        flags.extend(migration_flags(A_PORTS));
     }
     flags
 }
 
 fn start(host: &mut Host, endpoint: &str, id: &str) {
-    let flags = flags(endpoint, id);
-    host.start_agent_with(&flags.iter().map(String::as_str).collect::<Vec<_>>());
+    host.start_agent_with(&flags(endpoint, id));
 }
 
 /// The VM as both hosts declare it: HA, a shared disk and a local one (copied by every move),
@@ -260,7 +245,6 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     a.wait_running(VM);
     a.wait_boot(VM);
     let b_flags = flags(&endpoint, "b");
-    let b_flags: Vec<&str> = b_flags.iter().map(String::as_str).collect();
     b.start_agent_with_mount(&b_local, &a_local, &b_flags);
     b.wait_status("b standing by", AGENT, |s| {
         s["vms"][VM]["heldDown"] == "HA: another host holds it (a)"

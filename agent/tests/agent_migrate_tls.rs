@@ -34,49 +34,33 @@ use harness::*;
 use serde_json::{json, Value};
 
 const VM: &str = "tls1";
+/// a's migration ports.
+const A_PORTS: &str = "18421-18422";
 /// b's migration ports (the stream, then the disk copy): its QEMUs listen on 127.0.0.2, a
 /// recording proxy on 127.0.0.1 for each.
-const B_PORT: u16 = 49431;
+const B_PORT: u16 = 18431;
 /// How a plaintext migration stream starts: QEMU's magic `QEVM`, then its version 3.
 const PLAINTEXT_STREAM_START: &[u8] = b"QEVM\0\0\0\x03";
 const DISK_BYTES: usize = 16 << 20;
 
 /// The agent's flags on host `id`; `tls`: its `--migration-tls-dir`.
 fn flags(endpoint: &str, id: &str, tls: Option<&Path>) -> Vec<String> {
-    let mut flags: Vec<String> = [
-        "--stop-timeout",
-        "2",
-        "--chainfire",
-        endpoint,
-        "--host-id",
-        id,
-        "--lease-ttl",
-        "6",
-        "--migration-address",
-        "127.0.0.1",
-    ]
-    .map(str::to_owned)
-    .into();
+    let mut flags = cluster_agent_flags(endpoint, id, 6);
     if let Some(dir) = tls {
         flags.extend(["--migration-tls-dir".to_owned(), path_str(dir).to_owned()]);
     }
-    flags.push("--migration-ports".into());
-    flags.push(if id == "b" {
-        format!("{B_PORT}-{}", B_PORT + 1)
-    } else {
-        "49421-49422".into()
-    });
     if id == "b" {
+        flags.extend(migration_flags(&format!("{B_PORT}-{}", B_PORT + 1)));
         flags.extend(["--migration-listen".into(), "127.0.0.2".into()]);
+    } else {
+        flags.extend(migration_flags(A_PORTS));
     }
     flags
 }
 
 /// b's agent, in a mount namespace of its own where `a_local` shows `b_local`.
 fn start_b(b: &mut Host, endpoint: &str, tls: Option<&Path>, (b_local, a_local): (&Path, &Path)) {
-    let flags = flags(endpoint, "b", tls);
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    b.start_agent_with_mount(b_local, a_local, &flags);
+    b.start_agent_with_mount(b_local, a_local, &flags(endpoint, "b", tls));
 }
 
 /// `--migration-tls-dir`'s files, made with the test PKI (its server certificate names
@@ -186,8 +170,7 @@ fn moves_go_over_tls_when_configured_offline_moves_copy_the_disk_and_a_tls_misma
     for host in [&a, &b] {
         host.write_config(json!({ VM: declared }));
     }
-    let a_flags = flags(&endpoint, "a", Some(&tls));
-    a.start_agent_with(&a_flags.iter().map(String::as_str).collect::<Vec<_>>());
+    a.start_agent_with(&flags(&endpoint, "a", Some(&tls)));
     a.wait_running(VM);
     a.wait_boot(VM);
     let locals = (b_local.as_path(), a_local.as_path());

@@ -11,6 +11,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 use std::collections::BTreeSet;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -40,6 +41,38 @@ pub const AGENT: Duration = Duration::from_secs(60);
 /// How long the agent waits for a guest to power off after the ACPI request before it quits
 /// QEMU (the test guest answers at once, unless booted with `IGNORE_POWERDOWN`).
 const STOP_TIMEOUT_SECS: &str = "2";
+
+/// The agent's flags as host `host_id` of a cluster whose store is at `endpoint`, holding its
+/// lease for `lease_ttl_seconds` (and the tests' short stop timeout).
+pub fn cluster_agent_flags(endpoint: &str, host_id: &str, lease_ttl_seconds: u64) -> Vec<String> {
+    [
+        "--stop-timeout",
+        STOP_TIMEOUT_SECS,
+        "--chainfire",
+        endpoint,
+        "--host-id",
+        host_id,
+        "--lease-ttl",
+        &lease_ttl_seconds.to_string(),
+    ]
+    .map(str::to_owned)
+    .into()
+}
+
+/// The agent's flags for moving VMs over loopback: other hosts reach its incoming QEMUs at
+/// 127.0.0.1, on `ports` (`FIRST-LAST`). Tests take their ports below 20000: above it the test
+/// etcd members take theirs (`local_etcd`), and from 32768 the kernel hands out the source ports
+/// of outgoing connections, any of which could hold a port the test needs when it binds it.
+pub fn migration_flags(ports: &str) -> Vec<String> {
+    [
+        "--migration-address",
+        "127.0.0.1",
+        "--migration-ports",
+        ports,
+    ]
+    .map(str::to_owned)
+    .into()
+}
 
 /// The result of one `plasmavmc` client command.
 #[derive(Debug)]
@@ -209,12 +242,12 @@ impl Host {
     }
 
     /// Starts `plasmavmc agent` with extra flags and waits until it answers `status`.
-    pub fn start_agent_with(&mut self, flags: &[&str]) {
+    pub fn start_agent_with(&mut self, flags: &[impl AsRef<OsStr>]) {
         self.start_agent_with_env(flags, &[]);
     }
 
     /// `start_agent_with`, the agent's environment extended by `env`.
-    pub fn start_agent_with_env(&mut self, flags: &[&str], env: &[(&str, &str)]) {
+    pub fn start_agent_with_env(&mut self, flags: &[impl AsRef<OsStr>], env: &[(&str, &str)]) {
         let command = self.agent_command();
         self.spawn_agent(command, flags, env);
     }
@@ -222,14 +255,19 @@ impl Host {
     /// Starts the agent in a mount namespace of its own where `over` shows `dir` (`unshare -m`
     /// and a bind mount): the same path is a different file for it and its QEMUs, as on another
     /// host.
-    pub fn start_agent_with_mount(&mut self, dir: &Path, over: &Path, flags: &[&str]) {
+    pub fn start_agent_with_mount(&mut self, dir: &Path, over: &Path, flags: &[impl AsRef<OsStr>]) {
         let agent = self.agent_command();
         let mut command = mount_ns::command(dir, over, agent.get_program());
         command.args(agent.get_args());
         self.spawn_agent(command, flags, &[]);
     }
 
-    fn spawn_agent(&mut self, mut command: Command, flags: &[&str], env: &[(&str, &str)]) {
+    fn spawn_agent(
+        &mut self,
+        mut command: Command,
+        flags: &[impl AsRef<OsStr>],
+        env: &[(&str, &str)],
+    ) {
         assert!(self.agent.is_none(), "an agent already runs");
         let log = File::options()
             .create(true)
