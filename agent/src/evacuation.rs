@@ -208,7 +208,7 @@ impl EvacuatedVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chainfire::records::{HostRecord, SpecSummary, VmRecord};
+    use crate::chainfire::records::{HostRecord, VmRecord};
     use crate::chainfire::{StateEvent, StateSink};
 
     fn spec(ha: bool, preferred: &[&str]) -> VmSpec {
@@ -236,25 +236,12 @@ mod tests {
     }
 
     fn running_on(view: &mut ClusterView, vm: &str, id: &str) {
+        let key = VmKey::new("default", "default", vm);
+        let mut record = VmRecord::for_test(&key, id, "running");
+        record.spec.ha = true;
         view.apply(&StateEvent::VmUpdated {
-            key: VmKey::new("default", "default", vm),
-            record: VmRecord {
-                name: vm.into(),
-                org_id: "default".into(),
-                project_id: "default".into(),
-                host: id.into(),
-                state: "running".into(),
-                spec: SpecSummary {
-                    vcpus: 1,
-                    memory_mib: 64,
-                    disks: vec![],
-                    nics: vec![],
-                    ha: true,
-                },
-                pending: vec![],
-                last_error: None,
-                updated_at: String::new(),
-            },
+            key,
+            record,
             revision: 1,
         });
     }

@@ -156,23 +156,7 @@ mod tests {
     #[test]
     fn vm_put_and_delete_decode_with_their_key() {
         let key = VmKey::new("acme", "web", "vm1");
-        let record = VmRecord {
-            name: "vm1".into(),
-            org_id: "acme".into(),
-            project_id: "web".into(),
-            host: "h1".into(),
-            state: "running".into(),
-            spec: super::super::records::SpecSummary {
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                nics: vec![],
-                ha: false,
-            },
-            pending: vec![],
-            last_error: None,
-            updated_at: String::new(),
-        };
+        let record = VmRecord::for_test(&key, "h1", "running");
         let raw = serde_json::to_vec(&record).unwrap();
         assert_eq!(
             decode(Change::Put, keys::vm(&key).as_bytes(), &raw, 7),

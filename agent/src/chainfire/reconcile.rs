@@ -168,26 +168,12 @@ fn revision<T>(stamped: Option<&super::view::Stamped<T>>) -> i64 {
 mod tests {
     use super::*;
     use crate::chainfire::events::{StateEvent, StateSink};
-    use crate::chainfire::records::{HostRecord, LockRecord, SpecSummary};
+    use crate::chainfire::records::{HostRecord, LockRecord};
 
     fn record(name: &str, host: &str, state: &str, ha: bool) -> VmRecord {
-        VmRecord {
-            name: name.into(),
-            org_id: "o".into(),
-            project_id: "p".into(),
-            host: host.into(),
-            state: state.into(),
-            spec: SpecSummary {
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                nics: vec![],
-                ha,
-            },
-            pending: vec![],
-            last_error: None,
-            updated_at: "t0".into(),
-        }
+        let mut record = VmRecord::for_test(&VmKey::new("o", "p", name), host, state);
+        record.spec.ha = ha;
+        record
     }
 
     fn handle(host: &str) -> HandleRecord {

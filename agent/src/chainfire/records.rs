@@ -181,6 +181,31 @@ impl VmRecord {
     }
 }
 
+#[cfg(test)]
+impl VmRecord {
+    /// A small VM's record for unit tests (1 vCPU, 64 MiB, no disks or NICs, not HA): `key` in
+    /// `state` on `host`, stamped `t0`.
+    pub(crate) fn for_test(key: &VmKey, host: &str, state: &str) -> Self {
+        VmRecord {
+            name: key.vm.clone(),
+            org_id: key.org_id.clone(),
+            project_id: key.project_id.clone(),
+            host: host.to_owned(),
+            state: state.to_owned(),
+            spec: SpecSummary {
+                vcpus: 1,
+                memory_mib: 64,
+                disks: vec![],
+                nics: vec![],
+                ha: false,
+            },
+            pending: vec![],
+            last_error: None,
+            updated_at: "t0".into(),
+        }
+    }
+}
+
 impl SpecSummary {
     pub fn of(spec: &VmSpec) -> Self {
         SpecSummary {

@@ -305,26 +305,9 @@ impl ClusterView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chainfire::records::SpecSummary;
 
     fn record(state: &str) -> VmRecord {
-        VmRecord {
-            name: "vm1".into(),
-            org_id: "a".into(),
-            project_id: "b".into(),
-            host: "h1".into(),
-            state: state.into(),
-            spec: SpecSummary {
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                nics: vec![],
-                ha: false,
-            },
-            pending: vec![],
-            last_error: None,
-            updated_at: String::new(),
-        }
+        VmRecord::for_test(&VmKey::new("a", "b", "vm1"), "h1", state)
     }
 
     #[test]
