@@ -85,18 +85,7 @@ enum Bench {
     Disks(disks::Options),
     /// `/metrics` with N guest-less VMs: scrape time, the agent's CPU per scrape, and the QMP
     /// commands scrapes cost (none: only the sampler talks to QEMU).
-    Metrics {
-        #[arg(long, default_value_t = 50)]
-        vms: usize,
-        /// Scrapes, one after another (each timed).
-        #[arg(long, default_value_t = 200)]
-        scrapes: usize,
-        /// The agent's --metrics-interval.
-        #[arg(long, default_value_t = 10)]
-        interval: u64,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
-    },
+    Metrics(metrics::Options),
     /// Console round trip: a key typed into `plasmavmc console` until the guest's echo comes
     /// back out of it, on one real guest's shell (TCG).
     Console(console::Options),
@@ -110,11 +99,8 @@ enum Bench {
     /// QEMU processes counted all along (never two copies); and the restart way (stop there,
     /// boot here; HA failover) in the same run. Needs root.
     Migrate {
-        /// Where `tests/guest/build.sh DIR` put vmlinuz and initramfs.cpio.gz.
-        #[arg(long, default_value = "target/test-guest")]
-        guest_dir: PathBuf,
-        #[arg(long, default_value = "/tmp/plasmavmc-bench")]
-        work_dir: PathBuf,
+        #[command(flatten)]
+        dirs: GuestDirs,
         #[arg(long, default_value_t = 256)]
         memory_mib: u64,
         /// Rounds: each moves 5 idle guests a -> b and evacuates b, and moves the dirtying guest
@@ -210,17 +196,7 @@ fn main() -> anyhow::Result<()> {
         } => ha::report(etcd.as_deref(), &ttls, rounds, &work_dir)?,
         Bench::Status(options) => status::report(&options)?,
         Bench::Faults(options) => faults::report(&options)?,
-        Bench::Metrics {
-            vms,
-            scrapes,
-            interval,
-            work_dir,
-        } => metrics::report(&metrics::Options {
-            vms,
-            scrapes,
-            interval_seconds: interval,
-            work_dir,
-        })?,
+        Bench::Metrics(options) => metrics::report(&options)?,
         Bench::Console(options) => console::report(&options)?,
         Bench::HoldIdle {
             socket,
@@ -228,12 +204,14 @@ fn main() -> anyhow::Result<()> {
         } => status::hold_idle_here(&socket, connections)?,
         Bench::Disks(options) => disks::report(&options)?,
         Bench::Migrate {
-            guest_dir,
-            work_dir,
+            dirs: GuestDirs {
+                guest_dir,
+                work_dir,
+            },
             memory_mib,
             rounds,
         } => migrate::report(&migrate::Options {
-            guest_dir: std::path::absolute(guest_dir)?,
+            guest_dir,
             work_dir,
             memory_mib,
             rounds,

@@ -15,10 +15,17 @@ use crate::stats::{ms, Summary};
 
 const LISTEN: &str = "127.0.0.1:19850";
 
+#[derive(clap::Args)]
 pub struct Options {
+    #[arg(long, default_value_t = 50)]
     pub vms: usize,
+    /// Scrapes, one after another (each timed).
+    #[arg(long, default_value_t = 200)]
     pub scrapes: usize,
+    /// The agent's --metrics-interval, in seconds.
+    #[arg(long = "interval", value_name = "SECONDS", default_value_t = 10)]
     pub interval_seconds: u64,
+    #[arg(long, default_value = crate::WORK_DIR)]
     pub work_dir: PathBuf,
 }
 
