@@ -16,7 +16,7 @@ use plasmavmc_agent::chainfire::trust::{self, LeaseTrust};
 use plasmavmc_agent::paths::VmDir;
 use plasmavmc_agent::qemu::confine::prepare_run_dir;
 use plasmavmc_agent::qemu::guard::guard_of;
-use plasmavmc_agent::qemu::process::{self, is_alive, launch_confined, qmp_after_launch};
+use plasmavmc_agent::qemu::process::{self, is_alive, qmp_after_launch, Launcher};
 use plasmavmc_agent::qemu::{Confinement, Guard};
 
 const LEASE: i64 = 7;
@@ -83,15 +83,14 @@ impl Guarded {
         };
         let argv = bare_argv("ha1", &self.vm);
         let spec = spec(serde_json::json!({"vcpus": 1, "memoryMiB": 64, "accel": "tcg"}));
-        launch_confined(
-            "ha1",
-            &spec,
-            &self.vm,
-            &qemu(),
-            &argv,
-            Some(&guard),
-            &self.confinement,
-        )
+        Launcher {
+            name: "ha1",
+            vm_dir: &self.vm,
+            qemu: &qemu(),
+            guard: Some(&guard),
+            confinement: &self.confinement,
+        }
+        .launch_confined(&spec, &argv)
     }
 }
 

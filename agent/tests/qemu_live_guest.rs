@@ -19,7 +19,7 @@ use plasmavmc_agent::qemu::cgroup::{self, Cgroups};
 use plasmavmc_agent::qemu::live::{apply_live, LiveOutcome};
 use plasmavmc_agent::qemu::observe::observe;
 use plasmavmc_agent::qemu::process::{is_alive, qmp_after_launch};
-use plasmavmc_agent::qemu::{launch, lifecycle, Confinement, Qmp};
+use plasmavmc_agent::qemu::{lifecycle, Confinement, Launcher, Qmp};
 use plasmavmc_agent::runas::RunAs;
 use plasmavmc_agent::spec::{Limits, VmSpec};
 use serde_json::json;
@@ -46,7 +46,14 @@ impl Guest {
         plasmavmc_agent::qemu::confine::prepare_run_dir(&run.run_dir, Some(&run_as))
             .expect("run dir");
         lifecycle::prepare_host_devices("web", &spec, Some(&run_as)).expect("taps");
-        let pid = launch("web", &spec, &vm, &qemu(), None, &confinement).expect("launch");
+        let launcher = Launcher {
+            name: "web",
+            vm_dir: &vm,
+            qemu: &qemu(),
+            guard: None,
+            confinement: &confinement,
+        };
+        let pid = launcher.launch(&spec).expect("launch");
         let guard = KillOnDrop(pid);
         let qmp = qmp_after_launch(pid, &vm, STARTUP).await.expect("QMP");
         let console = Console::new(vm.console_log());

@@ -688,15 +688,14 @@ impl VmSlot {
             .await
             .with_context(|| format!("preparing the disks of VM {}", self.name))?;
             lifecycle::prepare_host_devices(&self.name, spec, confinement.run_as.as_ref())?;
-            let pid = process::launch_running(
-                &self.name,
-                running,
-                &vm_dir,
-                &shell.qemu,
-                extra,
-                guard.as_ref(),
+            let launcher = process::Launcher {
+                name: &self.name,
+                vm_dir: &vm_dir,
+                qemu: &shell.qemu,
+                guard: guard.as_ref(),
                 confinement,
-            )?;
+            };
+            let pid = launcher.launch_running(running, extra)?;
             launched_pid = Some(pid);
             let qmp = process::qmp_after_launch(pid, &vm_dir, LAUNCH_TIMEOUT).await?;
             Ok::<_, anyhow::Error>((pid, qmp))

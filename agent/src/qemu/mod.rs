@@ -20,5 +20,5 @@ pub mod tap;
 
 pub use confine::Confinement;
 pub use guard::Guard;
-pub use process::{find_running, launch, list_vm_dirs, Found, RunningQemu};
+pub use process::{find_running, list_vm_dirs, Found, Launcher, RunningQemu};
 pub use qmp::{QemuEvent, Qmp, QmpError};

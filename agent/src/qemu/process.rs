@@ -73,209 +73,178 @@ pub fn qemu_binary(explicit: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_QEMU))
 }
 
-/// Starts QEMU for VM `name` as `spec` declares it (`argv::qemu_argv`), confined, handing it
-/// the credentials and cloud-init seed as inherited memfds (`passed`); see `launch_confined`.
-pub fn launch(
-    name: &str,
-    spec: &VmSpec,
-    vm_dir: &VmDir,
-    qemu: &Path,
-    guard: Option<&Guard>,
-    confinement: &Confinement,
-) -> Result<u32> {
-    let running = RunningConfig::booting(spec);
-    launch_running(name, &running, vm_dir, qemu, &[], guard, confinement)
+/// Where and how a VM's QEMU starts: VM `name`, its directory, the QEMU binary, the fence guard
+/// it runs under (if any), and as whom and in which cgroup (`confinement`).
+#[derive(Clone, Copy)]
+pub struct Launcher<'a> {
+    pub name: &'a str,
+    pub vm_dir: &'a VmDir,
+    pub qemu: &'a Path,
+    pub guard: Option<&'a Guard>,
+    pub confinement: &'a Confinement,
 }
 
-/// Launches QEMU with `running`'s devices laid out as it says (a migration target), recording
-/// `running.boot_spec` as the spec QEMU booted with (pending changes stay pending), with `extra`
-/// arguments after the spec's (`-incoming` for a restore, say).
-pub fn launch_running(
-    name: &str,
-    running: &RunningConfig,
-    vm_dir: &VmDir,
-    qemu: &Path,
-    extra: &[&str],
-    guard: Option<&Guard>,
-    confinement: &Confinement,
-) -> Result<u32> {
-    let spec = &running.spec;
-    let passed = passed::open(name, spec)?;
-    let block_devices = super::backing::block_devices(spec);
-    let mut args = argv::qemu_argv_laid_out(
-        name,
-        spec,
-        &running.layout,
-        vm_dir,
-        &block_devices,
-        &passed.fds,
-    );
-    args.extend(extra.iter().map(|arg| (*arg).to_owned()));
-    spawn(
-        name,
-        &running.boot_spec,
-        vm_dir,
-        qemu,
-        &args,
-        guard,
-        confinement,
-        passed.raw_fds(),
-    )
-    // `passed` closes here: from now on only QEMU holds the values.
-}
-
-/// Starts QEMU with `args`, detached, and returns its PID. With `guard`, QEMU runs as the child
-/// of a fence guard, which reports QEMU's PID to the agent. Writes the boot spec and the pidfile;
-/// QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as soon as the process exists: use
-/// `qmp_after_launch` to wait for it to be usable (or to learn why it died). For `find_running`
-/// to recognise the process, `args` must hold `-name guest=NAME` and the QMP chardev
-/// `path=<vm_dir>/qmp.sock` (as `argv::qemu_argv` does). `confinement` says as whom QEMU runs
-/// (dropped between fork and exec, by the guard for a guarded QEMU) and in which cgroup (joined
-/// between fork and exec, by the guard and QEMU alike).
-pub fn launch_confined(
-    name: &str,
-    spec: &VmSpec,
-    vm_dir: &VmDir,
-    qemu: &Path,
-    args: &[String],
-    guard: Option<&Guard>,
-    confinement: &Confinement,
-) -> Result<u32> {
-    spawn(
-        name,
-        spec,
-        vm_dir,
-        qemu,
-        args,
-        guard,
-        confinement,
-        Vec::new(),
-    )
-}
-
-/// `launch_confined`, with descriptors QEMU inherits (`inherit`: open in the agent with
-/// close-on-exec, cleared in the child only).
-#[allow(clippy::too_many_arguments)]
-fn spawn(
-    name: &str,
-    spec: &VmSpec,
-    vm_dir: &VmDir,
-    qemu: &Path,
-    args: &[String],
-    guard: Option<&Guard>,
-    confinement: &Confinement,
-    inherit: Vec<i32>,
-) -> Result<u32> {
-    let run_as = confinement.run_as.as_ref();
-    match find(name, vm_dir) {
-        Found::Absent => {}
-        Found::Running(running) => {
-            return Err(AlreadyRuns {
-                pid: running.pid,
-                reason: "it was not adopted".into(),
-            }
-            .into())
-        }
-        Found::Untouchable(already) => return Err(already.into()),
+impl Launcher<'_> {
+    /// Starts QEMU as `spec` declares it (`argv::qemu_argv`), confined, handing it the
+    /// credentials and cloud-init seed as inherited memfds (`passed`); see `launch_confined`.
+    pub fn launch(&self, spec: &VmSpec) -> Result<u32> {
+        self.launch_running(&RunningConfig::booting(spec), &[])
     }
-    prepare_vm_dir(vm_dir)?;
-    confine::open_vm_dir(vm_dir, run_as)?;
-    confine::grant_boot_files(spec, run_as)?;
-    let placement = match &confinement.cgroups {
-        Some(cgroups) => cgroups
-            .place(name, &spec.limits)
-            .with_context(|| format!("VM {name}'s cgroup"))?,
-        None => Default::default(),
-    };
-    write_atomically(
-        &vm_dir.boot_spec(),
-        &serde_json::to_vec_pretty(spec).expect("a VmSpec serializes"),
-    )?;
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(qemu_log(vm_dir))
-        .with_context(|| format!("opening {}", qemu_log(vm_dir).display()))?;
-    // A guarded QEMU drops privileges in its guard, which stays root (QEMU must not be able to
-    // touch its fence). Under systemd, systemd-run drops them (it must start as root itself).
-    let run_as_here = run_as.filter(|_| guard.is_none());
-    let scope = under_systemd().then(|| Scope {
-        properties: placement.systemd_properties.clone(),
-        run_as: run_as_here.cloned(),
-    });
-    let drop_to = run_as_here
-        .filter(|_| scope.is_none())
-        .map(|run_as| (run_as.clone(), confine::group_list(run_as)));
-    let mut command = match guard {
-        Some(guard) => detached_command(
+
+    /// Launches QEMU with `running`'s devices laid out as it says (a migration target),
+    /// recording `running.boot_spec` as the spec QEMU booted with (pending changes stay
+    /// pending), with `extra` arguments after the spec's (`-incoming` for a restore, say).
+    pub fn launch_running(&self, running: &RunningConfig, extra: &[&str]) -> Result<u32> {
+        let spec = &running.spec;
+        let passed = passed::open(self.name, spec)?;
+        let block_devices = super::backing::block_devices(spec);
+        let mut args = argv::qemu_argv_laid_out(
+            self.name,
+            spec,
+            &running.layout,
+            self.vm_dir,
+            &block_devices,
+            &passed.fds,
+        );
+        args.extend(extra.iter().map(|arg| (*arg).to_owned()));
+        self.spawn(&running.boot_spec, &args, passed.raw_fds())
+        // `passed` closes here: from now on only QEMU holds the values.
+    }
+
+    /// Starts QEMU with `args`, detached, and returns its PID. With a guard, QEMU runs as the
+    /// child of a fence guard, which reports QEMU's PID to the agent. Writes the boot spec
+    /// (`spec`) and the pidfile; QEMU's own stdout/stderr go to `<vm_dir>/qemu.log`. Returns as
+    /// soon as the process exists: use `qmp_after_launch` to wait for it to be usable (or to
+    /// learn why it died). For `find_running` to recognise the process, `args` must hold
+    /// `-name guest=NAME` and the QMP chardev `path=<vm_dir>/qmp.sock` (as `argv::qemu_argv`
+    /// does). The confinement says as whom QEMU runs (dropped between fork and exec, by the
+    /// guard for a guarded QEMU) and in which cgroup (joined between fork and exec, by the guard
+    /// and QEMU alike).
+    pub fn launch_confined(&self, spec: &VmSpec, args: &[String]) -> Result<u32> {
+        self.spawn(spec, args, Vec::new())
+    }
+
+    /// `launch_confined`, with descriptors QEMU inherits (`inherit`: open in the agent with
+    /// close-on-exec, cleared in the child only).
+    fn spawn(&self, spec: &VmSpec, args: &[String], inherit: Vec<i32>) -> Result<u32> {
+        let Launcher {
             name,
-            &guard.exe,
-            &guard.args(vm_dir, qemu, args, run_as),
-            scope.as_ref(),
-        ),
-        None => detached_command(name, qemu, args, scope.as_ref()),
-    };
-    let stdout = match guard {
-        Some(_) => Stdio::piped(), // the guard reports QEMU's PID there
-        None => log
-            .try_clone()
-            .context("duplicating the QEMU log handle")?
-            .into(),
-    };
-    command.stdin(Stdio::null()).stdout(stdout).stderr(log);
-    // SAFETY: only async-signal-safe calls (setsid, fcntl, umask, write, set*id) between fork
-    // and exec.
-    unsafe {
-        command.pre_exec(move || {
-            nix::unistd::setsid()?;
-            for &fd in &inherit {
-                nix::fcntl::fcntl(
-                    fd,
-                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-                )?;
+            vm_dir,
+            qemu,
+            guard,
+            confinement,
+        } = *self;
+        let run_as = confinement.run_as.as_ref();
+        match find(name, vm_dir) {
+            Found::Absent => {}
+            Found::Running(running) => {
+                return Err(AlreadyRuns {
+                    pid: running.pid,
+                    reason: "it was not adopted".into(),
+                }
+                .into())
             }
-            // The QMP socket and console log QEMU creates: 0600, the agent's (or QEMU's) alone.
-            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-            placement.join()?;
-            if let Some((run_as, groups)) = &drop_to {
-                confine::drop_privileges(run_as, groups)?;
-            }
-            Ok(())
+            Found::Untouchable(already) => return Err(already.into()),
+        }
+        prepare_vm_dir(vm_dir)?;
+        confine::open_vm_dir(vm_dir, run_as)?;
+        confine::grant_boot_files(spec, run_as)?;
+        let placement = match &confinement.cgroups {
+            Some(cgroups) => cgroups
+                .place(name, &spec.limits)
+                .with_context(|| format!("VM {name}'s cgroup"))?,
+            None => Default::default(),
+        };
+        write_atomically(
+            &vm_dir.boot_spec(),
+            &serde_json::to_vec_pretty(spec).expect("a VmSpec serializes"),
+        )?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(qemu_log(vm_dir))
+            .with_context(|| format!("opening {}", qemu_log(vm_dir).display()))?;
+        // A guarded QEMU drops privileges in its guard, which stays root (QEMU must not be able to
+        // touch its fence). Under systemd, systemd-run drops them (it must start as root itself).
+        let run_as_here = run_as.filter(|_| guard.is_none());
+        let scope = under_systemd().then(|| Scope {
+            properties: placement.systemd_properties.clone(),
+            run_as: run_as_here.cloned(),
         });
+        let drop_to = run_as_here
+            .filter(|_| scope.is_none())
+            .map(|run_as| (run_as.clone(), confine::group_list(run_as)));
+        let mut command = match guard {
+            Some(guard) => detached_command(
+                name,
+                &guard.exe,
+                &guard.args(vm_dir, qemu, args, run_as),
+                scope.as_ref(),
+            ),
+            None => detached_command(name, qemu, args, scope.as_ref()),
+        };
+        let stdout = match guard {
+            Some(_) => Stdio::piped(), // the guard reports QEMU's PID there
+            None => log
+                .try_clone()
+                .context("duplicating the QEMU log handle")?
+                .into(),
+        };
+        command.stdin(Stdio::null()).stdout(stdout).stderr(log);
+        // SAFETY: only async-signal-safe calls (setsid, fcntl, umask, write, set*id) between fork
+        // and exec.
+        unsafe {
+            command.pre_exec(move || {
+                nix::unistd::setsid()?;
+                for &fd in &inherit {
+                    nix::fcntl::fcntl(
+                        fd,
+                        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                    )?;
+                }
+                // The QMP socket and console log QEMU creates: 0600, the agent's (or QEMU's) alone.
+                nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+                placement.join()?;
+                if let Some((run_as, groups)) = &drop_to {
+                    confine::drop_privileges(run_as, groups)?;
+                }
+                Ok(())
+            });
+        }
+        let program = guard.map_or(qemu, |g| g.exe.as_path());
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {} for VM {name}", program.display()))?;
+        let pid = match guard {
+            Some(_) => guard::reported_pid(&mut child, vm_dir)?,
+            None => child.id(),
+        };
+        if let Err(e) = write_atomically(&vm_dir.pidfile(), format!("{pid}\n").as_bytes()) {
+            // Never leave a QEMU running that nothing tracks.
+            kill_launched(&mut child, pid);
+            return Err(e.context(format!("QEMU (pid {pid}) was killed again")));
+        }
+        // Our child (QEMU, or its guard) until the agent exits; reap it so it never lingers as a
+        // zombie (after the agent is gone, init reaps it). Observers learn about the exit from QMP
+        // and `/proc`.
+        let (child_pid, what) = (child.id(), program_name(guard.is_some()));
+        let reaper = std::thread::Builder::new()
+            .name(format!("reap-{child_pid}"))
+            .spawn(move || {
+                let status = child.wait();
+                tracing::info!(pid = child_pid, ?status, "{what} exited");
+            });
+        if let Err(e) = reaper {
+            // QEMU runs and is tracked: failing the start now would orphan it. Its exit leaves a
+            // zombie until the agent exits (`is_alive` counts zombies as dead).
+            tracing::warn!(pid = child_pid, "no reaper thread for {what}: {e}");
+        }
+        tracing::info!(vm = name, pid, guarded = guard.is_some(), "launched QEMU");
+        Ok(pid)
     }
-    let program = guard.map_or(qemu, |g| g.exe.as_path());
-    let mut child = command
-        .spawn()
-        .with_context(|| format!("starting {} for VM {name}", program.display()))?;
-    let pid = match guard {
-        Some(_) => guard::reported_pid(&mut child, vm_dir)?,
-        None => child.id(),
-    };
-    if let Err(e) = write_atomically(&vm_dir.pidfile(), format!("{pid}\n").as_bytes()) {
-        // Never leave a QEMU running that nothing tracks.
-        kill_launched(&mut child, pid);
-        return Err(e.context(format!("QEMU (pid {pid}) was killed again")));
-    }
-    // Our child (QEMU, or its guard) until the agent exits; reap it so it never lingers as a
-    // zombie (after the agent is gone, init reaps it). Observers learn about the exit from QMP
-    // and `/proc`.
-    let (child_pid, what) = (child.id(), program_name(guard.is_some()));
-    let reaper = std::thread::Builder::new()
-        .name(format!("reap-{child_pid}"))
-        .spawn(move || {
-            let status = child.wait();
-            tracing::info!(pid = child_pid, ?status, "{what} exited");
-        });
-    if let Err(e) = reaper {
-        // QEMU runs and is tracked: failing the start now would orphan it. Its exit leaves a
-        // zombie until the agent exits (`is_alive` counts zombies as dead).
-        tracing::warn!(pid = child_pid, "no reaper thread for {what}: {e}");
-    }
-    tracing::info!(vm = name, pid, guarded = guard.is_some(), "launched QEMU");
-    Ok(pid)
 }
 
 /// Kills a QEMU just launched (and its guard, `child`, if it has one) and waits until both are

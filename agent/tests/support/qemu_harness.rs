@@ -75,15 +75,14 @@ pub fn launch_argv(
     vm_dir: &VmDir,
     args: &[String],
 ) -> anyhow::Result<u32> {
-    plasmavmc_agent::qemu::process::launch_confined(
+    plasmavmc_agent::qemu::Launcher {
         name,
-        spec,
         vm_dir,
-        &qemu(),
-        args,
-        None,
-        &plasmavmc_agent::qemu::Confinement::none(),
-    )
+        qemu: &qemu(),
+        guard: None,
+        confinement: &plasmavmc_agent::qemu::Confinement::none(),
+    }
+    .launch_confined(spec, args)
 }
 
 /// A guest-less, paused QEMU that carries the identity markers `find_running` checks.
