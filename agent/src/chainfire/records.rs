@@ -152,16 +152,26 @@ impl HostRecord {
 impl VmRecord {
     /// A record for a declared VM on `host`, stamped now.
     pub fn new(key: &VmKey, host: &str, state: &str, spec: &VmSpec) -> Self {
+        Self::summarized(key, host, state, SpecSummary::of(spec), now())
+    }
+
+    fn summarized(
+        key: &VmKey,
+        host: &str,
+        state: &str,
+        spec: SpecSummary,
+        updated_at: String,
+    ) -> Self {
         VmRecord {
             name: key.vm.clone(),
             org_id: key.org_id.clone(),
             project_id: key.project_id.clone(),
             host: host.to_owned(),
             state: state.to_owned(),
-            spec: SpecSummary::of(spec),
+            spec,
             pending: Vec::new(),
             last_error: None,
-            updated_at: now(),
+            updated_at,
         }
     }
 
@@ -186,23 +196,14 @@ impl VmRecord {
     /// A small VM's record for unit tests (1 vCPU, 64 MiB, no disks or NICs, not HA): `key` in
     /// `state` on `host`, stamped `t0`.
     pub(crate) fn for_test(key: &VmKey, host: &str, state: &str) -> Self {
-        VmRecord {
-            name: key.vm.clone(),
-            org_id: key.org_id.clone(),
-            project_id: key.project_id.clone(),
-            host: host.to_owned(),
-            state: state.to_owned(),
-            spec: SpecSummary {
-                vcpus: 1,
-                memory_mib: 64,
-                disks: vec![],
-                nics: vec![],
-                ha: false,
-            },
-            pending: vec![],
-            last_error: None,
-            updated_at: "t0".into(),
-        }
+        let small = SpecSummary {
+            vcpus: 1,
+            memory_mib: 64,
+            disks: vec![],
+            nics: vec![],
+            ha: false,
+        };
+        Self::summarized(key, host, state, small, "t0".into())
     }
 }
 
