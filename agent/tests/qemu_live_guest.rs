@@ -70,7 +70,8 @@ impl Guest {
         }
     }
 
-    async fn apply(&self, action: Action) -> LiveOutcome {
+    /// Applies `action` live; it must be done at once, by the same QEMU process.
+    async fn apply_done(&self, action: Action) {
         let outcome = apply_live(
             &self.qmp,
             "web",
@@ -82,7 +83,7 @@ impl Guest {
         .await
         .unwrap_or_else(|e| panic!("{action:?}: {e}"));
         assert!(is_alive(self.pid), "same QEMU process after {action:?}");
-        outcome
+        assert_eq!(outcome, LiveOutcome::Done, "{action:?}");
     }
 
     /// Waits until the guest's latest state satisfies `check`. (Blocks the runtime's thread;
@@ -200,79 +201,57 @@ fn live_changes_reach_the_guest_without_a_restart() {
         let disk =
             serde_json::from_value(json!({"path": img, "format": "qcow2", "serial": "DATA1"}))
                 .unwrap();
-        assert_eq!(
-            guest
-                .apply(Action::AddDisk {
-                    id: "data".into(),
-                    disk
-                })
-                .await,
-            LiveOutcome::Done
-        );
+        guest
+            .apply_done(Action::AddDisk {
+                id: "data".into(),
+                disk,
+            })
+            .await;
         guest.wait_for_state(|s| s.blocks.get("vda").is_some_and(|serial| serial == "DATA1"));
-        assert_eq!(
-            guest
-                .apply(Action::RemoveDisk {
-                    id: "data".into(),
-                    delete_image: None,
-                })
-                .await,
-            LiveOutcome::Done
-        );
+        guest
+            .apply_done(Action::RemoveDisk {
+                id: "data".into(),
+                delete_image: None,
+            })
+            .await;
         guest.wait_for_state(|s| s.blocks.is_empty());
 
         // NIC add / remove on a bridge.
         let nic =
             serde_json::from_value(json!({"mac": "52:54:00:aa:bb:01", "bridge": "br0"})).unwrap();
-        assert_eq!(
-            guest
-                .apply(Action::AddNic {
-                    id: "eth0".into(),
-                    nic
-                })
-                .await,
-            LiveOutcome::Done
-        );
+        guest
+            .apply_done(Action::AddNic {
+                id: "eth0".into(),
+                nic,
+            })
+            .await;
         guest.wait_for_state(|s| s.nics.values().any(|mac| mac == "52:54:00:aa:bb:01"));
-        assert_eq!(
-            guest.apply(Action::RemoveNic { id: "eth0".into() }).await,
-            LiveOutcome::Done
-        );
+        guest
+            .apply_done(Action::RemoveNic { id: "eth0".into() })
+            .await;
         guest.wait_for_state(|s| s.nics.is_empty());
 
         // vCPUs up and down.
-        assert_eq!(
-            guest.apply(Action::SetVcpus { from: 1, to: 3 }).await,
-            LiveOutcome::Done
-        );
+        guest.apply_done(Action::SetVcpus { from: 1, to: 3 }).await;
         guest.wait_for_state(|s| s.online_cpus == 3);
-        assert_eq!(
-            guest.apply(Action::SetVcpus { from: 3, to: 1 }).await,
-            LiveOutcome::Done
-        );
+        guest.apply_done(Action::SetVcpus { from: 3, to: 1 }).await;
         guest.wait_for_state(|s| s.online_cpus == 1);
 
         // Memory up and down.
         let boot_kib = before.mem_kib;
-        assert_eq!(
-            guest
-                .apply(Action::SetMemory {
-                    from_mib: 256,
-                    to_mib: 512
-                })
-                .await,
-            LiveOutcome::Done
-        );
+        guest
+            .apply_done(Action::SetMemory {
+                from_mib: 256,
+                to_mib: 512,
+            })
+            .await;
         guest.wait_for_state(|s| s.mem_kib >= boot_kib + 256 * 1024);
-        assert_eq!(
-            guest
-                .apply(Action::SetMemory {
-                    from_mib: 512,
-                    to_mib: 256
-                })
-                .await,
-            LiveOutcome::Done
-        );
+        guest
+            .apply_done(Action::SetMemory {
+                from_mib: 512,
+                to_mib: 256,
+            })
+            .await;
         guest.wait_for_state(|s| s.mem_kib == boot_kib);
 
         // Limits change live, in the files of QEMU's own cgroup.
