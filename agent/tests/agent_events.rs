@@ -19,8 +19,7 @@ fn events_show_a_hotplug_then_a_qemu_kill_in_order_and_status_watch_redraws() {
     host.write_config(json!({"web": web}));
     host.start_agent();
     let pid = host.wait_running("web");
-    let events = Follower::start(&host, &["events", "--json"]);
-    std::thread::sleep(Duration::from_millis(500)); // subscribed before anything happens
+    let events = Follower::events_from_now(&host);
 
     // A disk added live, and a boot-time change that waits.
     let data = host.image("data.qcow2");

@@ -290,8 +290,7 @@ fn an_unplug_the_guest_ignores_stays_visible_as_unplugging() {
 
     // A reset finishes a pending unplug; the agent sees the device go and cleans up, and says
     // so although the reload that asked for it returned long ago.
-    let events = Follower::start(&host, &["events", "--json"]);
-    std::thread::sleep(Duration::from_millis(500)); // subscribed before the reset
+    let events = Follower::events_from_now(&host);
     host.cli(&["reset", "web"]).expect_code(0, "reset");
     host.wait_status("disk-data gone", GUEST, |s| {
         !device_ids(&s["vms"]["web"]).contains(&"disk-data".to_owned())

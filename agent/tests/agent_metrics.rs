@@ -195,8 +195,7 @@ fn metrics_show_every_documented_figure_disk_writes_and_survive_a_stalled_qemu()
     assert_eq!(state(&get_metrics().unwrap()).as_deref(), Some("stopped"));
     host.cli(&["start", "web"]).expect_code(0, "start");
     assert_eq!(state(&get_metrics().unwrap()).as_deref(), Some("running"));
-    let events = Follower::start(&host, &["events", "--json"]);
-    std::thread::sleep(Duration::from_millis(500)); // subscribed before the kill
+    let events = Follower::events_from_now(&host);
     kill_9(host.wait_running("web"));
     events.wait_for("failed", |e| e["event"] == "failed" && e["vm"] == "web");
     let failed = get_metrics().unwrap();

@@ -15,12 +15,14 @@ use crate::events::Event;
 use crate::paths::RunDir;
 use crate::status;
 
-/// Follows the agent's events until it goes away: one line each, JSON with `json`.
+/// Follows the agent's events until it goes away: one line each, JSON with `json`. Says on
+/// stderr when it follows (every event from then on comes).
 pub fn events(run_dir: &Path, json: bool) -> ExitCode {
-    let mut stream = match follow(run_dir) {
-        Ok(stream) => stream,
+    let (mut stream, following) = match follow(run_dir) {
+        Ok(followed) => followed,
         Err(exit) => return exit,
     };
+    eprintln!("{following}");
     let mut line = String::new();
     let mut stdout = std::io::stdout();
     loop {
@@ -51,17 +53,18 @@ pub fn events(run_dir: &Path, json: bool) -> ExitCode {
     }
 }
 
-/// The events connection, past its answer; or the exit code of why there is none.
-fn follow(run_dir: &Path) -> Result<BufReader<UnixStream>, ExitCode> {
+/// The events connection, past its answer, and the agent's message; or the exit code of why
+/// there is none.
+fn follow(run_dir: &Path) -> Result<(BufReader<UnixStream>, String), ExitCode> {
     let socket = RunDir::new(run_dir).control_socket();
     let (reader, response) = client::ask(&socket, &Request::Events).map_err(client_failed)?;
-    match response {
-        Response::EventsFollow { .. } => {}
+    let message = match response {
+        Response::EventsFollow { message } => message,
         other => return Err(unexpected(other)),
-    }
+    };
     // Events come when they come: no deadline from here on.
     let _ = reader.get_ref().set_read_timeout(None);
-    Ok(reader)
+    Ok((reader, message))
 }
 
 /// Redraws `status` every `every` and at once on each event, until interrupted.
@@ -69,7 +72,7 @@ pub fn watch_status(run_dir: &Path, every: Duration) -> ExitCode {
     let socket = RunDir::new(run_dir).control_socket();
     let (wake, woken) = std::sync::mpsc::channel();
     // Events only hurry the next redraw; without them (an older agent) it still comes on time.
-    if let Ok(mut stream) = follow(run_dir) {
+    if let Ok((mut stream, _)) = follow(run_dir) {
         std::thread::spawn(move || {
             let mut line = String::new();
             while stream.read_line(&mut line).is_ok_and(|n| n > 0) {

@@ -532,12 +532,32 @@ pub struct Follower {
 
 impl Follower {
     pub fn start(host: &Host, args: &[&str]) -> Follower {
+        Self::spawn(host, args, Stdio::null())
+    }
+
+    /// `events --json`, once it follows: every event from its return on is in `events()`.
+    pub fn events_from_now(host: &Host) -> Follower {
+        let mut follower = Self::spawn(host, &["events", "--json"], Stdio::piped());
+        let mut stderr = std::io::BufReader::new(follower.child.stderr.take().unwrap());
+        // The agent subscribes `events` before it answers; the command then says so, on stderr.
+        let mut said = String::new();
+        let _ = std::io::BufRead::read_line(&mut stderr, &mut said);
+        assert!(
+            said.starts_with("following"),
+            "`plasmavmc events` does not follow: {said:?}"
+        );
+        // Read on, so what it says when it ends is not a write into a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        follower
+    }
+
+    fn spawn(host: &Host, args: &[&str], stderr: Stdio) -> Follower {
         let mut child = plasmavmc()
             .args(args)
             .arg("--run-dir")
             .arg(&host.run_dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("plasmavmc");
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
