@@ -179,20 +179,23 @@ fn console_types_into_the_guest_one_writer_at_a_time_and_survives_an_agent_resta
     );
 
     // A reader is never refused; --tail replays the log first.
-    let mut reader = plasmavmc()
-        .args(["console", "web", "--no-stdin", "--tail", "20", "--run-dir"])
-        .arg(&host.run_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    let _ = reader.kill();
-    let read = reader.wait_with_output().unwrap();
-    assert!(
-        String::from_utf8_lossy(&read.stdout).contains("typed-42"),
-        "{read:?}"
-    );
+    let reader = Follower::start(&host, &["console", "web", "--no-stdin", "--tail", "20"]);
+    let deadline = Instant::now() + ANSWER;
+    while !reader
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("typed-42"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the reader never showed the tail: {:?}",
+            reader.lines.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(reader);
 
     terminal.type_keys(&[CTRL_RIGHT_BRACKET]);
     assert_eq!(terminal.wait_exit(), 0, "{}", terminal.screen());

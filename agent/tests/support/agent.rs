@@ -523,8 +523,8 @@ impl Drop for Host {
     }
 }
 
-/// `plasmavmc ARGS` running in the background (`events --json`, `status --watch`), its stdout
-/// collected line by line; killed on drop.
+/// `plasmavmc ARGS` running in the background (`events --json`, `status --watch`, a console
+/// reader), its stdout collected line by line; killed on drop.
 pub struct Follower {
     pub child: Child,
     pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
