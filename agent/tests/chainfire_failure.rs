@@ -90,9 +90,12 @@ async fn thirty_second_outage_loses_and_duplicates_nothing() {
     };
     let started = Instant::now();
     session.sync(picture_during());
+    // Waiting for the store means retries and timeouts (seconds); a busy 2-core machine can keep
+    // a runnable thread off the CPU for tens of milliseconds, so the bound is not that tight.
+    let took = started.elapsed();
     assert!(
-        started.elapsed() < Duration::from_millis(50),
-        "sync must not wait for the store"
+        took < Duration::from_secs(1),
+        "sync must not wait for the store (took {took:?})"
     );
     tokio::time::sleep(Duration::from_secs(30).saturating_sub(outage.elapsed())).await;
     etcd.restart(0).unwrap();
