@@ -38,6 +38,8 @@ pub const BOOT_MARKER: &str = READY;
 pub const BOOT: Duration = BOOT_TIMEOUT;
 /// Anything the agent does without a guest boot (adopt, stop, reload).
 pub const AGENT: Duration = Duration::from_secs(60);
+/// `RUST_LOG` for the agents the tests start.
+const AGENT_LOG_FILTER: &str = "debug,h2=info,hyper=info,hyper_util=info,tower=info,tonic=info";
 /// How long the agent waits for a guest to power off after the ACPI request before it quits
 /// QEMU (the test guest answers at once, unless booted with `IGNORE_POWERDOWN`).
 const STOP_TIMEOUT_SECS: &str = "2";
@@ -276,7 +278,9 @@ impl Host {
             .unwrap();
         let child = command
             .args(flags)
-            .env("RUST_LOG", "debug")
+            // The agent's own debug lines; its gRPC stack's would fill the log (and the tail
+            // printed when a test fails) with HTTP/2 frames.
+            .env("RUST_LOG", AGENT_LOG_FILTER)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
