@@ -8,6 +8,7 @@ pub mod chainfire;
 pub mod cli;
 pub mod console;
 pub mod control;
+pub mod cordon;
 pub mod daemon;
 pub mod devices;
 pub mod disk_image;

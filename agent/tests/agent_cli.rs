@@ -199,7 +199,8 @@ fn plan_without_an_agent_plans_against_nothing_running_and_says_so() {
 }
 
 /// `cordon`, `uncordon` and `shutdown-host` answer with a message: `--json` prints it as one
-/// `{"message"}` object on stdout, with the exit codes of the plain output.
+/// `{"message"}` object on stdout (`cordon`/`uncordon` add `cordoned` and `cluster`), with the
+/// exit codes of the plain output.
 #[test]
 fn message_commands_print_json() {
     let mut host = Host::new();
@@ -219,6 +220,14 @@ fn message_commands_print_json() {
     assert_eq!(host.status()["cordon"]["by"], "cordon");
     let uncordoned = message(&["uncordon", "--json"]);
     assert!(uncordoned.starts_with("host uncordoned"), "{uncordoned}");
+    let answer: Value =
+        serde_json::from_str(&host.cli(&["cordon", "--json"]).stdout).expect("JSON");
+    assert_eq!(
+        (&answer["cordoned"], &answer["cluster"]),
+        (&json!(true), &json!("standalone")),
+        "{answer}"
+    );
+    message(&["uncordon", "--json"]);
     assert_eq!(
         message(&["uncordon", "--json"]),
         "the host was not cordoned"

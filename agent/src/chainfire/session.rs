@@ -59,6 +59,7 @@ pub struct SessionHandle {
     config: ChainFireConfig,
     local: watch::Sender<Option<BTreeMap<VmKey, LocalVm>>>,
     cordoned: watch::Sender<bool>,
+    published_cordon: watch::Receiver<Option<bool>>,
     may_run: watch::Receiver<BTreeSet<VmKey>>,
     cluster: watch::Receiver<Arc<ClusterView>>,
     lease: watch::Receiver<Option<LeaseStatus>>,
@@ -87,6 +88,7 @@ impl Session {
         let allowed = fence::may_run(&held, lease.as_ref(), BootTime::now());
         let (local_tx, local_rx) = watch::channel(None);
         let (cordoned_tx, cordoned_rx) = watch::channel(cordoned);
+        let (published_cordon_tx, published_cordon) = watch::channel(None);
         let (lease_tx, lease_rx) = watch::channel(lease);
         let (held_tx, held_rx) = watch::channel(held);
         let (may_run_tx, may_run_rx) = watch::channel(allowed);
@@ -102,6 +104,7 @@ impl Session {
             started_at: records::now(),
             local: local_rx,
             cordoned: cordoned_rx,
+            published_cordon: published_cordon_tx,
             lease: lease_rx.clone(),
             held: held_tx,
             cluster: cluster_tx,
@@ -117,6 +120,7 @@ impl Session {
             config,
             local: local_tx,
             cordoned: cordoned_tx,
+            published_cordon,
             may_run: may_run_rx,
             cluster: cluster_rx,
             lease: lease_rx,
@@ -168,6 +172,12 @@ impl SessionHandle {
     pub fn set_cordoned(&self, cordoned: bool) {
         self.cordoned
             .send_if_modified(|current| std::mem::replace(current, cordoned) != cordoned);
+    }
+
+    /// The cordon state the store holds for this host, as this session last wrote (or found)
+    /// it under its current lease; None before that, and while it has no lease.
+    pub fn published_cordon(&self) -> watch::Receiver<Option<bool>> {
+        self.published_cordon.clone()
     }
 
     /// HA VMs this host may run now: their lock is held under a lease the host still trusts.
@@ -298,6 +308,8 @@ struct Worker {
     started_at: String,
     local: watch::Receiver<Option<BTreeMap<VmKey, LocalVm>>>,
     cordoned: watch::Receiver<bool>,
+    /// What the store holds of `cordoned` (see [`SessionHandle::published_cordon`]).
+    published_cordon: watch::Sender<Option<bool>>,
     lease: watch::Receiver<Option<LeaseStatus>>,
     held: watch::Sender<BTreeMap<VmKey, i64>>,
     cluster: watch::Sender<Arc<ClusterView>>,
@@ -364,6 +376,9 @@ impl Worker {
                         self.view.apply(&decoded);
                         self.notify(Notice::Store(decoded));
                     }
+                    // At once, before this host's own writes: a refusal made from the view
+                    // (e.g. "host b is cordoned") follows the store as closely as it can.
+                    self.cluster.send_replace(Arc::new(self.view.clone()));
                 }
                 changed = self.local.changed() => changed.context("daemon gone")?,
                 changed = self.cordoned.changed() => changed.context("daemon gone")?,
@@ -403,7 +418,11 @@ impl Worker {
         let limit = self.config.op_timeout();
         let host = self.config.host_id.clone();
         let Some(lease) = self.lease.borrow_and_update().map(|l| l.id) else {
-            return Ok(()); // nothing is written before the host key can be bound to a lease
+            // Nothing is written before the host key can be bound to a lease (and the host key
+            // of a lost lease is gone, or soon).
+            self.published_cordon
+                .send_if_modified(|p| p.take().is_some());
+            return Ok(());
         };
         let local = self.local.borrow_and_update().clone();
         let cordoned = *self.cordoned.borrow_and_update();
@@ -424,6 +443,8 @@ impl Worker {
             });
             self.registered_lease = Some(lease);
         }
+        self.published_cordon
+            .send_if_modified(|p| p.replace(cordoned) != Some(cordoned));
         // A few rounds: each failed compare refreshes one key; a stale view converges quickly.
         for _ in 0..4 {
             let mut writes = reconcile::lost_host_writes(&host, &self.view, &records::now());

@@ -279,11 +279,27 @@ pub fn save(run_dir: &Path, vm: String, json: bool) -> ExitCode {
 }
 
 pub fn cordon(run_dir: &Path, json: bool) -> ExitCode {
-    done(ask(run_dir, Request::Cordon), json)
+    cordon_changed(ask(run_dir, Request::Cordon), json)
 }
 
 pub fn uncordon(run_dir: &Path, json: bool) -> ExitCode {
-    done(ask(run_dir, Request::Uncordon), json)
+    cordon_changed(ask(run_dir, Request::Uncordon), json)
+}
+
+/// Exit 0 once the host's state changed here, whether or not the cluster knows yet (the message
+/// and `cluster` say).
+fn cordon_changed(answer: Result<Response, ClientError>, json: bool) -> ExitCode {
+    match answer {
+        Ok(Response::Cordon { change }) => {
+            if json {
+                println!("{}", serde_json::to_string(&change).expect("serializes"));
+            } else {
+                println!("{}", change.message);
+            }
+            ExitCode::SUCCESS
+        }
+        answer => done(answer, json),
+    }
 }
 
 /// `plasmavmc migrate`: progress on a terminal (the VM's status, asked every half second), then

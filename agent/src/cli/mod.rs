@@ -273,8 +273,13 @@ enum Command {
     /// The cordon is published in ChainFire and kept in the state dir, so it survives agent
     /// restarts and reboots. VMs declared on this host only (not `ha.enable`) are not affected:
     /// they have no other host.
+    ///
+    /// Returns once ChainFire holds the cordon (every host reading it then sees it), or after 5
+    /// seconds without the store: the host is cordoned here all the same, the answer says the
+    /// cluster does not know yet, and the agent tells it when the store is back. Exit 0 both ways.
     Cordon {
-        /// Print the outcome as JSON: {"message"}.
+        /// Print the outcome as JSON: {"cordoned", "cluster": "published"|"notYet"|"standalone",
+        /// "message"}.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -304,8 +309,13 @@ enum Command {
         run_dir: RunDirArg,
     },
     /// Open a cordoned host again (see `cordon` and `evacuate`): it takes HA VMs again.
+    ///
+    /// Returns once ChainFire holds the host open (a `migrate --to` this host from another host
+    /// is then accepted), or after 5 seconds without the store, saying the cluster does not know
+    /// yet (see `cordon`). Exit 0 both ways.
     Uncordon {
-        /// Print the outcome as JSON: {"message"}.
+        /// Print the outcome as JSON: {"cordoned", "cluster": "published"|"notYet"|"standalone",
+        /// "message"}.
         #[arg(long)]
         json: bool,
         #[command(flatten)]

@@ -133,6 +133,10 @@ pub enum Response {
     FirstApply {
         first_apply: crate::first_apply::FirstApply,
     },
+    /// The host's cordon state after `Cordon`/`Uncordon`, and whether the cluster knows it.
+    Cordon {
+        change: crate::cordon::CordonChange,
+    },
 }
 
 /// Why a request failed; decides the client's exit code.

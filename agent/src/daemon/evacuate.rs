@@ -34,7 +34,7 @@ impl Daemon {
                     .into(),
             ));
         };
-        self.cordon("evacuate")?;
+        self.cordon("evacuate").await?;
         let view = match tokio::time::timeout(READY_WAIT, self.ready_to_move()).await {
             Ok(Some(view)) => view,
             Ok(None) => view,
@@ -42,9 +42,11 @@ impl Daemon {
                 return Err((
                     ErrorKind::Failed,
                     format!(
-                        "the host is cordoned, but this agent is not ready to move VMs after {}s \
-                         (the moves its previous agent left are not settled, or ChainFire is \
-                         unreachable): nothing moved yet; run `plasmavmc evacuate` again",
+                        "the host is cordoned here, but this agent is not ready to move VMs after \
+                         {}s (the moves its previous agent left are not settled, or ChainFire is \
+                         unreachable, and then the cluster may not know of the cordon yet: it is \
+                         told when the store is back): nothing moved yet; run `plasmavmc \
+                         evacuate` again",
                         READY_WAIT.as_secs()
                     ),
                 ))
@@ -107,14 +109,17 @@ impl Daemon {
             .is_some_and(|e| !e.finished)
     }
 
-    /// Waits until the moves the previous agent left are settled and the cluster view has this
-    /// host in it (so the other hosts are known too); that view.
+    /// Waits until the moves the previous agent left are settled, the store holds this host
+    /// cordoned (no host sends a VM here meanwhile) and the cluster view has this host in it (so
+    /// the other hosts are known too); that view.
     async fn ready_to_move(&self) -> Option<ClusterView> {
         let _ = self
             .moves_settled
             .subscribe()
             .wait_for(|settled| *settled)
             .await;
+        let mut published = self.published_cordon()?;
+        let _ = published.wait_for(|written| *written == Some(true)).await;
         let mut cluster = self.cluster_watch()?;
         let view = cluster
             .wait_for(|view| view.hosts.contains_key(&self.host_id))

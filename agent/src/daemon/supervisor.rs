@@ -29,6 +29,7 @@ use crate::control::document::DesiredDocument;
 use crate::control::protocol::{
     ApplyReport, ErrorKind, Request, Response, StepOutcome, StepReport, StopHow, StopReport,
 };
+use crate::cordon::{ClusterKnows, CordonChange, PUBLISH_WAIT};
 use crate::events::{self, What};
 use crate::metrics::{AgentMetrics, ReloadResult};
 use crate::observed::ObservedHost;
@@ -574,7 +575,8 @@ impl Daemon {
             }
             Request::Cordon => self
                 .cordon("cordon")
-                .map(|message| Response::Done { message }),
+                .await
+                .map(|change| Response::Cordon { change }),
             Request::Uncordon => self.uncordon().await,
             Request::Evacuate => self.evacuate().await,
             Request::FirstApply { wait_ms } => Ok(Response::FirstApply {
@@ -1244,6 +1246,15 @@ impl Daemon {
         self.chainfire.lock().unwrap().as_ref().map(|s| s.cluster())
     }
 
+    /// The cordon state the store holds for this host (None when standalone).
+    pub(super) fn published_cordon(&self) -> Option<tokio::sync::watch::Receiver<Option<bool>>> {
+        self.chainfire
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| s.published_cordon())
+    }
+
     /// Whether this host is cordoned (`evacuate`, `cordon`; until `uncordon`).
     pub(super) fn is_cordoned(&self) -> bool {
         self.cordons.lock().unwrap().get().is_some()
@@ -1256,8 +1267,9 @@ impl Daemon {
     }
 
     /// `plasmavmc cordon` (and the first step of `evacuate`): persisted, then published. VMs
-    /// running here stay; HA VMs stopped here let their lock go to another host.
-    pub(super) fn cordon(&self, by: &str) -> Result<String, Refusal> {
+    /// running here stay; HA VMs stopped here let their lock go to another host. Answers once
+    /// the store holds it, or after `PUBLISH_WAIT` saying the cluster does not know yet.
+    pub(super) async fn cordon(&self, by: &str) -> Result<CordonChange, Refusal> {
         let since = {
             let mut cordons = self.cordons.lock().unwrap();
             let cordon = cordons.cordon(by).map_err(|e| {
@@ -1269,11 +1281,32 @@ impl Daemon {
             cordon.since.clone()
         };
         tracing::warn!(since = %since, "host cordoned: {CORDONED}");
+        let cluster = self.publish_cordon(true).await;
+        let what = format!("host cordoned since {since}: {CORDONED}");
+        Ok(CordonChange::new(true, &what, cluster))
+    }
+
+    /// Hands the cordon state to the session (before the picture and the reconcile that follow
+    /// from it) and waits, up to `PUBLISH_WAIT`, until the store holds it: an answer that says
+    /// "published" means every host reading the store sees it.
+    async fn publish_cordon(&self, cordoned: bool) -> ClusterKnows {
         if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
-            session.set_cordoned(true);
+            session.set_cordoned(cordoned);
         }
+        let published = self.published_cordon();
+        self.publish();
         self.trigger(Trigger::Reconcile);
-        Ok(format!("host cordoned since {since}: {CORDONED}"))
+        let Some(mut published) = published else {
+            return ClusterKnows::of(cordoned, true, None);
+        };
+        let wait = published.wait_for(|written| *written == Some(cordoned));
+        let _ = tokio::time::timeout(PUBLISH_WAIT, wait).await;
+        let written = *published.borrow();
+        let knows = ClusterKnows::of(cordoned, false, written);
+        if knows == ClusterKnows::NotYet {
+            tracing::warn!(cordoned, "the cordon state is not in ChainFire yet (store unreachable?): it is written when the store is back");
+        }
+        knows
     }
 
     /// `plasmavmc uncordon`: the host takes HA VMs again (failover, migration, placement).
@@ -1284,22 +1317,19 @@ impl Daemon {
                 format!("could not remove the cordon, so the host stays cordoned: {e:#}"),
             )
         })?;
-        let Some(previous) = previous else {
-            return Ok(Response::Done {
-                message: "the host was not cordoned".into(),
-            });
+        let what = match previous {
+            Some(previous) => {
+                tracing::info!(since = %previous.since, "host uncordoned: it takes HA VMs again");
+                format!(
+                    "host uncordoned (it was cordoned since {} by {}): it takes HA VMs again",
+                    previous.since, previous.by
+                )
+            }
+            None => "the host was not cordoned".to_owned(),
         };
-        tracing::info!(since = %previous.since, "host uncordoned: it takes HA VMs again");
-        if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
-            session.set_cordoned(false);
-        }
-        self.publish();
-        self.trigger(Trigger::Reconcile);
-        Ok(Response::Done {
-            message: format!(
-                "host uncordoned (it was cordoned since {} by {}): it takes HA VMs again",
-                previous.since, previous.by
-            ),
+        let cluster = self.publish_cordon(false).await;
+        Ok(Response::Cordon {
+            change: CordonChange::new(false, &what, cluster),
         })
     }
 
