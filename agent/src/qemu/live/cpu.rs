@@ -6,7 +6,7 @@ use std::time::Duration;
 use qapi::qmp::HotpluggableCPU;
 use serde_json::{Map, Value};
 
-use super::unplug::{unplug, Unplugged};
+use super::unplug::{unplug, GoneWhen, Unplugged};
 use super::{LiveError, LiveOutcome};
 use crate::ids;
 use crate::qemu::qmp::Qmp;
@@ -33,7 +33,15 @@ pub(super) async fn set_vcpus(
         let device = qom_path
             .strip_prefix("/machine/peripheral/")
             .unwrap_or(qom_path);
-        if let Unplugged::Pending = unplug(qmp, device, qom_path, unplug_timeout).await? {
+        if let Unplugged::Pending = unplug(
+            qmp,
+            device,
+            qom_path,
+            unplug_timeout,
+            GoneWhen::DeletedOrAbsent,
+        )
+        .await?
+        {
             return Ok(LiveOutcome::Unplugging {
                 device: device.to_owned(),
             });

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 
-use super::unplug::{unplug, Unplugged};
+use super::unplug::{unplug, GoneWhen, Unplugged};
 use super::{is_not_found, LiveError, LiveOutcome};
 use crate::devices::{self, DeviceProps};
 use crate::ids;
@@ -53,7 +53,15 @@ pub(super) async fn remove_disk(
     timeout: Duration,
 ) -> Result<LiveOutcome, LiveError> {
     let device = ids::disk_device(id);
-    match unplug(qmp, &device, &device_path(&device), timeout).await? {
+    match unplug(
+        qmp,
+        &device,
+        &device_path(&device),
+        timeout,
+        GoneWhen::Deleted,
+    )
+    .await?
+    {
         Unplugged::Pending => Ok(LiveOutcome::Unplugging { device }),
         Unplugged::Gone => {
             remove_disk_nodes(qmp, id).await?;
@@ -124,7 +132,15 @@ pub(super) async fn remove_nic(
     timeout: Duration,
 ) -> Result<LiveOutcome, LiveError> {
     let device = ids::nic_device(id);
-    match unplug(qmp, &device, &device_path(&device), timeout).await? {
+    match unplug(
+        qmp,
+        &device,
+        &device_path(&device),
+        timeout,
+        GoneWhen::Deleted,
+    )
+    .await?
+    {
         Unplugged::Pending => Ok(LiveOutcome::Unplugging { device }),
         Unplugged::Gone => {
             remove_netdev(qmp, &ids::nic_netdev(id)).await?;
