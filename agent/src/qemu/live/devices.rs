@@ -53,15 +53,7 @@ pub(super) async fn remove_disk(
     timeout: Duration,
 ) -> Result<LiveOutcome, LiveError> {
     let device = ids::disk_device(id);
-    match unplug(
-        qmp,
-        &device,
-        &device_path(&device),
-        timeout,
-        GoneWhen::Deleted,
-    )
-    .await?
-    {
+    match unplug_freed(qmp, &device, timeout).await? {
         Unplugged::Pending => Ok(LiveOutcome::Unplugging { device }),
         Unplugged::Gone => {
             remove_disk_nodes(qmp, id).await?;
@@ -132,21 +124,25 @@ pub(super) async fn remove_nic(
     timeout: Duration,
 ) -> Result<LiveOutcome, LiveError> {
     let device = ids::nic_device(id);
-    match unplug(
-        qmp,
-        &device,
-        &device_path(&device),
-        timeout,
-        GoneWhen::Deleted,
-    )
-    .await?
-    {
+    match unplug_freed(qmp, &device, timeout).await? {
         Unplugged::Pending => Ok(LiveOutcome::Unplugging { device }),
         Unplugged::Gone => {
             remove_netdev(qmp, &ids::nic_netdev(id)).await?;
             Ok(LiveOutcome::Done)
         }
     }
+}
+
+/// Unplugs a disk or NIC device; `Gone` once QEMU has freed it, so its block nodes or netdev can go.
+async fn unplug_freed(qmp: &Qmp, device: &str, timeout: Duration) -> Result<Unplugged, LiveError> {
+    unplug(
+        qmp,
+        device,
+        &device_path(device),
+        timeout,
+        GoneWhen::Deleted,
+    )
+    .await
 }
 
 /// Deletes a netdev and, if the agent made its tap, the tap.
