@@ -96,7 +96,7 @@ fn wait_only_on(vm: &str, on: &Host, off: &Host, watcher: &Watcher, what: &str) 
         on.console(vm).matches(BOOT_MARKER).count() + off.console(vm).matches(BOOT_MARKER).count();
     assert_eq!(
         boots, 1,
-        "{what}: {vm}'s guest booted again: it was restarted, not moved"
+        "{what}: {vm}'s guest booted again: it was restarted, not moved\nCONSOLE ON:\n{}\nCONSOLE OFF:\n{}", on.console(vm), off.console(vm)
     );
 }
 

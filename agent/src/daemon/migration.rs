@@ -3,8 +3,9 @@
 //! Source ([`Daemon::migrate_vm`]), holding the VM's reconcile lock throughout so nothing else
 //! touches it: checks, records the request in ChainFire (under its lease), waits for the
 //! target's answer, migrates with `pause-before-switchover`; at `pre-switchover` (guest paused)
-//! moves the HA lock to the target in one conditional transaction, and only then lets QEMU send
-//! the rest; then quits its QEMU. Any fault before the lock moved: cancel, resume, keep the lock.
+//! lets QEMU send the rest (its QEMU stays paused, resumable) while the target confirms and the
+//! HA lock moves to it in one conditional transaction; then quits its QEMU. Any fault before the
+//! lock moved: cancel, resume, keep the lock.
 //!
 //! Target ([`follow_requests`] → `receive`), holding the VM's reconcile lock until done so no
 //! reconcile boots the VM beside the incoming QEMU: launches QEMU with the source's running
@@ -15,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
@@ -23,6 +24,7 @@ use super::supervisor::Daemon;
 use super::vm::VmSlot;
 use crate::chainfire::moves::{MoveStore, Switch};
 use crate::chainfire::{keys, ClusterView, VmKey};
+use crate::migration::downtime::{self, SwitchoverClock};
 use crate::migration::ports::PortRange;
 use crate::migration::record::{self, Recovery, TargetStep};
 use crate::migration::{
@@ -38,6 +40,8 @@ const POLL: Duration = Duration::from_millis(10);
 /// How often a move refreshes its progress when QEMU reports no change of status (a `MIGRATION`
 /// event wakes it at once: the switchover is never waited for by polling).
 const PROGRESS: Duration = Duration::from_millis(100);
+/// How often the source asks the store again when the lock transaction's outcome is unknown.
+const POLL_STORE: Duration = Duration::from_millis(500);
 /// How long the target may take to answer (it launches a paused QEMU).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// A move whose memory transfer makes no progress for this long is given up (stay on the
@@ -168,7 +172,7 @@ impl Daemon {
         };
         if target.cordoned {
             return Err(refuse(format!(
-                "host {to} is cordoned: nothing is migrated to it (`plasmavmc uncordon` there opens it)"
+                "host {to} is cordoned, as this host's view of ChainFire says: nothing is migrated to it (`plasmavmc uncordon` there opens it)"
             )));
         }
         compat::check(&spec, &session_config.host_facts, to, &target.facts).map_err(refuse)?;
@@ -360,6 +364,9 @@ impl Daemon {
                 )));
             }
         }
+        // QEMU's STOP, the start of the downtime (for an offline move, the pause just below),
+        // and whether the stream broke, without asking QEMU at the switchover.
+        let mut events = qmp.subscribe();
         let started = async {
             qemu_migrate::prepare_source(qmp, request.mode, options.bandwidth, tls.is_some())
                 .await?;
@@ -378,6 +385,16 @@ impl Daemon {
             )));
         }
         report.stage("transferring memory", &[]);
+        let abandon = |why: String| async move {
+            self.recover(slot, qmp, key, record::recovery(false), to)
+                .await;
+            let here = if self.may_run_now(key) {
+                "the VM runs here as before"
+            } else {
+                "the guest stays paused here: this host no longer holds its lock under a trusted lease, fencing decides"
+            };
+            Err(MigrationError::Abandoned(format!("{why}; {here}")))
+        };
         let paused_at = match self
             .until_paused(key, qmp, pid, &answer.id, cancel, report)
             .await
@@ -385,22 +402,21 @@ impl Daemon {
             Ok(paused_at) => paused_at,
             Err(why) => {
                 let _ = qemu_migrate::disks::finish(qmp, &copied, true).await;
-                self.recover(slot, qmp, key, record::recovery(false), to)
-                    .await;
-                return Err(MigrationError::Abandoned(format!(
-                    "{why}; the VM runs here as before"
-                )));
+                return abandon(why).await;
             }
         };
+        let paused_wall = qemu_migrate::stopped_at(&mut events).unwrap_or_else(SystemTime::now);
         report.stage("switchover", &[]);
         // The guest is paused: the mirrors are in step; they end here (the target's copies are
-        // whole) before the lock moves.
+        // whole) before the rest of the stream goes.
         if let Err(e) = qemu_migrate::disks::finish(qmp, &copied, false).await {
-            self.recover(slot, qmp, key, record::recovery(false), to)
-                .await;
-            return Err(MigrationError::Abandoned(format!(
-                "ending the disk copies: {e}; the VM runs here as before"
-            )));
+            return abandon(format!("ending the disk copies: {e}")).await;
+        }
+        // The rest goes while the target confirms and the lock moves, off the downtime's path:
+        // the target resumes only with the stream complete *and* the lock, and this QEMU, paused
+        // even once everything is sent, resumes here if the lock stays.
+        if let Err(e) = qemu_migrate::continue_after_pause(qmp).await {
+            return abandon(format!("sending the rest: {e}")).await;
         }
         let paused = MigrationRecord {
             phase: Phase::Paused,
@@ -411,18 +427,19 @@ impl Daemon {
             Err(e) => Err(format!("recording the pause: {e:#}")),
         };
         if let Err(why) = confirmed {
-            self.recover(slot, qmp, key, record::recovery(false), to)
-                .await;
-            return Err(MigrationError::Abandoned(format!(
-                "{why}; the VM runs here as before"
-            )));
+            return abandon(why).await;
         }
         let confirmed_at = Instant::now();
+        // A stream that broke meanwhile never completes there: the lock stays.
+        if let Some(broke) = qemu_migrate::broke(&mut events) {
+            return abandon(format!("the migration {broke} at the switchover")).await;
+        }
         self.moves
             .lock()
             .unwrap()
             .handing_over
             .insert(key.vm.clone());
+        let lock_sent = SystemTime::now();
         let switched = self
             .switch_lock(store, key, &paused, lease, &answer.id)
             .await;
@@ -430,19 +447,15 @@ impl Daemon {
             Ok(()) => {
                 let times = Switchover {
                     paused: paused_at,
+                    paused_wall,
                     confirmed: confirmed_at,
+                    lock_sent,
                     locked: Instant::now(),
                 };
                 self.finish_out(slot, key, request, qmp, times, report)
                     .await
             }
-            Err(why) => {
-                self.recover(slot, qmp, key, record::recovery(false), to)
-                    .await;
-                Err(MigrationError::Abandoned(format!(
-                    "{why}; the VM runs here as before"
-                )))
-            }
+            Err(why) => abandon(why).await,
         };
         self.moves.lock().unwrap().handing_over.remove(&key.vm);
         result
@@ -635,8 +648,16 @@ impl Daemon {
                 tracing::warn!(vm = %key.vm, "the lock transaction's outcome is unknown ({e:#}); reading the lock back")
             }
         }
-        for _ in 0..10 {
-            match store.lock_holder(key).await {
+        // Unknown: first make a late commit of that transaction impossible (it compares the
+        // request's revision, which this put changes), then read who holds the lock. The rest
+        // of the stream is at the target already: until this is settled the guest stays paused
+        // here; once this host's lease is no longer trusted, fencing decides.
+        loop {
+            let settled = async {
+                store.update(request, key, lease).await?;
+                store.lock_holder(key).await
+            };
+            match settled.await {
                 Ok(Some(holder)) if holder.host == request.to => return Ok(()),
                 Ok(_) => {
                     return Err(
@@ -644,15 +665,27 @@ impl Daemon {
                             .into(),
                     )
                 }
-                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                Err(_) if self.may_run_now(key) => tokio::time::sleep(POLL_STORE).await,
+                Err(e) => {
+                    return Err(format!(
+                        "the store is unreachable at the switchover ({e:#})"
+                    ))
+                }
             }
         }
-        // Unknown whether the lock moved: this host must not resume the guest. Its lease lapses
-        // with the store unreachable, and HA decides.
-        Err("the store is unreachable at the switchover; the guest stays paused here until HA decides".into())
     }
 
-    /// After the lock moved: let QEMU send the rest, quit this QEMU, learn the target runs.
+    /// Whether this host may run VM `key` now (its lock, under a lease still trusted).
+    fn may_run_now(&self, key: &VmKey) -> bool {
+        self.chainfire
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|s| s.may_run().borrow().contains(key))
+    }
+
+    /// After the lock moved: wait until QEMU sent the rest, quit this QEMU, learn when the
+    /// target ran the guest.
     async fn finish_out(
         &self,
         slot: &Arc<VmSlot>,
@@ -663,11 +696,10 @@ impl Daemon {
         report: &Reporter,
     ) -> Result<MigrationOutcome, MigrationError> {
         let to = request.to.as_str();
-        tracing::info!(vm = %key.vm, to, "migration: the HA lock is {to}'s; sending the rest");
+        tracing::info!(vm = %key.vm, to, "migration: the HA lock is {to}'s; the guest runs there once the rest is in");
         report.stage("completing", &[]);
         let mut events = qmp.subscribe();
         let completed = async {
-            qemu_migrate::continue_after_pause(qmp).await?;
             loop {
                 let status = qemu_migrate::status(qmp).await?;
                 report.update(|p| status.fill(p));
@@ -677,7 +709,9 @@ impl Daemon {
                         "the migration {s} after the switchover: {}",
                         status.error.as_deref().unwrap_or("QEMU gave no reason")
                     ),
-                    _ => qemu_migrate::next_change(&mut events, PROGRESS).await,
+                    _ => {
+                        qemu_migrate::next_change(&mut events, PROGRESS).await;
+                    }
                 }
             }
         }
@@ -701,22 +735,30 @@ impl Daemon {
                 "{e:#}; the HA lock is {to}'s, which boots the VM afresh"
             ))
         })?;
-        let resumed_at = resumed.unwrap_or_else(Instant::now);
-        let downtime = resumed_at - times.paused;
         if resumed.is_none() {
             tracing::warn!(vm = %key.vm, to, "migration: {to} did not report the guest running within {}s", RESUMED_WAIT.as_secs());
         }
+        let (heard_at, resumed_there) = resumed.unwrap_or((Instant::now(), None));
+        let clock = SwitchoverClock {
+            paused: times.paused_wall,
+            lock_sent: times.lock_sent,
+            heard_resumed: times.paused_wall + heard_at.saturating_duration_since(times.paused),
+            resumed_there,
+        };
+        let downtime = clock.downtime();
         let ms = |from: Instant, to: Instant| to.saturating_duration_since(from).as_millis() as u64;
         tracing::info!(
             vm = %key.vm,
             to,
             downtime_ms = downtime.as_millis() as u64,
+            target_clock = if resumed_there.is_some() { "used" } else { "not reported" },
             confirm_ms = ms(times.paused, times.confirmed),
             lock_ms = ms(times.confirmed, times.locked),
-            rest_sent_ms = ms(times.locked, completed_at),
-            running_there_ms = ms(completed_at, resumed_at),
-            "migration: done (downtime: source paused until the target runs; the target's \
-             confirmation, the lock transaction, the rest of the stream, the target's resume)"
+            completed_ms = ms(times.paused, completed_at),
+            heard_ms = ms(times.paused, heard_at),
+            "migration: done (downtime: from QEMU's pause here to QEMU's resume there; \
+             the rest of the stream went during the target's confirmation and the lock \
+             transaction; times since the pause as this agent saw it)"
         );
         Ok(MigrationOutcome {
             vm: key.vm.clone(),
@@ -729,8 +771,9 @@ impl Daemon {
         })
     }
 
-    /// When the target said it runs the guest (its answer `resumed`), within `RESUMED_WAIT`.
-    async fn target_resumed(&self, key: &VmKey, id: &str) -> Option<Instant> {
+    /// When the source heard (within `RESUMED_WAIT`) that the target runs the guest, and since
+    /// when the target says it does (its clock).
+    async fn target_resumed(&self, key: &VmKey, id: &str) -> Option<(Instant, Option<SystemTime>)> {
         let mut cluster = self.cluster()?;
         let wait = async {
             loop {
@@ -738,9 +781,13 @@ impl Daemon {
                     .borrow_and_update()
                     .incoming
                     .get(key)
-                    .is_some_and(|a| a.value.id == id && matches!(a.value.answer, Answer::Resumed));
-                if resumed {
-                    return Instant::now();
+                    .filter(|a| a.value.id == id)
+                    .and_then(|a| match a.value.answer {
+                        Answer::Resumed { at } => Some(at.map(downtime::from_unix_micros)),
+                        _ => None,
+                    });
+                if let Some(at) = resumed {
+                    return (Instant::now(), at);
                 }
                 if cluster.changed().await.is_err() {
                     std::future::pending::<()>().await;
@@ -775,13 +822,7 @@ impl Daemon {
                 _ => break,
             }
         }
-        let still_ours = self
-            .chainfire
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|s| s.may_run().borrow().contains(key));
-        if still_ours {
+        if self.may_run_now(key) {
             if let Err(e) = qmp.cont().await {
                 tracing::error!(vm = %key.vm, "the move was abandoned but the guest could not be resumed: {e}");
             }
@@ -915,11 +956,17 @@ impl Daemon {
         }
         match outcome {
             TargetStep::Resume => {
+                let mut run_state = qmp.subscribe();
+                let resumed = qmp.cont().await;
+                // Said at once, with QEMU's instant: the source ends the downtime there.
+                let at = qemu_migrate::resumed_at(&mut run_state).map(downtime::to_unix_micros);
+                let _ = store
+                    .answer(&key, &answer(Answer::Resumed { at }), lease)
+                    .await;
+                // Off the downtime's path: the source's disk mirrors ended before the switchover,
+                // nothing writes through the exports any more.
                 qemu_migrate::disks::unexport(&qmp, &copied).await;
                 forget_images(&aside);
-                let resumed = qmp.cont().await;
-                // Said at once: the source measures the downtime until it hears this.
-                let _ = store.answer(&key, &answer(Answer::Resumed), lease).await;
                 slot.adopt_incoming(&self.shell, qmp, pid, running.boot_spec.clone())
                     .await;
                 match resumed {
@@ -1102,6 +1149,16 @@ impl Daemon {
         };
         let mut may_run = self.may_run();
         let mut events = qmp.subscribe();
+        // Asked now, then followed by QEMU's events: at the end of the stream QEMU loads the
+        // devices' state and its monitor answers nothing until done, while the confirmation
+        // must not wait.
+        let ask = || async {
+            qemu_migrate::status(qmp)
+                .await
+                .ok()
+                .map(|status| status.status.unwrap_or_else(|| "none".into()))
+        };
+        let mut status = ask().await;
         let mut completed_at: Option<Instant> = None;
         let mut has_confirmed = false;
         loop {
@@ -1114,14 +1171,9 @@ impl Daemon {
             let holds_lock = may_run
                 .as_mut()
                 .is_some_and(|m| m.borrow_and_update().contains(key));
-            let incoming = if crate::qemu::process::is_alive(pid) {
-                match qemu_migrate::status(qmp).await {
-                    Ok(status) => Some(status.status.unwrap_or_else(|| "none".into())),
-                    Err(_) => None,
-                }
-            } else {
-                None
-            };
+            let incoming = status
+                .clone()
+                .filter(|_| crate::qemu::process::is_alive(pid));
             if incoming.as_deref() == Some("completed") {
                 let since = *completed_at.get_or_insert_with(Instant::now);
                 if !holds_lock && since.elapsed() > LOCK_WAIT {
@@ -1156,7 +1208,11 @@ impl Daemon {
             tokio::select! {
                 _ = cluster.changed() => {}
                 _ = lock_moves => {}
-                _ = qemu_migrate::next_change(&mut events, PROGRESS) => {}
+                change = qemu_migrate::next_change(&mut events, PROGRESS) => match change {
+                    qemu_migrate::Change::Status(now) => status = Some(now),
+                    qemu_migrate::Change::Missed => status = ask().await,
+                    qemu_migrate::Change::Closed | qemu_migrate::Change::Quiet => {}
+                }
             }
         }
     }
@@ -1176,10 +1232,15 @@ impl Daemon {
     }
 }
 
-/// When the source reached each step of the switchover (its guest paused at the first).
+/// When the source reached each step of the switchover (its guest paused at the first), by
+/// this agent's monotonic clock, and the wall-clock instants of the downtime's bounds.
 struct Switchover {
+    /// When this agent saw the pause.
     paused: Instant,
+    /// QEMU's pause (its `STOP`).
+    paused_wall: SystemTime,
     confirmed: Instant,
+    lock_sent: SystemTime,
     locked: Instant,
 }
 

@@ -2,9 +2,10 @@
 //! with, re-expressed for the target's command line), whether two hosts can do it (`compat`),
 //! what the two agents write to ChainFire and how each reacts to a fault (`record`), what an
 //! agent restarted mid-move does with the move it finds (`interrupted`), the port
-//! range (`ports`), and what a move reports (`report`). The shell is `daemon::migration`.
+//! range (`ports`), and what a move reports (`report`, `downtime`). The shell is `daemon::migration`.
 
 pub mod compat;
+pub mod downtime;
 pub mod interrupted;
 pub mod ports;
 pub mod record;

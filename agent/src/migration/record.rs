@@ -86,8 +86,16 @@ pub enum Answer {
     },
     /// Alive and receiving at the switchover (the answer to `Phase::Paused`).
     Confirmed,
-    /// The guest runs on the target.
-    Resumed,
+    /// The guest runs on the target; since `at` (QEMU's `RESUME`, microseconds since the Unix
+    /// epoch by the target's clock; absent from an agent that did not say).
+    Resumed {
+        #[serde(
+            rename = "atUnixMicros",
+            default,
+            skip_serializing_if = "Option::is_none"
+        )]
+        at: Option<u64>,
+    },
     /// The target will not take the VM (not declared there, not HA there, cordoned, ...).
     Refused { reason: String },
     /// The target tried and failed (QEMU would not start, ...).
@@ -134,7 +142,10 @@ pub fn target_step(
     confirmed: bool,
 ) -> TargetStep {
     match (incoming, holds_lock, request) {
-        (Some("active" | "setup" | "none"), false, Some(Phase::Paused)) if !confirmed => {
+        // The source lets QEMU send the rest as it pauses: the stream may be in already.
+        (Some("active" | "setup" | "none" | "completed"), false, Some(Phase::Paused))
+            if !confirmed =>
+        {
             TargetStep::Confirm
         }
         (None, _, _) => TargetStep::Discard("the incoming QEMU is gone".into()),
@@ -175,6 +186,11 @@ mod tests {
         let step = |r, lock, q| target_step(r, lock, q, false);
         assert_eq!(step(requested, false, Some("active")), Wait);
         assert_eq!(step(paused, false, Some("active")), Confirm);
+        assert_eq!(
+            step(paused, false, Some("completed")),
+            Confirm,
+            "the rest may arrive before the confirmation"
+        );
         assert_eq!(
             target_step(paused, false, Some("active"), true),
             Wait,
@@ -229,6 +245,16 @@ mod tests {
         assert_eq!(
             serde_json::from_value::<IncomingRecord>(json).unwrap(),
             answer
+        );
+        let resumed = serde_json::json!({"state": "resumed", "atUnixMicros": 5});
+        assert_eq!(
+            serde_json::from_value::<Answer>(resumed).unwrap(),
+            Answer::Resumed { at: Some(5) }
+        );
+        let from_an_older_agent = serde_json::json!({"state": "resumed"});
+        assert_eq!(
+            serde_json::from_value::<Answer>(from_an_older_agent).unwrap(),
+            Answer::Resumed { at: None }
         );
     }
 }

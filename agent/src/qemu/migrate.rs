@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
@@ -84,7 +84,8 @@ pub async fn tls_credentials(qmp: &Qmp, dir: &Path, endpoint: &str) -> Result<()
     .map(drop)
 }
 
-/// Lets the source go on past `pre-switchover`: it sends the rest and the devices' state.
+/// Lets the source go on past `pre-switchover`: it sends the rest and the devices' state, and
+/// stays paused (`postmigrate`, resumable by `cont` until it quits).
 pub async fn continue_after_pause(qmp: &Qmp) -> Result<(), QmpError> {
     qmp.command("migrate-continue", json!({"state": "pre-switchover"}))
         .await
@@ -234,21 +235,89 @@ pub struct Status {
     pub downtime_ms: Option<u64>,
 }
 
+/// What [`next_change`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A `MIGRATION` event: the new status.
+    Status(String),
+    /// Events were dropped (a slow subscriber): ask QEMU.
+    Missed,
+    /// QEMU's QMP socket closed.
+    Closed,
+    /// Nothing within the time given.
+    Quiet,
+}
+
 /// Waits until QEMU reports a migration status change (a `MIGRATION` event: the `events`
 /// capability is on at both ends) or its QMP socket closes, `at_most`: a move reacts to the
 /// switchover at once instead of on its next poll, and still refreshes its progress meanwhile.
-pub async fn next_change(events: &mut broadcast::Receiver<QemuEvent>, at_most: Duration) {
+/// The status comes with the event: while QEMU saves or loads the devices' state at the
+/// switchover its monitor answers nothing, and a move need not wait on it to know.
+pub async fn next_change(events: &mut broadcast::Receiver<QemuEvent>, at_most: Duration) -> Change {
     let change = async {
         loop {
             match events.recv().await {
-                Ok(QemuEvent::Migration { .. } | QemuEvent::Disconnected { .. })
-                | Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Ok(QemuEvent::Migration { status }) => return Change::Status(status),
+                Ok(QemuEvent::Disconnected { .. }) => return Change::Closed,
+                Err(broadcast::error::RecvError::Lagged(_)) => return Change::Missed,
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Closed) => std::future::pending().await,
             }
         }
     };
-    let _ = tokio::time::timeout(at_most, change).await;
+    tokio::time::timeout(at_most, change)
+        .await
+        .unwrap_or(Change::Quiet)
+}
+
+/// A failed or cancelled migration among the events `events` has received (its status), without
+/// asking QEMU.
+pub fn broke(events: &mut broadcast::Receiver<QemuEvent>) -> Option<String> {
+    loop {
+        match events.try_recv() {
+            Ok(QemuEvent::Migration { status }) if matches!(&*status, "failed" | "cancelled") => {
+                return Some(status)
+            }
+            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// When QEMU stopped the guest, by its `STOP` among the events `events` has received: the
+/// start of a move's downtime. QEMU sends `STOP` before it reports the pause at
+/// `pre-switchover`, so once a `query-migrate` said so, the event is in.
+pub fn stopped_at(events: &mut broadcast::Receiver<QemuEvent>) -> Option<SystemTime> {
+    first_received(events, |event| match event {
+        QemuEvent::Stop { at } => Some(*at),
+        _ => None,
+    })
+}
+
+/// When QEMU resumed the guest, by its `RESUME` among the events `events` has received (QEMU
+/// sends it before it answers `cont`).
+pub fn resumed_at(events: &mut broadcast::Receiver<QemuEvent>) -> Option<SystemTime> {
+    first_received(events, |event| match event {
+        QemuEvent::Resume { at } => Some(*at),
+        _ => None,
+    })
+}
+
+fn first_received(
+    events: &mut broadcast::Receiver<QemuEvent>,
+    pick: impl Fn(&QemuEvent) -> Option<SystemTime>,
+) -> Option<SystemTime> {
+    loop {
+        match events.try_recv() {
+            Ok(event) => {
+                if let Some(at) = pick(&event) {
+                    return Some(at);
+                }
+            }
+            Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return None,
+        }
+    }
 }
 
 pub async fn status(qmp: &Qmp) -> Result<Status, QmpError> {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use qapi::qmp;
 use serde::de::DeserializeOwned;
@@ -37,8 +37,14 @@ pub enum QemuEvent {
         guest_initiated: bool,
         reason: String,
     },
-    Stop,
-    Resume,
+    /// The guest stopped running (`at`: when, by QEMU's clock: the start of a move's downtime).
+    Stop {
+        at: SystemTime,
+    },
+    /// The guest runs again (`at`: when, by QEMU's clock).
+    Resume {
+        at: SystemTime,
+    },
     /// A device is gone. Unplugging a virtio device first reports its `.../virtio-backend` child
     /// (no `device`), then the device itself with its id.
     DeviceDeleted {
@@ -623,8 +629,12 @@ impl QemuEvent {
                 guest_initiated: data.guest,
                 reason: enum_name(&data.reason),
             },
-            E::STOP { .. } => QemuEvent::Stop,
-            E::RESUME { .. } => QemuEvent::Resume,
+            E::STOP { timestamp, .. } => QemuEvent::Stop {
+                at: wall_time(timestamp),
+            },
+            E::RESUME { timestamp, .. } => QemuEvent::Resume {
+                at: wall_time(timestamp),
+            },
             E::DEVICE_DELETED { data, .. } => QemuEvent::DeviceDeleted {
                 device: data.device,
                 path: data.path,
@@ -644,6 +654,15 @@ impl QemuEvent {
             _ => return None,
         })
     }
+}
+
+/// An event's timestamp (seconds and microseconds since the Unix epoch, QEMU's host clock).
+fn wall_time(timestamp: qapi::Timestamp) -> SystemTime {
+    let value = serde_json::to_value(timestamp).unwrap_or_default();
+    let number = |field: &str| value[field].as_u64().unwrap_or(0);
+    UNIX_EPOCH
+        + Duration::from_secs(number("seconds"))
+        + Duration::from_micros(number("microseconds"))
 }
 
 /// A host network backend as `info network` shows it.
@@ -711,6 +730,26 @@ mod tests {
         assert_eq!(netdevs["net-e"].ifname.as_deref(), Some("tapx"));
         assert_eq!(netdevs["net-old"].kind, "tap");
         assert_eq!(netdevs["net-old"].ifname.as_deref(), Some("pv0123456789ab"));
+    }
+
+    #[test]
+    fn stop_and_resume_carry_qemus_timestamp() {
+        let event = |json: &str| {
+            QemuEvent::from_qmp(serde_json::from_str(json).unwrap()).expect("a known event")
+        };
+        let at = UNIX_EPOCH + Duration::from_micros(1_290_688_046_388_707);
+        assert_eq!(
+            event(
+                r#"{"event": "STOP", "timestamp": {"seconds": 1290688046, "microseconds": 388707}}"#
+            ),
+            QemuEvent::Stop { at }
+        );
+        assert_eq!(
+            event(
+                r#"{"event": "RESUME", "timestamp": {"seconds": 1290688046, "microseconds": 388707}}"#
+            ),
+            QemuEvent::Resume { at }
+        );
     }
 
     #[test]
