@@ -168,6 +168,15 @@ fn assert_kept_after_restart(
     );
 }
 
+/// The older copies a move set aside in `dir` (`PATH.before-migration-ID`).
+fn set_aside(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.contains(".before-migration-"))
+        .collect()
+}
+
 /// With `host`'s agent dead (its QMP socket free): lifts the source QEMU's bandwidth cap and
 /// waits until it pauses at the switchover (`pause-before-switchover`), where it stays.
 fn speed_to_switchover(host: &Host) {
@@ -446,17 +455,58 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
 
     // 9. The target's agent killed -9 mid-move (a -> b) and started again at once: it finds
     // the incoming QEMU without the lock and discards it, never resumes it; the source resumes.
+    // b set aside its older copy of the local disk (from when the VM last ran there) for the
+    // move: the new agent removes the partial image and puts the older copy back.
+    let b_image = b_local.join("local1.qcow2");
+    let b_older = std::fs::read(&b_image).expect("b keeps its older copy of the local disk");
+    let uptime_before = guest_uptime(&a);
     watcher.move_starts(VM);
     let move_ = migrate_in_background(&a, &["--to", "b", "--bandwidth", SLOW]);
     wait_mid_move(&a);
+    assert!(
+        set_aside(&b_local).len() == 1,
+        "b set its older copy aside for the move: {:?}",
+        set_aside(&b_local)
+    );
     b.kill_agent();
     b.start_agent_with_mount(&b_local, &a_local, &b_flags);
-    assert_abandoned(
-        finished(move_),
-        &a,
-        &b,
-        on_a,
-        "target agent restarted mid-transfer",
+    let what = "target agent restarted mid-transfer";
+    assert_abandoned(finished(move_), &a, &b, on_a, what);
+    assert!(
+        guest_uptime(&a) > uptime_before,
+        "{what}: the uptime goes on"
+    );
+    let deadline = Instant::now() + AGENT;
+    while !set_aside(&b_local).is_empty() || std::fs::read(&b_image).ok() != Some(b_older.clone()) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: b's older copy is not back (set aside: {:?}); b's log:\n{}",
+            set_aside(&b_local),
+            b.agent_log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    watcher.check();
+
+    // ... and the next move there copies the disk as usual (then the VM comes back to a).
+    for (from, to, name) in [(&a, &b, "b"), (&b, &a, "a")] {
+        watcher.move_starts(VM);
+        from.cli(&["migrate", VM, "--to", name])
+            .expect_code(0, &format!("{what}: the next move to {name}"));
+        wait_beating(to, &format!("{what}: heartbeat on {name}"));
+    }
+    let read = a.in_guest(
+        VM,
+        "echo 3 > /proc/sys/vm/drop_caches; dd if=$(dev local1) bs=17 count=1 2>/dev/null; echo",
+    );
+    assert!(
+        read.contains("LOCAL-MARK-777777"),
+        "{what}: the local disk is whole: {read}"
+    );
+    assert!(
+        set_aside(&b_local).is_empty(),
+        "{what}: {:?}",
+        set_aside(&b_local)
     );
     watcher.check();
 

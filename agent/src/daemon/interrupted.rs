@@ -9,17 +9,19 @@
 //! go. Evacuations wait for it (`moves_settled`).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 
+use super::migration::{forget_images, put_back_images};
 use super::supervisor::{Daemon, Trigger};
 use super::vm::VmSlot;
 use crate::chainfire::moves::MoveStore;
 use crate::chainfire::{keys, VmKey};
-use crate::migration::interrupted::{self, AdoptedQemu, LockSeen, Settle};
-use crate::migration::MigrationRecord;
+use crate::migration::interrupted::{self, AdoptedQemu, Images, LockSeen, Reached, Settle};
+use crate::migration::{MigrationRecord, RunningConfig};
 use crate::qemu::migrate as qemu_migrate;
 use crate::qemu::Qmp;
 use crate::status::VmState;
@@ -159,6 +161,8 @@ impl Daemon {
             .unwrap_or_default();
         let deadline = Instant::now() + SETTLE_WAIT;
         let mut discarded = false;
+        // The QEMU as last seen and what was done with it, for the images.
+        let mut last: Option<(AdoptedQemu, Settle)> = None;
         loop {
             let (lock, holder) = self.lock_seen(store, key, record).await;
             let qemu = match slot {
@@ -182,6 +186,7 @@ impl Daemon {
                 break; // Forget: no QEMU here
             };
             let waiting = Instant::now() < deadline;
+            last = qemu.clone().map(|qemu| (qemu, settled.clone()));
             match settled {
                 Settle::ReadLockAgain => {
                     tracing::warn!(vm, "the HA lock cannot be read ({holder}); the guest stays as it is until it can");
@@ -277,6 +282,32 @@ impl Daemon {
             // The source sees this host withdraw and resumes the guest there.
             let _ = store.forget(keys::incoming(key)).await;
         }
+        if let (Some(record), Some((qemu, settled)), false) = (record, last, source) {
+            // Read only once the answer is withdrawn: the lock can no longer move here.
+            let reached = if discarded {
+                self.reached(store, key, record).await
+            } else {
+                Reached::Unknown
+            };
+            let images = interrupted::images_after(source, &qemu, &settled, reached);
+            settle_images(vm, images, &record.running, &record.id);
+        }
+    }
+
+    /// How far the move `record` got, as the store says now (the lock read before the request:
+    /// both change in one transaction).
+    async fn reached(&self, store: &MoveStore, key: &VmKey, record: &MigrationRecord) -> Reached {
+        let (lock, _) = self.lock_seen(store, key, Some(record)).await;
+        match (lock, store.requests_involving(&self.host_id).await) {
+            (LockSeen::Unknown, _) | (_, Err(_)) => Reached::Unknown,
+            (lock, Ok(requests)) => {
+                let phase = requests
+                    .into_iter()
+                    .find(|(k, r)| k == key && r.id == record.id)
+                    .map(|(_, r)| r.phase);
+                interrupted::reached(phase, matches!(lock, LockSeen::Here | LockSeen::Target))
+            }
+        }
     }
 
     /// Who holds `key`'s lock, relative to this host and the move's target; and a name for it.
@@ -321,6 +352,41 @@ impl Held {
         Held {
             slot,
             _reconcile: reconcile,
+        }
+    }
+}
+
+/// The images of the disks the settled move copied here, as `interrupted::images_after` says:
+/// the older copies that move `id` set aside, found by their names.
+fn settle_images(vm: &str, images: Images, running: &RunningConfig, id: &str) {
+    let set_aside: Vec<(PathBuf, PathBuf)> = running
+        .older_copies(id)
+        .into_iter()
+        .filter(|(_, kept)| std::fs::symlink_metadata(kept).is_ok())
+        .collect();
+    let kept: Vec<String> = set_aside
+        .iter()
+        .map(|(_, kept)| kept.display().to_string())
+        .collect();
+    match images {
+        Images::Leave if !set_aside.is_empty() => tracing::error!(
+            vm,
+            ?kept,
+            "it cannot be told whether the move's images here are whole: they stay, and so do the \
+             older copies it set aside; keep the right one before the VM runs here"
+        ),
+        Images::Leave => {}
+        Images::RemoveOlder => {
+            tracing::info!(
+                vm,
+                ?kept,
+                "the move's images here are whole: removing the older copies it set aside"
+            );
+            forget_images(&set_aside);
+        }
+        Images::PutBackOlder => {
+            tracing::warn!(vm, ?kept, "the move was discarded before the switchover: removing its partial images, putting the older copies back");
+            put_back_images(running, &set_aside);
         }
     }
 }

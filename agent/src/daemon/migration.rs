@@ -1296,38 +1296,46 @@ impl Reporter {
 /// older copy from when the VM last ran on this host. The incoming QEMU gets a blank image there.
 fn set_aside_images(running: &RunningConfig, id: &str) -> Result<Vec<(PathBuf, PathBuf)>, String> {
     let mut aside = Vec::new();
-    for disk in running.disks_to_copy() {
-        let path = &running.spec.disks[&disk].path;
-        if std::fs::symlink_metadata(path).is_err() {
+    for (path, kept) in running.older_copies(id) {
+        if std::fs::symlink_metadata(&path).is_err() {
             continue;
         }
-        let kept = PathBuf::from(format!("{}.before-migration-{id}", path.display()));
-        if let Err(e) = std::fs::rename(path, &kept) {
+        if let Err(e) = std::fs::rename(&path, &kept) {
             put_back_images(running, &aside);
             return Err(format!("moving the older {} aside: {e}", path.display()));
         }
         tracing::info!(path = %path.display(), kept = %kept.display(), "migration: an older copy of the disk is set aside");
-        aside.push((path.clone(), kept));
+        aside.push((path, kept));
     }
     Ok(aside)
 }
 
-/// An abandoned move: the blank images go, the older copies come back.
-fn put_back_images(running: &RunningConfig, aside: &[(PathBuf, PathBuf)]) {
+/// An abandoned move: the blank (or partly copied) images go, the older copies come back.
+pub(super) fn put_back_images(running: &RunningConfig, aside: &[(PathBuf, PathBuf)]) {
     for disk in running.disks_to_copy() {
-        let _ = std::fs::remove_file(&running.spec.disks[&disk].path);
+        let path = &running.spec.disks[&disk].path;
+        if std::fs::remove_file(path).is_ok() {
+            tracing::info!(path = %path.display(), "migration: the image of the abandoned move is removed");
+        }
     }
     for (path, kept) in aside {
-        if let Err(e) = std::fs::rename(kept, path) {
-            tracing::error!(path = %path.display(), kept = %kept.display(), "migration: putting the older copy back: {e}");
+        match std::fs::rename(kept, path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), kept = %kept.display(), "migration: the older copy of the disk is back")
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), kept = %kept.display(), "migration: putting the older copy back: {e}")
+            }
         }
     }
 }
 
 /// A completed move: the older copies are stale.
-fn forget_images(aside: &[(PathBuf, PathBuf)]) {
+pub(super) fn forget_images(aside: &[(PathBuf, PathBuf)]) {
     for (_, kept) in aside {
-        let _ = std::fs::remove_file(kept);
+        if std::fs::remove_file(kept).is_ok() {
+            tracing::info!(kept = %kept.display(), "migration: the stale older copy of the disk is removed");
+        }
     }
 }
 

@@ -16,9 +16,19 @@
 //! only with the stream complete *and* the lock this host's; while the lock is here and the
 //! stream still arrives, it waits; in every other case it is discarded, never resumed.
 //!
+//! The images of the disks the move copied, on the target (`images_after`): an incoming QEMU that
+//! resumes makes the older copies set aside there (`PATH.before-migration-ID`) stale, so they
+//! are removed. One discarded before the switchover leaves a partial image at each path: it is
+//! removed and the older copy goes back. One discarded after it leaves whole images (the disk
+//! copies end, in step, before the lock moves), which the lock holder boots from: they stay and
+//! the older copies go. When it cannot be told which, both files stay (logged). Nothing else is
+//! touched: a source's images, or those of a QEMU that ran the guest, are live.
+//!
 //! Either side: a lock that cannot be read is read again; nothing is done on a guess. A move
 //! found recorded with no QEMU of that VM here: its records are forgotten, nothing else (the VM's
 //! own rules start it where its lock is).
+
+use super::Phase;
 
 /// What the HA lock's record in the store says, read after the restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +125,65 @@ pub fn settle(lock: &LockSeen, qemu: Option<&AdoptedQemu>) -> Settle {
             Settle::FinishThenQuit
         }
         LockSeen::Target | LockSeen::Elsewhere => Settle::Quit,
+    }
+}
+
+/// What the target does with the images of the disks its move copied, once settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Images {
+    /// Nothing: this host was the source, the QEMU ran the guest, or it cannot be told whether
+    /// the images are whole.
+    Leave,
+    /// The images are whole (the guest resumed here, or the move passed the switchover): the
+    /// older copies set aside are stale, remove them.
+    RemoveOlder,
+    /// The incoming QEMU was discarded before the switchover: remove the partial images, put
+    /// the older copies back.
+    PutBackOlder,
+}
+
+/// How far a move got before its incoming QEMU was discarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reached {
+    BeforeSwitchover,
+    /// The lock moved here: the disk copies had ended, the images here are whole.
+    Switchover,
+    /// The store did not say.
+    Unknown,
+}
+
+/// How far a move got, from what the store says once the target withdrew its answer (so the
+/// lock can no longer move here): the request's phase (None: the source forgot the request)
+/// and whether this host holds the lock. With the request gone and the lock here, the lock may
+/// have come with the switchover or by a failover after the source's lease ended: unknown.
+pub fn reached(request: Option<Phase>, lock_here: bool) -> Reached {
+    match (request, lock_here) {
+        (Some(Phase::Switchover), _) => Reached::Switchover,
+        (Some(Phase::Requested | Phase::Paused), _) | (None, false) => Reached::BeforeSwitchover,
+        (None, true) => Reached::Unknown,
+    }
+}
+
+/// The fate of the copied disks' images after `settled` on the target (`source` false) of a
+/// move, its QEMU last seen as `qemu`; `reached` matters only when the QEMU was discarded.
+pub fn images_after(
+    source: bool,
+    qemu: &AdoptedQemu,
+    settled: &Settle,
+    reached: Reached,
+) -> Images {
+    if source || !qemu.incoming() {
+        return Images::Leave;
+    }
+    match settled {
+        Settle::KeepHere { .. } => Images::RemoveOlder,
+        // AwaitStream, when acted on, is a wait that ran out: the QEMU is quit.
+        Settle::Quit | Settle::AwaitStream => match reached {
+            Reached::BeforeSwitchover => Images::PutBackOlder,
+            Reached::Switchover => Images::RemoveOlder,
+            Reached::Unknown => Images::Leave,
+        },
+        Settle::FinishThenQuit | Settle::ReadLockAgain | Settle::Forget => Images::Leave,
     }
 }
 
@@ -295,5 +364,103 @@ mod tests {
             Settle::Quit,
             "the stream broke: this QEMU never runs the guest"
         );
+    }
+
+    #[test]
+    fn a_move_passed_the_switchover_only_when_its_request_says_so() {
+        for lock_here in [false, true] {
+            assert_eq!(
+                reached(Some(Phase::Switchover), lock_here),
+                Reached::Switchover
+            );
+            for phase in [Phase::Requested, Phase::Paused] {
+                assert_eq!(
+                    reached(Some(phase), lock_here),
+                    Reached::BeforeSwitchover,
+                    "{phase:?}: a lock here came by a failover, not with the move"
+                );
+            }
+        }
+        assert_eq!(
+            reached(None, false),
+            Reached::BeforeSwitchover,
+            "abandoned: the source forgot the request and kept the lock"
+        );
+        assert_eq!(
+            reached(None, true),
+            Reached::Unknown,
+            "with the switchover, or by a failover: cannot be told"
+        );
+    }
+
+    #[test]
+    fn only_an_incoming_qemus_images_are_touched() {
+        let reached = [
+            Reached::BeforeSwitchover,
+            Reached::Switchover,
+            Reached::Unknown,
+        ];
+        for lock in LOCKS {
+            for q in every_qemu() {
+                let settled = settle(&lock, Some(&q));
+                for r in reached {
+                    assert_eq!(
+                        images_after(true, &q, &settled, r),
+                        Images::Leave,
+                        "a source's images are live: {lock:?} {q:?}"
+                    );
+                    if !q.incoming() {
+                        assert_eq!(
+                            images_after(false, &q, &settled, r),
+                            Images::Leave,
+                            "a QEMU that ran the guest: {lock:?} {q:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn images_resumed_or_past_the_switchover_are_whole_and_the_older_copies_go() {
+        let paused = qemu("completed", "paused");
+        for r in [
+            Reached::BeforeSwitchover,
+            Reached::Switchover,
+            Reached::Unknown,
+        ] {
+            let resumed = settle(&LockSeen::Here, Some(&paused));
+            assert_eq!(
+                images_after(false, &paused, &resumed, r),
+                Images::RemoveOlder
+            );
+        }
+        for q in [paused, qemu("failed", "inmigrate")] {
+            assert_eq!(
+                images_after(false, &q, &Settle::Quit, Reached::Switchover),
+                Images::RemoveOlder,
+                "the lock holder boots from the whole copy: {q:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn images_discarded_before_the_switchover_give_way_to_the_older_copies() {
+        let receiving = qemu("active", "inmigrate");
+        for (settled, why) in [
+            (Settle::Quit, "the lock elsewhere"),
+            (Settle::AwaitStream, "still receiving when the wait ran out"),
+        ] {
+            assert_eq!(
+                images_after(false, &receiving, &settled, Reached::BeforeSwitchover),
+                Images::PutBackOlder,
+                "{why}"
+            );
+            assert_eq!(
+                images_after(false, &receiving, &settled, Reached::Unknown),
+                Images::Leave,
+                "{why}, unknown whether the copies are whole: both kept"
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! pending changes are not in it (they wait for the next boot, on the target too).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -149,6 +150,20 @@ impl RunningConfig {
     /// place there).
     pub fn disks_to_copy(&self) -> Vec<String> {
         disks_to_copy(&self.spec)
+    }
+
+    /// For every disk move `id` copies, its path and where the target keeps the older copy it
+    /// finds there meanwhile (`PATH.before-migration-ID`): put back if the move is abandoned,
+    /// removed once it completes.
+    pub fn older_copies(&self, id: &str) -> Vec<(PathBuf, PathBuf)> {
+        self.disks_to_copy()
+            .into_iter()
+            .map(|disk| {
+                let path = &self.spec.disks[&disk].path;
+                let kept = format!("{}.before-migration-{id}", path.display());
+                (path.clone(), PathBuf::from(kept))
+            })
+            .collect()
     }
 
     /// The target's version: NICs on the bridges the target declares for them (same tap name,
@@ -384,6 +399,19 @@ mod tests {
         assert!(
             running.shared_disagreement(&theirs).is_some(),
             "undeclared there"
+        );
+    }
+
+    #[test]
+    fn older_copies_are_kept_beside_each_copied_disk_under_the_move_id() {
+        let running = RunningConfig::booting(&boot_spec());
+        assert_eq!(
+            running.older_copies("m-17"),
+            [(
+                PathBuf::from("/img/old.raw"),
+                PathBuf::from("/img/old.raw.before-migration-m-17")
+            )],
+            "the shared disk is not copied: nothing of it is set aside"
         );
     }
 
