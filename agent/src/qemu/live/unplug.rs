@@ -180,6 +180,9 @@ mod tests {
             after_shutdown: false,
         };
         assert_eq!(verdict(&gone, id, path), Some(Verdict::Disconnected));
-        assert_eq!(verdict(&QemuEvent::Stop, id, path), None);
+        let stopped = QemuEvent::Stop {
+            at: std::time::SystemTime::UNIX_EPOCH,
+        };
+        assert_eq!(verdict(&stopped, id, path), None);
     }
 }
