@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 
-use super::migration::{forget_images, put_back_images};
+use super::migration::end_images;
 use super::supervisor::{Daemon, Trigger};
 use super::vm::VmSlot;
 use crate::chainfire::moves::MoveStore;
 use crate::chainfire::{keys, VmKey};
-use crate::migration::interrupted::{self, AdoptedQemu, Images, LockSeen, Reached, Settle};
+use crate::migration::interrupted::{self, AdoptedQemu, LockSeen, Reached, Settle};
 use crate::migration::{MigrationRecord, RunningConfig};
 use crate::qemu::migrate as qemu_migrate;
 use crate::qemu::Qmp;
@@ -290,13 +290,19 @@ impl Daemon {
                 Reached::Unknown
             };
             let images = interrupted::images_after(source, &qemu, &settled, reached);
-            settle_images(vm, images, &record.running, &record.id);
+            let aside = set_aside_earlier(&record.running, &record.id);
+            end_images(vm, images, &record.running, &aside);
         }
     }
 
     /// How far the move `record` got, as the store says now (the lock read before the request:
     /// both change in one transaction).
-    async fn reached(&self, store: &MoveStore, key: &VmKey, record: &MigrationRecord) -> Reached {
+    pub(super) async fn reached(
+        &self,
+        store: &MoveStore,
+        key: &VmKey,
+        record: &MigrationRecord,
+    ) -> Reached {
         let (lock, _) = self.lock_seen(store, key, Some(record)).await;
         match (lock, store.requests_involving(&self.host_id).await) {
             (LockSeen::Unknown, _) | (_, Err(_)) => Reached::Unknown,
@@ -356,39 +362,14 @@ impl Held {
     }
 }
 
-/// The images of the disks the settled move copied here, as `interrupted::images_after` says:
-/// the older copies that move `id` set aside, found by their names.
-fn settle_images(vm: &str, images: Images, running: &RunningConfig, id: &str) {
-    let set_aside: Vec<(PathBuf, PathBuf)> = running
+/// The older copies that move `id` set aside here (found by their names) before this agent
+/// started.
+fn set_aside_earlier(running: &RunningConfig, id: &str) -> Vec<(PathBuf, PathBuf)> {
+    running
         .older_copies(id)
         .into_iter()
         .filter(|(_, kept)| std::fs::symlink_metadata(kept).is_ok())
-        .collect();
-    let kept: Vec<String> = set_aside
-        .iter()
-        .map(|(_, kept)| kept.display().to_string())
-        .collect();
-    match images {
-        Images::Leave if !set_aside.is_empty() => tracing::error!(
-            vm,
-            ?kept,
-            "it cannot be told whether the move's images here are whole: they stay, and so do the \
-             older copies it set aside; keep the right one before the VM runs here"
-        ),
-        Images::Leave => {}
-        Images::RemoveOlder => {
-            tracing::info!(
-                vm,
-                ?kept,
-                "the move's images here are whole: removing the older copies it set aside"
-            );
-            forget_images(&set_aside);
-        }
-        Images::PutBackOlder => {
-            tracing::warn!(vm, ?kept, "the move was discarded before the switchover: removing its partial images, putting the older copies back");
-            put_back_images(running, &set_aside);
-        }
-    }
+        .collect()
 }
 
 /// Lets a source paused at the switchover send the rest; Err when it does not complete.

@@ -25,6 +25,7 @@ use super::vm::VmSlot;
 use crate::chainfire::moves::{MoveStore, Switch};
 use crate::chainfire::{keys, ClusterView, VmKey};
 use crate::migration::downtime::{self, SwitchoverClock};
+use crate::migration::interrupted::{images_after_discard, Images};
 use crate::migration::ports::PortRange;
 use crate::migration::record::{self, Recovery, TargetStep};
 use crate::migration::{
@@ -986,8 +987,10 @@ impl Daemon {
                 }
                 tracing::warn!(vm = %vm, from = %request.from, "migration: discarding the incoming QEMU: {why}");
                 slot.discard_incoming(&self.shell, pid, &running).await;
-                put_back_images(&running, &aside);
                 let _ = store.forget(keys::incoming(&key)).await;
+                // Read once the answer is withdrawn: the lock can no longer move here.
+                let reached = self.reached(&store, &key, &request).await;
+                end_images(&vm, images_after_discard(reached), &running, &aside);
             }
             TargetStep::Wait | TargetStep::Confirm => {
                 unreachable!("await_stream ends in a decision")
@@ -1311,7 +1314,7 @@ fn set_aside_images(running: &RunningConfig, id: &str) -> Result<Vec<(PathBuf, P
 }
 
 /// An abandoned move: the blank (or partly copied) images go, the older copies come back.
-pub(super) fn put_back_images(running: &RunningConfig, aside: &[(PathBuf, PathBuf)]) {
+fn put_back_images(running: &RunningConfig, aside: &[(PathBuf, PathBuf)]) {
     for disk in running.disks_to_copy() {
         let path = &running.spec.disks[&disk].path;
         if std::fs::remove_file(path).is_ok() {
@@ -1330,8 +1333,39 @@ pub(super) fn put_back_images(running: &RunningConfig, aside: &[(PathBuf, PathBu
     }
 }
 
+/// What a target does with the images of a move's disk copies once it ends (`images`), `aside`
+/// the older copies the move set aside; logged.
+pub(super) fn end_images(
+    vm: &str,
+    images: Images,
+    running: &RunningConfig,
+    aside: &[(PathBuf, PathBuf)],
+) {
+    let kept: Vec<String> = aside
+        .iter()
+        .map(|(_, kept)| kept.display().to_string())
+        .collect();
+    match images {
+        Images::Leave if !aside.is_empty() => tracing::error!(
+            vm,
+            ?kept,
+            "migration: it cannot be told whether the move's images here are whole: they stay, \
+             and so do the older copies it set aside; keep the right one before the VM runs here"
+        ),
+        Images::Leave => {}
+        Images::RemoveOlder => {
+            tracing::info!(vm, ?kept, "migration: the move's images here are whole; the older copies it set aside are stale");
+            forget_images(aside);
+        }
+        Images::PutBackOlder => {
+            tracing::warn!(vm, ?kept, "migration: the move was abandoned before the switchover; its images here are partial");
+            put_back_images(running, aside);
+        }
+    }
+}
+
 /// A completed move: the older copies are stale.
-pub(super) fn forget_images(aside: &[(PathBuf, PathBuf)]) {
+fn forget_images(aside: &[(PathBuf, PathBuf)]) {
     for (_, kept) in aside {
         if std::fs::remove_file(kept).is_ok() {
             tracing::info!(kept = %kept.display(), "migration: the stale older copy of the disk is removed");

@@ -178,12 +178,18 @@ pub fn images_after(
     match settled {
         Settle::KeepHere { .. } => Images::RemoveOlder,
         // AwaitStream, when acted on, is a wait that ran out: the QEMU is quit.
-        Settle::Quit | Settle::AwaitStream => match reached {
-            Reached::BeforeSwitchover => Images::PutBackOlder,
-            Reached::Switchover => Images::RemoveOlder,
-            Reached::Unknown => Images::Leave,
-        },
+        Settle::Quit | Settle::AwaitStream => images_after_discard(reached),
         Settle::FinishThenQuit | Settle::ReadLockAgain | Settle::Forget => Images::Leave,
+    }
+}
+
+/// The fate of the copied disks' images on a target that discarded its incoming QEMU (with or
+/// without an agent restart), by how far the move got.
+pub fn images_after_discard(reached: Reached) -> Images {
+    match reached {
+        Reached::BeforeSwitchover => Images::PutBackOlder,
+        Reached::Switchover => Images::RemoveOlder,
+        Reached::Unknown => Images::Leave,
     }
 }
 
@@ -391,6 +397,20 @@ mod tests {
             Reached::Unknown,
             "with the switchover, or by a failover: cannot be told"
         );
+    }
+
+    #[test]
+    fn a_discarded_qemus_images_give_way_only_before_the_switchover_and_stay_when_unsure() {
+        assert_eq!(
+            images_after_discard(Reached::BeforeSwitchover),
+            Images::PutBackOlder
+        );
+        assert_eq!(
+            images_after_discard(Reached::Switchover),
+            Images::RemoveOlder,
+            "the stream broke after the switchover: the lock holder boots from the whole copy"
+        );
+        assert_eq!(images_after_discard(Reached::Unknown), Images::Leave);
     }
 
     #[test]
