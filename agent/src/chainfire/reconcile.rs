@@ -109,10 +109,10 @@ pub fn own_writes(
 }
 
 /// Whether this host holds on to (or competes for) an HA VM's lock. A cordoned host keeps the
-/// locks of the VMs running here (evacuation moves them away live) and no other: nothing is
-/// failed over or started here while it is cordoned.
+/// locks of the VMs running or arriving here (evacuation moves them away live) and no other:
+/// nothing is failed over or started here while it is cordoned.
 fn seeks_lock(vm: &LocalVm, cordoned: bool) -> bool {
-    vm.wants_to_run && (!cordoned || vm.handle.is_some())
+    vm.wants_to_run && (!cordoned || vm.handle.is_some() || vm.arriving)
 }
 
 /// Entries that claim this host but have no VM here: `own_writes` removes them; the daemon
@@ -194,6 +194,7 @@ mod tests {
                         record: r.clone(),
                         handle: h.clone(),
                         wants_to_run: true,
+                        arriving: false,
                     },
                 )
             })
@@ -380,6 +381,29 @@ mod tests {
                 key: VmKey::new("o", "p", "free")
             }],
             "uncordoned: competes again"
+        );
+    }
+
+    #[test]
+    fn a_cordoned_host_keeps_the_lock_of_a_vm_arriving_here() {
+        let vms = [(record("arriving", "h2", "stopped", true), None)];
+        let mut view = view_of(&vms, 4);
+        lock(&mut view, "arriving", "h2", 9);
+        cordon(&mut view, "h2", true);
+        let mut local = local(&vms);
+        local.values_mut().for_each(|vm| vm.arriving = true);
+        assert_eq!(
+            own_writes("h2", 9, &local, &view),
+            vec![],
+            "the lock a move gave it stays while the VM is adopted"
+        );
+        local.values_mut().for_each(|vm| vm.arriving = false);
+        assert_eq!(
+            own_writes("h2", 9, &local, &view),
+            vec![Write::ReleaseLock {
+                key: VmKey::new("o", "p", "arriving")
+            }],
+            "neither running nor arriving: let go"
         );
     }
 

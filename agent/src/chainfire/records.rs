@@ -119,6 +119,9 @@ pub struct LocalVm {
     /// keeps it down). An HA VM's lock is sought only while true and let go when false, so a
     /// host that cannot or may not run the VM leaves it to another.
     pub wants_to_run: bool,
+    /// A move brings it here now (its incoming QEMU waits for the stream and the lock): even a
+    /// cordoned host keeps the lock it is given, or the VM would be stopped on arrival.
+    pub arriving: bool,
 }
 
 impl HostRecord {
@@ -274,6 +277,7 @@ mod tests {
                     record,
                     handle: None,
                     wants_to_run: true,
+                    arriving: false,
                 };
                 (vm.record.key(), vm)
             })

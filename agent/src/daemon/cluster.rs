@@ -106,14 +106,15 @@ pub fn log_notices(session: &SessionHandle) {
     });
 }
 
-/// Every declared VM as this host has it: its record, its handle while a QEMU runs, and whether
-/// this host wants to run it (`wanted`, or it runs here). `handle(vm, pid)` says where that QEMU
-/// is; its `startedAt` must stay the same while the QEMU lives, or every sync would write.
+/// Every declared VM as this host has it: its record, its handle while a QEMU runs, whether
+/// this host wants to run it (`wanted`, or it runs here) and whether a move brings it here
+/// (`arriving`). `handle(vm, pid)` says where that QEMU is; its `startedAt` must stay the same
+/// while the QEMU lives, or every sync would write.
 pub fn local_picture(
     host_id: &str,
     desired: &DesiredState,
     vms: &BTreeMap<String, VmStatus>,
-    wanted: &BTreeSet<String>,
+    (wanted, arriving): (&BTreeSet<String>, &BTreeSet<String>),
     handle: impl Fn(&str, u32) -> HandleRecord,
 ) -> BTreeMap<VmKey, LocalVm> {
     desired
@@ -136,6 +137,7 @@ pub fn local_picture(
                     record,
                     handle,
                     wants_to_run,
+                    arriving: arriving.contains(name),
                 },
             )
         })
@@ -241,7 +243,13 @@ mod tests {
             reason: "boot-time setting".into(),
         }];
         let statuses = BTreeMap::from([("web".to_owned(), running)]);
-        let picture = local_picture("h1", &desired(), &statuses, &BTreeSet::new(), handle);
+        let picture = local_picture(
+            "h1",
+            &desired(),
+            &statuses,
+            (&BTreeSet::new(), &BTreeSet::new()),
+            handle,
+        );
 
         let web = &picture[&VmKey::new("acme", "shop", "web")];
         assert_eq!(web.record.state, "running");
@@ -261,7 +269,13 @@ mod tests {
         assert!(!db.wants_to_run, "not wanted, not running");
         assert_eq!(picture.len(), 2);
         let wanted = BTreeSet::from(["db".to_owned()]);
-        let picture = local_picture("h1", &desired(), &statuses, &wanted, handle);
+        let picture = local_picture(
+            "h1",
+            &desired(),
+            &statuses,
+            (&wanted, &BTreeSet::new()),
+            handle,
+        );
         assert!(picture.values().all(|vm| vm.wants_to_run));
     }
 

@@ -918,6 +918,8 @@ impl Daemon {
             }
         };
         self.moves.lock().unwrap().incoming.insert(vm.clone());
+        // Published before the lock can come: a cordon meanwhile keeps it for the arriving VM.
+        self.publish();
         let this_vm = slot.reconciling.lock().await;
         let report = Reporter::new(
             &slot,

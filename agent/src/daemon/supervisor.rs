@@ -226,15 +226,19 @@ impl Daemon {
             .collect();
         let run_dir = &self.shell.run_dir;
         let wanted = self.wants_to_run(&desired);
-        let picture =
-            cluster::local_picture(&self.host_id, &desired, &statuses, &wanted, |vm, pid| {
-                HandleRecord {
-                    host: self.host_id.clone(),
-                    pid,
-                    qmp_socket: run_dir.vm(vm).qmp_socket().display().to_string(),
-                    started_at: cluster::process_started_at(pid).unwrap_or_default(),
-                }
-            });
+        let arriving = self.moves.lock().unwrap().incoming.clone();
+        let picture = cluster::local_picture(
+            &self.host_id,
+            &desired,
+            &statuses,
+            (&wanted, &arriving),
+            |vm, pid| HandleRecord {
+                host: self.host_id.clone(),
+                pid,
+                qmp_socket: run_dir.vm(vm).qmp_socket().display().to_string(),
+                started_at: cluster::process_started_at(pid).unwrap_or_default(),
+            },
+        );
         if let Some(session) = self.chainfire.lock().unwrap().as_ref() {
             session.sync(picture);
         }

@@ -226,6 +226,7 @@ pub fn local_vm(name: &str, state: &str, ha: bool, pid: Option<u32>) -> (VmKey, 
             record,
             handle,
             wants_to_run: true,
+            arriving: false,
         },
     )
 }

@@ -232,6 +232,7 @@ fn local_vm(name: &str, state: &str, ha: bool) -> (VmKey, LocalVm) {
             record,
             handle,
             wants_to_run: true,
+            arriving: false,
         },
     )
 }
