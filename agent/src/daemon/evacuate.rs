@@ -19,8 +19,10 @@ use crate::migration::{MigrationProgress, Mode};
 
 /// Moves at once: enough to empty a host quickly, few enough that each keeps its bandwidth.
 const PARALLEL: usize = 2;
-/// How long `evacuate` waits for an agent that just started to be ready to move VMs.
+/// How long `evacuate` waits to be ready to move VMs (an agent that just started, a VM arriving).
 const READY_WAIT: Duration = Duration::from_secs(60);
+/// How often an evacuation about to start looks whether the VMs arriving here have arrived.
+const ARRIVAL_POLL: Duration = Duration::from_millis(50);
 
 impl Daemon {
     /// Cordons the host, plans the moves and starts them; answers with the plan at once (the
@@ -43,7 +45,8 @@ impl Daemon {
                     ErrorKind::Failed,
                     format!(
                         "the host is cordoned here, but this agent is not ready to move VMs after \
-                         {}s (the moves its previous agent left are not settled, or ChainFire is \
+                         {}s (a VM is still arriving here, or the moves its previous agent left \
+                         are not settled, or ChainFire is \
                          unreachable, and then the cluster may not know of the cordon yet: it is \
                          told when the store is back): nothing moved yet; run `plasmavmc \
                          evacuate` again",
@@ -109,15 +112,20 @@ impl Daemon {
             .is_some_and(|e| !e.finished)
     }
 
-    /// Waits until the moves the previous agent left are settled, the store holds this host
-    /// cordoned (no host sends a VM here meanwhile) and the cluster view has this host in it (so
-    /// the other hosts are known too); that view.
+    /// Waits until the moves the previous agent left are settled, no VM is arriving here (a move
+    /// accepted before the cordon: its VM runs here once it arrived, and is evacuated with the
+    /// others; none is accepted while cordoned), the store holds this host cordoned (no host
+    /// sends a VM here meanwhile) and the cluster view has this host in it (so the other hosts
+    /// are known too); that view.
     async fn ready_to_move(&self) -> Option<ClusterView> {
         let _ = self
             .moves_settled
             .subscribe()
             .wait_for(|settled| *settled)
             .await;
+        while !self.moves.lock().unwrap().incoming.is_empty() {
+            tokio::time::sleep(ARRIVAL_POLL).await;
+        }
         let mut published = self.published_cordon()?;
         let _ = published.wait_for(|written| *written == Some(true)).await;
         let mut cluster = self.cluster_watch()?;
