@@ -112,11 +112,11 @@ impl Daemon {
             .is_some_and(|e| !e.finished)
     }
 
-    /// Waits until the moves the previous agent left are settled, no VM is arriving here (a move
-    /// accepted before the cordon: its VM runs here once it arrived, and is evacuated with the
-    /// others; none is accepted while cordoned), the store holds this host cordoned (no host
-    /// sends a VM here meanwhile) and the cluster view has this host in it (so the other hosts
-    /// are known too); that view.
+    /// Waits until the moves the previous agent left are settled (in the view too), no VM is
+    /// arriving here (a move accepted before the cordon: its VM runs here once it arrived, and
+    /// is evacuated with the others; none is accepted while cordoned), the store holds this host
+    /// cordoned (no host sends a VM here meanwhile) and the cluster view has this host in it (so
+    /// the other hosts are known too); that view.
     async fn ready_to_move(&self) -> Option<ClusterView> {
         let _ = self
             .moves_settled
@@ -129,11 +129,23 @@ impl Daemon {
         let mut published = self.published_cordon()?;
         let _ = published.wait_for(|written| *written == Some(true)).await;
         let mut cluster = self.cluster_watch()?;
+        // The previous agent's moves were forgotten in the store; the view must have caught up
+        // too, or a move of one of those VMs would be refused as already in flight.
         let view = cluster
-            .wait_for(|view| view.hosts.contains_key(&self.host_id))
+            .wait_for(|view| {
+                view.hosts.contains_key(&self.host_id) && !self.leaves_moves_behind(view)
+            })
             .await
             .ok()?;
         Some((**view).clone())
+    }
+
+    /// Whether `view` still holds a move from this host that this agent is not making.
+    fn leaves_moves_behind(&self, view: &ClusterView) -> bool {
+        let moves = self.moves.lock().unwrap();
+        view.migrations
+            .values()
+            .any(|m| m.value.from == self.host_id && !moves.is_outgoing(&m.value.vm))
     }
 
     async fn run_evacuation(self: Arc<Self>, routes: BTreeMap<String, Route>) {
