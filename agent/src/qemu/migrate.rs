@@ -273,15 +273,12 @@ pub async fn next_change(events: &mut broadcast::Receiver<QemuEvent>, at_most: D
 /// A failed or cancelled migration among the events `events` has received (its status), without
 /// asking QEMU.
 pub fn broke(events: &mut broadcast::Receiver<QemuEvent>) -> Option<String> {
-    loop {
-        match events.try_recv() {
-            Ok(QemuEvent::Migration { status }) if matches!(&*status, "failed" | "cancelled") => {
-                return Some(status)
-            }
-            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
-            Err(_) => return None,
+    first_received(events, |event| match event {
+        QemuEvent::Migration { status } if matches!(&**status, "failed" | "cancelled") => {
+            Some(status.clone())
         }
-    }
+        _ => None,
+    })
 }
 
 /// When QEMU stopped the guest, by its `STOP` among the events `events` has received: the
@@ -303,15 +300,16 @@ pub fn resumed_at(events: &mut broadcast::Receiver<QemuEvent>) -> Option<SystemT
     })
 }
 
-fn first_received(
+/// The first event already received that `pick` takes, without waiting.
+fn first_received<T>(
     events: &mut broadcast::Receiver<QemuEvent>,
-    pick: impl Fn(&QemuEvent) -> Option<SystemTime>,
-) -> Option<SystemTime> {
+    pick: impl Fn(&QemuEvent) -> Option<T>,
+) -> Option<T> {
     loop {
         match events.try_recv() {
             Ok(event) => {
-                if let Some(at) = pick(&event) {
-                    return Some(at);
+                if let Some(found) = pick(&event) {
+                    return Some(found);
                 }
             }
             Err(broadcast::error::TryRecvError::Lagged(_)) => {}
