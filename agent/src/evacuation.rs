@@ -10,6 +10,8 @@
 //! - A target that refuses the VM before anything started (an incompatible QEMU, say) is
 //!   skipped for the next one; a move abandoned midway leaves the VM here, failed.
 
+pub mod ready;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 

@@ -14,6 +14,7 @@ use super::migration::{MigrationError, MoveOptions};
 use super::supervisor::{Daemon, Refusal};
 use crate::chainfire::ClusterView;
 use crate::control::protocol::{ErrorKind, Response};
+use crate::evacuation::ready::{self, NotReady, Seen};
 use crate::evacuation::{self, Evacuation, MoveState, Route};
 use crate::migration::{MigrationProgress, Mode};
 
@@ -21,15 +22,13 @@ use crate::migration::{MigrationProgress, Mode};
 const PARALLEL: usize = 2;
 /// How long `evacuate` waits to be ready to move VMs (an agent that just started, a VM arriving).
 const READY_WAIT: Duration = Duration::from_secs(60);
-/// How often an evacuation about to start looks whether the VMs arriving here have arrived.
-const ARRIVAL_POLL: Duration = Duration::from_millis(50);
 
 impl Daemon {
     /// Cordons the host, plans the moves and starts them; answers with the plan at once (the
     /// moves go on; `status` follows them). An evacuation running is answered as it is; one the
     /// previous agent left unfinished (`evacuation.json`) is carried on.
     pub(super) async fn evacuate(self: &Arc<Self>) -> Result<Response, Refusal> {
-        let Some(view) = self.cluster_view() else {
+        let (Some(cluster), Some(cordon)) = (self.cluster_watch(), self.published_cordon()) else {
             return Err((
                 ErrorKind::BadRequest,
                 "this agent runs standalone (no --chainfire): there is no other host to move VMs to"
@@ -37,24 +36,19 @@ impl Daemon {
             ));
         };
         self.cordon("evacuate").await?;
-        let view = match tokio::time::timeout(READY_WAIT, self.ready_to_move()).await {
-            Ok(Some(view)) => view,
-            Ok(None) => view,
-            Err(_) => {
-                return Err((
+        let view = self
+            .ready_to_move(cluster, cordon)
+            .await
+            .map_err(|reason| {
+                (
                     ErrorKind::Failed,
                     format!(
                         "the host is cordoned here, but this agent is not ready to move VMs after \
-                         {}s (a VM is still arriving here, or the moves its previous agent left \
-                         are not settled, or ChainFire is \
-                         unreachable, and then the cluster may not know of the cordon yet: it is \
-                         told when the store is back): nothing moved yet; run `plasmavmc \
-                         evacuate` again",
+                     {}s: {reason}; nothing moved yet; run `plasmavmc evacuate` again",
                         READY_WAIT.as_secs()
                     ),
-                ))
-            }
-        };
+                )
+            })?;
         let mut current = self.evacuation.lock().unwrap();
         if self.evacuating.load(Ordering::SeqCst) {
             if let Some(running) = current.clone() {
@@ -116,36 +110,43 @@ impl Daemon {
     /// arriving here (a move accepted before the cordon: its VM runs here once it arrived, and
     /// is evacuated with the others; none is accepted while cordoned), the store holds this host
     /// cordoned (no host sends a VM here meanwhile) and the cluster view has this host in it (so
-    /// the other hosts are known too); that view.
-    async fn ready_to_move(&self) -> Option<ClusterView> {
-        let _ = self
-            .moves_settled
-            .subscribe()
-            .wait_for(|settled| *settled)
-            .await;
-        while !self.moves.lock().unwrap().incoming.is_empty() {
-            tokio::time::sleep(ARRIVAL_POLL).await;
+    /// the other hosts are known too): that view. After [`READY_WAIT`] (or if the ChainFire
+    /// session ends), the wait that did not end.
+    async fn ready_to_move(
+        &self,
+        mut cluster: watch::Receiver<Arc<ClusterView>>,
+        mut cordon: watch::Receiver<Option<bool>>,
+    ) -> Result<ClusterView, NotReady> {
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        let mut settled = self.moves_settled.subscribe();
+        let mut arriving = self.moves.lock().unwrap().watch_incoming();
+        loop {
+            let view = Arc::clone(&cluster.borrow_and_update());
+            let outgoing = self.moves.lock().unwrap().outgoing_vms();
+            let arriving_now = arriving.borrow_and_update().clone();
+            let seen = Seen {
+                me: &self.host_id,
+                previous_moves_settled: *settled.borrow_and_update(),
+                arriving: &arriving_now,
+                cordon_published: *cordon.borrow_and_update() == Some(true),
+                view: &view,
+                outgoing: &outgoing,
+            };
+            let Some(reason) = ready::not_ready(&seen) else {
+                return Ok((*view).clone());
+            };
+            let changed = async {
+                tokio::select! {
+                    changed = settled.changed() => changed,
+                    changed = arriving.changed() => changed,
+                    changed = cordon.changed() => changed,
+                    changed = cluster.changed() => changed,
+                }
+            };
+            if !matches!(tokio::time::timeout_at(deadline, changed).await, Ok(Ok(()))) {
+                return Err(reason);
+            }
         }
-        let mut published = self.published_cordon()?;
-        let _ = published.wait_for(|written| *written == Some(true)).await;
-        let mut cluster = self.cluster_watch()?;
-        // The previous agent's moves were forgotten in the store; the view must have caught up
-        // too, or a move of one of those VMs would be refused as already in flight.
-        let view = cluster
-            .wait_for(|view| {
-                view.hosts.contains_key(&self.host_id) && !self.leaves_moves_behind(view)
-            })
-            .await
-            .ok()?;
-        Some((**view).clone())
-    }
-
-    /// Whether `view` still holds a move from this host that this agent is not making.
-    fn leaves_moves_behind(&self, view: &ClusterView) -> bool {
-        let moves = self.moves.lock().unwrap();
-        view.migrations
-            .values()
-            .any(|m| m.value.from == self.host_id && !moves.is_outgoing(&m.value.vm))
     }
 
     async fn run_evacuation(self: Arc<Self>, routes: BTreeMap<String, Route>) {

@@ -82,8 +82,9 @@ pub struct MoveOptions {
 pub struct Moves {
     /// Outgoing moves by VM: send `true` to cancel.
     outgoing: std::collections::BTreeMap<String, watch::Sender<bool>>,
-    /// VMs arriving here (they count as wanted, so the lock they get is kept).
-    pub incoming: BTreeSet<String>,
+    /// VMs arriving here (they count as wanted, so the lock they get is kept), watched by an
+    /// evacuation about to start.
+    incoming: watch::Sender<BTreeSet<String>>,
     /// VMs whose lock this host is handing to a target: not fenced by the agent when the lock
     /// leaves (their QEMU is paused at the switchover and quits once the stream is out; the
     /// fence guard still kills it if the lease is lost).
@@ -98,6 +99,32 @@ impl Moves {
     /// Whether this agent moves `vm` away now.
     pub fn is_outgoing(&self, vm: &str) -> bool {
         self.outgoing.contains_key(vm)
+    }
+
+    /// The VMs this agent moves away now.
+    pub fn outgoing_vms(&self) -> BTreeSet<String> {
+        self.outgoing.keys().cloned().collect()
+    }
+
+    /// The VMs arriving here now.
+    pub fn incoming_vms(&self) -> BTreeSet<String> {
+        self.incoming.borrow().clone()
+    }
+
+    /// The VMs arriving here, as they change.
+    pub fn watch_incoming(&self) -> watch::Receiver<BTreeSet<String>> {
+        self.incoming.subscribe()
+    }
+
+    /// `vm` arrives here from now on (`arriving = false`: no longer).
+    fn set_incoming(&self, vm: &str, arriving: bool) {
+        self.incoming.send_if_modified(|incoming| {
+            if arriving {
+                incoming.insert(vm.to_owned())
+            } else {
+                incoming.remove(vm)
+            }
+        });
     }
 
     /// Claims request `id` for this agent to answer or settle; false if it was claimed already.
@@ -917,7 +944,7 @@ impl Daemon {
                 return;
             }
         };
-        self.moves.lock().unwrap().incoming.insert(vm.clone());
+        self.moves.lock().unwrap().set_incoming(&vm, true);
         // Published before the lock can come: a cordon meanwhile keeps it for the arriving VM.
         self.publish();
         let this_vm = slot.reconciling.lock().await;
@@ -937,7 +964,7 @@ impl Daemon {
                 let _ = store
                     .answer(&key, &answer(Answer::Failed { reason }), lease)
                     .await;
-                self.moves.lock().unwrap().incoming.remove(&vm);
+                self.moves.lock().unwrap().set_incoming(&vm, false);
                 slot.update_status(|s| s.migration = None);
                 return;
             }
@@ -998,7 +1025,7 @@ impl Daemon {
                 unreachable!("await_stream ends in a decision")
             }
         }
-        self.moves.lock().unwrap().incoming.remove(&vm);
+        self.moves.lock().unwrap().set_incoming(&vm, false);
         drop(this_vm);
         self.publish();
         self.trigger(super::supervisor::Trigger::Reconcile);

@@ -226,7 +226,7 @@ impl Daemon {
             .collect();
         let run_dir = &self.shell.run_dir;
         let wanted = self.wants_to_run(&desired);
-        let arriving = self.moves.lock().unwrap().incoming.clone();
+        let arriving = self.moves.lock().unwrap().incoming_vms();
         let picture = cluster::local_picture(
             &self.host_id,
             &desired,
@@ -1124,7 +1124,7 @@ impl Daemon {
         if self.host_stopping.load(std::sync::atomic::Ordering::SeqCst) {
             return BTreeSet::new();
         }
-        let incoming = self.moves.lock().unwrap().incoming.clone();
+        let incoming = self.moves.lock().unwrap().incoming_vms();
         desired
             .vms
             .iter()
