@@ -24,9 +24,7 @@ pub fn run(vms: usize, work: &Path) -> Result<Adoption> {
     let binary = plasmavmc_binary()?;
     let dir = work.join(format!("adopt-{vms}"));
     let _ = std::fs::remove_dir_all(&dir);
-    let (state_dir, run_dir) = (dir.join("state"), dir.join("run"));
-    std::fs::create_dir_all(&state_dir)?;
-    std::fs::create_dir_all(&run_dir)?;
+    let (state_dir, run_dir) = crate::agent::agent_dirs(&dir)?;
     let names: Vec<String> = (0..vms).map(|i| format!("adopt{i}")).collect();
     let config = write_config(&dir, &names)?;
 

@@ -20,6 +20,27 @@ pub fn plasmavmc_binary() -> Result<PathBuf> {
     Ok(agent)
 }
 
+/// `dir/state` and `dir/run`, made: the state and run dirs of an agent the bench starts.
+pub fn agent_dirs(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (state_dir, run_dir) = (dir.join("state"), dir.join("run"));
+    std::fs::create_dir_all(&state_dir)?;
+    std::fs::create_dir_all(&run_dir)?;
+    Ok((state_dir, run_dir))
+}
+
+/// The agent's flags as host `host` of a cluster whose store is at `endpoint`, holding its
+/// lease for `lease_ttl` seconds.
+pub fn cluster_flags<'a>(endpoint: &'a str, host: &'a str, lease_ttl: &'a str) -> [&'a str; 6] {
+    [
+        "--chainfire",
+        endpoint,
+        "--host-id",
+        host,
+        "--lease-ttl",
+        lease_ttl,
+    ]
+}
+
 /// `plasmavmc ARGS --run-dir RUN_DIR`; an error with its stderr unless it succeeds.
 pub fn cli(binary: &Path, run_dir: &Path, args: &[&str]) -> Result<()> {
     let output = Command::new(binary)

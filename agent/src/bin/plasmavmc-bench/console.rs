@@ -44,8 +44,7 @@ fn measure(options: &Options) -> Result<Vec<Duration>> {
     let binary = plasmavmc_binary()?;
     let work = options.dirs.work_dir.join("console");
     let _ = std::fs::remove_dir_all(&work);
-    let (state_dir, run_dir) = (work.join("state"), work.join("run"));
-    std::fs::create_dir_all(&state_dir)?;
+    let (state_dir, run_dir) = crate::agent::agent_dirs(&work)?;
     let guest = |file: &str| options.dirs.guest_dir.join(file);
     let config = work.join("desired.json");
     let desired = json!({"version": 1, "vms": {VM: {

@@ -40,18 +40,9 @@ pub fn run(etcd_bin: Option<&Path>, ttl: u64, round: u32, work: &Path) -> Result
     let endpoint = etcd.endpoint(0);
     let start = |host: &str| -> Result<Side> {
         let host_dir = dir.join(host);
-        let (state_dir, run_dir) = (host_dir.join("state"), host_dir.join("run"));
-        std::fs::create_dir_all(&state_dir)?;
-        std::fs::create_dir_all(&run_dir)?;
+        let (state_dir, run_dir) = crate::agent::agent_dirs(&host_dir)?;
         let config = write_config(&host_dir, &vm)?;
-        let flags = [
-            "--chainfire",
-            &endpoint,
-            "--host-id",
-            host,
-            "--lease-ttl",
-            &ttl_flag,
-        ];
+        let flags = crate::agent::cluster_flags(&endpoint, host, &ttl_flag);
         let agent = Agent::spawn(&binary, &config, &state_dir, &run_dir, None, &flags)?;
         Ok(Side {
             agent,

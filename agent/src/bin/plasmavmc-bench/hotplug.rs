@@ -101,9 +101,7 @@ impl Bench {
         let binary = plasmavmc_binary()?;
         let work = options.dirs.work_dir.join("hotplug");
         let _ = std::fs::remove_dir_all(&work);
-        let (state_dir, run_dir) = (work.join("state"), work.join("run"));
-        std::fs::create_dir_all(&state_dir)?;
-        std::fs::create_dir_all(&run_dir)?;
+        let (state_dir, run_dir) = crate::agent::agent_dirs(&work)?;
         run(
             "qemu-img",
             &[

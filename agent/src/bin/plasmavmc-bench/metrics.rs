@@ -33,9 +33,7 @@ pub fn report(options: &Options) -> Result<()> {
     let binary = plasmavmc_binary()?;
     let dir = options.work_dir.join("metrics");
     let _ = std::fs::remove_dir_all(&dir);
-    let (state_dir, run_dir) = (dir.join("state"), dir.join("run"));
-    std::fs::create_dir_all(&state_dir)?;
-    std::fs::create_dir_all(&run_dir)?;
+    let (state_dir, run_dir) = crate::agent::agent_dirs(&dir)?;
     let names: Vec<String> = (0..options.vms).map(|i| format!("vm{i}")).collect();
     let config = crate::adopt::write_config(&dir, &names)?;
     let interval = options.interval_seconds.to_string();

@@ -45,6 +45,11 @@ const HEARTBEAT: &str = "HB:";
 /// The disk guest's acknowledgement of record N: `ACK:N` once record N is on its disk.
 const ACK: &str = "ACK:";
 const RECORD: usize = 512;
+/// The migration ports of hosts `a` and `b`: below 20000, where the etcd members take theirs
+/// (`local_etcd`), and below the kernel's ephemeral range (32768-60999), whose ports any outgoing
+/// connection can take; apart from the integration tests' (18381-18432).
+const A_PORTS: &str = "18481-18489";
+const B_PORTS: &str = "18491-18499";
 
 pub struct Options {
     pub guest_dir: PathBuf,
@@ -88,25 +93,21 @@ pub fn report(options: &Options) -> Result<()> {
     let endpoint = etcd.endpoint(0);
     let start = |host: &str, ports: &str, mount: Option<(&Path, &Path)>| -> Result<Host> {
         let dir = work.join(host);
-        let (state, run) = (dir.join("state"), dir.join("run"));
-        std::fs::create_dir_all(&state)?;
-        std::fs::create_dir_all(&run)?;
+        let (state, run) = crate::agent::agent_dirs(&dir)?;
         let config = dir.join("desired.json");
         std::fs::write(&config, json!({"version": 1, "vms": vms}).to_string())?;
-        let flags = [
-            "--chainfire",
-            &endpoint,
-            "--host-id",
-            host,
-            "--lease-ttl",
-            "5",
-            "--stop-timeout",
-            "5",
+        let migration = [
             "--migration-address",
             "127.0.0.1",
             "--migration-ports",
             ports,
         ];
+        let flags = [
+            &crate::agent::cluster_flags(&endpoint, host, "5")[..],
+            &["--stop-timeout", "5"],
+            &migration,
+        ]
+        .concat();
         let agent = match mount {
             None => Agent::spawn(&binary, &config, &state, &run, None, &flags)?,
             Some((dir, over)) => {
@@ -119,13 +120,13 @@ pub fn report(options: &Options) -> Result<()> {
             vms: names.clone(),
         })
     };
-    let a = start("a", "49471-49479", None)?;
+    let a = start("a", A_PORTS, None)?;
     for name in &names {
         a.agent
             .wait_for(BOOT, |s| s["vms"][name]["state"] == "running")?;
         wait_console(&a.run, name, "PLASMAVMC-GUEST-READY", BOOT)?;
     }
-    let b = start("b", "49481-49489", Some((&b_local, &a_local)))?;
+    let b = start("b", B_PORTS, Some((&b_local, &a_local)))?;
     b.agent.wait_for(BOOT, |s| {
         names
             .iter()
