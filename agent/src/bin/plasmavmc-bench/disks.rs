@@ -65,7 +65,7 @@ fn create(work: &Path, format: &str, rounds: usize) -> Result<Summary> {
 /// Grows a 64 MiB disk by 64 MiB per round on a running guest.
 fn grow(options: &Options, work: &Path) -> Result<(Summary, Summary)> {
     let binary = plasmavmc_binary()?;
-    let (state_dir, run_dir) = crate::agent::agent_dirs(&work)?;
+    let (state_dir, run_dir) = crate::agent::agent_dirs(work)?;
     let guest = |file: &str| options.dirs.guest_dir.join(file);
     let vm = |size_mib: u64| -> Value {
         json!({

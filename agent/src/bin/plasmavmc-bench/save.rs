@@ -156,7 +156,7 @@ struct Host {
 
 impl Host {
     fn start(binary: &Path, work: &Path, config: &Path, flags: &[&str]) -> Result<Self> {
-        let (state_dir, run_dir) = crate::agent::agent_dirs(&work)?;
+        let (state_dir, run_dir) = crate::agent::agent_dirs(work)?;
         let agent = Agent::spawn(binary, config, &state_dir, &run_dir, None, flags)?;
         agent.wait_for(Duration::from_secs(60), |_| true)?;
         Ok(Self {
