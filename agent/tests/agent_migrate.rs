@@ -408,6 +408,18 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     a.wait_status("a standing by again, its incoming QEMU gone", AGENT, |s| {
         s["vms"][VM]["heldDown"] == "HA: another host holds it (b)" && s["vms"][VM]["pid"].is_null()
     });
+    // Its fence guard fired, so its lease is gone and b forgot the move: the new agent cannot
+    // tell whether the image at the disk's path is partial (or whole: a lock moved here before
+    // the guard fired), nor whether the VM ran here since. It leaves the image and the older copy
+    // it set aside as they are (docs/migration.md, "Not done yet"); the test does what the docs
+    // tell the operator: the older copy goes back over the partial image.
+    let aside = set_aside(&a_local);
+    assert_eq!(
+        aside.len(),
+        1,
+        "a's older copy, set aside for the move: {aside:?}"
+    );
+    std::fs::rename(a_local.join(&aside[0]), a_local.join("local1.qcow2")).unwrap();
 
     // 5. Back to a, live.
     watcher.move_starts(VM);
@@ -503,11 +515,13 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
         read.contains("LOCAL-MARK-777777"),
         "{what}: the local disk is whole: {read}"
     );
-    assert!(
-        set_aside(&b_local).is_empty(),
-        "{what}: {:?}",
-        set_aside(&b_local)
-    );
+    for local in [&a_local, &b_local] {
+        assert!(
+            set_aside(local).is_empty(),
+            "{what}: {:?}",
+            set_aside(local)
+        );
+    }
     watcher.check();
 
     // 10. The source's agent killed -9 mid-move (a -> b), not started again: HA failover. a's guard fences its
