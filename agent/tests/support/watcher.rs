@@ -38,8 +38,9 @@ impl Watcher {
         let (s, m, f) = (stop.clone(), moves.clone(), failure.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
+                let counts = procs::qemu_counts(&runs, &vms);
                 for vm in &vms {
-                    let qemus: usize = runs.iter().map(|r| procs::qemu_count(r, vm)).sum();
+                    let qemus = counts[vm];
                     let switches = heartbeat_switches(&runs, vm);
                     let moves = m.lock().unwrap().get(vm).copied().unwrap_or(0);
                     let problem = if qemus > max_qemus {

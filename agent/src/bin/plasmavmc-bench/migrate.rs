@@ -330,12 +330,13 @@ impl Watch {
         let (s, m, r, vms) = (stop.clone(), most.clone(), runs.clone(), vms.to_vec());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::SeqCst) {
-                for vm in &vms {
-                    let count: usize = r.iter().map(|r| crate::procs::qemu_count(r, vm)).sum();
-                    let mut most = m.lock().unwrap();
-                    let seen = most.entry(vm.clone()).or_insert(0);
+                let counts = crate::procs::qemu_counts(&r, &vms);
+                let mut most = m.lock().unwrap();
+                for (vm, count) in counts {
+                    let seen = most.entry(vm).or_insert(0);
                     *seen = (*seen).max(count);
                 }
+                drop(most);
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
