@@ -397,29 +397,55 @@ fn live_moves_carry_the_running_guest_and_every_fault_leaves_exactly_one_copy() 
     watcher.check();
 
     // 4. The target's agent killed -9 mid-move (b -> a); its fence guard takes the incoming
-    // QEMU down, the source resumes.
+    // QEMU down, the source resumes and forgets the move. a set its older copy of the local disk
+    // aside for the move: started again, its agent finds its own record of the move (in its
+    // state dir, never confirmed: the lock never came) and puts the older copy back over the
+    // partial image, byte for byte, before it serves anything.
+    let a_image = a_local.join("local1.qcow2");
+    let a_older = std::fs::read(&a_image).expect("a keeps its older copy of the local disk");
     watcher.move_starts(VM);
     let move_ = migrate_in_background(&b, &["--to", "a", "--bandwidth", SLOW]);
     wait_mid_move(&b);
+    assert_eq!(
+        set_aside(&a_local).len(),
+        1,
+        "a set its older copy aside for the move: {:?}",
+        set_aside(&a_local)
+    );
     a.kill_agent();
     assert_abandoned(finished(move_), &b, &a, on_b, "target agent killed");
     watcher.check();
+    assert_ne!(
+        std::fs::read(&a_image).ok(),
+        Some(a_older.clone()),
+        "the partial image is at the disk's path while a's agent is down"
+    );
     start(&mut a, &endpoint, "a");
     a.wait_status("a standing by again, its incoming QEMU gone", AGENT, |s| {
         s["vms"][VM]["heldDown"] == "HA: another host holds it (b)" && s["vms"][VM]["pid"].is_null()
     });
-    // Its fence guard fired, so its lease is gone and b forgot the move: the new agent cannot
-    // tell whether the image at the disk's path is partial (or whole: a lock moved here before
-    // the guard fired), nor whether the VM ran here since. It leaves the image and the older copy
-    // it set aside as they are (docs/migration.md, "Not done yet"); the test does what the docs
-    // tell the operator: the older copy goes back over the partial image.
-    let aside = set_aside(&a_local);
+    let what = "target agent back after its lease";
     assert_eq!(
-        aside.len(),
-        1,
-        "a's older copy, set aside for the move: {aside:?}"
+        set_aside(&a_local),
+        Vec::<String>::new(),
+        "{what}: no older copy left aside; a's log:\n{}",
+        a.agent_log_text()
     );
-    std::fs::rename(a_local.join(&aside[0]), a_local.join("local1.qcow2")).unwrap();
+    assert!(
+        std::fs::read(&a_image).ok() == Some(a_older),
+        "{what}: a's older copy is back at the disk's path, byte for byte; a's log:\n{}",
+        a.agent_log_text()
+    );
+    assert!(
+        a.agent_log_text().contains("it never arrived"),
+        "{what}: the log says why"
+    );
+    let arriving = a.state_dir.join("arriving");
+    assert!(
+        std::fs::read_dir(&arriving).map_or(true, |mut d| d.next().is_none()),
+        "{what}: the move's record is gone from {}",
+        arriving.display()
+    );
 
     // 5. Back to a, live.
     watcher.move_starts(VM);

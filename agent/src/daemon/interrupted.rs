@@ -9,19 +9,19 @@
 //! go. Evacuations wait for it (`moves_settled`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedMutexGuard;
 
-use super::migration::end_images;
+use super::arrivals::end_images;
 use super::supervisor::{Daemon, Trigger};
 use super::vm::VmSlot;
 use crate::chainfire::moves::MoveStore;
 use crate::chainfire::{keys, VmKey};
+use crate::migration::arrival::{self, Arrival, Leftover, QemuHere};
 use crate::migration::interrupted::{self, AdoptedQemu, LockSeen, Reached, Settle};
-use crate::migration::{MigrationRecord, RunningConfig};
+use crate::migration::MigrationRecord;
 use crate::qemu::migrate as qemu_migrate;
 use crate::qemu::Qmp;
 use crate::status::VmState;
@@ -62,8 +62,13 @@ impl Daemon {
     }
 
     /// Settles every move the previous agent left (each VM in `held`, each move recorded with
-    /// this host as its source), then lets the VMs go.
-    pub(super) async fn settle_interrupted_moves(self: &Arc<Self>, mut held: HeldVms) {
+    /// this host as its source), then lets the VMs go. `arrivals`: what this host kept of the
+    /// moves arriving with the QEMUs held (`settle_arrivals_left`).
+    pub(super) async fn settle_interrupted_moves(
+        self: &Arc<Self>,
+        mut held: HeldVms,
+        mut arrivals: BTreeMap<String, Arrival>,
+    ) {
         let Some(config) = self
             .chainfire
             .lock()
@@ -129,6 +134,7 @@ impl Daemon {
                 &key,
                 record.as_ref(),
                 this_vm.as_ref().map(|h| &h.slot),
+                arrivals.remove(&key.vm),
             )
             .await;
         }
@@ -139,13 +145,15 @@ impl Daemon {
     }
 
     /// One move: read, decide, act (again while the lock cannot be read or the stream still
-    /// arrives), forget what this host wrote of it.
+    /// arrives), forget what this host wrote of it (`arrival`: what it kept of a move arriving
+    /// here).
     async fn settle_move(
         &self,
         store: &MoveStore,
         key: &VmKey,
         record: Option<&MigrationRecord>,
         slot: Option<&Arc<VmSlot>>,
+        arrival: Option<Arrival>,
     ) {
         let vm = key.vm.as_str();
         let source = record.is_some_and(|r| r.from == self.host_id);
@@ -164,7 +172,9 @@ impl Daemon {
         // The QEMU as last seen and what was done with it, for the images.
         let mut last: Option<(AdoptedQemu, Settle)> = None;
         loop {
-            let (lock, holder) = self.lock_seen(store, key, record).await;
+            let (lock, holder) = self
+                .lock_seen(store, key, record.map(|r| r.to.as_str()))
+                .await;
             let qemu = match slot {
                 Some(slot) => adopted_qemu(slot).await,
                 None => None,
@@ -282,46 +292,68 @@ impl Daemon {
             // The source sees this host withdraw and resumes the guest there.
             let _ = store.forget(keys::incoming(key)).await;
         }
-        if let (Some(record), Some((qemu, settled)), false) = (record, last, source) {
-            // Read only once the answer is withdrawn: the lock can no longer move here.
-            let reached = if discarded {
-                self.reached(store, key, record).await
-            } else {
-                Reached::Unknown
-            };
-            let images = interrupted::images_after(source, &qemu, &settled, reached);
-            let aside = set_aside_earlier(&record.running, &record.id);
-            end_images(vm, images, &record.running, &aside);
+        if source {
+            return;
+        }
+        let kept_here = arrival.is_some();
+        // Without a record of its own (kept by an agent before this one), the move's: its older
+        // copies found by their names.
+        let arrival = arrival.or_else(|| {
+            record.map(|r| {
+                Arrival::new(vm, &r.id, &r.from, &r.running, |_, kept| {
+                    std::fs::symlink_metadata(kept).is_ok()
+                })
+            })
+        });
+        match (arrival, last) {
+            (Some(arrival), Some((qemu, settled))) => {
+                // Read only once the answer is withdrawn: the lock can no longer move here.
+                let reached = if discarded {
+                    self.reached(store, key, &arrival.id).await
+                } else {
+                    Reached::Unknown
+                };
+                let images = interrupted::images_after(source, &qemu, &settled, reached);
+                end_images(vm, images, &arrival);
+                self.shell.arrivals.remove(vm);
+            }
+            // Its QEMU went meanwhile.
+            (Some(arrival), None) if kept_here => {
+                if let Leftover::Images(images) =
+                    arrival::leftover(arrival.confirmed, QemuHere::None)
+                {
+                    self.end_arrival_without_qemu(&arrival, images);
+                }
+            }
+            _ => {}
         }
     }
 
-    /// How far the move `record` got, as the store says now (the lock read before the request:
-    /// both change in one transaction).
-    pub(super) async fn reached(
-        &self,
-        store: &MoveStore,
-        key: &VmKey,
-        record: &MigrationRecord,
-    ) -> Reached {
-        let (lock, _) = self.lock_seen(store, key, Some(record)).await;
+    /// How far move `id` to this host got, as the store says now (the lock read before the
+    /// request: both change in one transaction).
+    pub(super) async fn reached(&self, store: &MoveStore, key: &VmKey, id: &str) -> Reached {
+        let (lock, _) = self
+            .lock_seen(store, key, Some(self.host_id.as_str()))
+            .await;
         match (lock, store.requests_involving(&self.host_id).await) {
             (LockSeen::Unknown, _) | (_, Err(_)) => Reached::Unknown,
             (lock, Ok(requests)) => {
                 let phase = requests
                     .into_iter()
-                    .find(|(k, r)| k == key && r.id == record.id)
+                    .find(|(k, r)| k == key && r.id == id)
                     .map(|(_, r)| r.phase);
                 interrupted::reached(phase, matches!(lock, LockSeen::Here | LockSeen::Target))
             }
         }
     }
 
-    /// Who holds `key`'s lock, relative to this host and the move's target; and a name for it.
+    /// Who holds `key`'s lock, relative to this host and the move's target `to`; and a name
+    /// for it.
     async fn lock_seen(
         &self,
         store: &MoveStore,
         key: &VmKey,
-        record: Option<&MigrationRecord>,
+        to: Option<&str>,
     ) -> (LockSeen, String) {
         let lease = self
             .chainfire
@@ -333,7 +365,7 @@ impl Daemon {
             Ok(Some(holder)) if holder.host == self.host_id && Some(holder.lease) == lease => {
                 (LockSeen::Here, "this host's".into())
             }
-            Ok(Some(holder)) if record.is_some_and(|r| r.to == holder.host) => {
+            Ok(Some(holder)) if to == Some(holder.host.as_str()) => {
                 (LockSeen::Target, format!("{}'s", holder.host))
             }
             Ok(Some(holder)) => (
@@ -362,16 +394,6 @@ impl Held {
     }
 }
 
-/// The older copies that move `id` set aside here (found by their names) before this agent
-/// started.
-fn set_aside_earlier(running: &RunningConfig, id: &str) -> Vec<(PathBuf, PathBuf)> {
-    running
-        .older_copies(id)
-        .into_iter()
-        .filter(|(_, kept)| std::fs::symlink_metadata(kept).is_ok())
-        .collect()
-}
-
 /// Lets a source paused at the switchover send the rest; Err when it does not complete.
 async fn finish_stream(qmp: &Qmp, deadline: Instant) -> Result<(), String> {
     qemu_migrate::continue_after_pause(qmp)
@@ -396,7 +418,7 @@ async fn finish_stream(qmp: &Qmp, deadline: Instant) -> Result<(), String> {
 }
 
 /// The QEMU of `slot` as QMP says (None: no QEMU, or it does not answer).
-async fn adopted_qemu(slot: &VmSlot) -> Option<AdoptedQemu> {
+pub(super) async fn adopted_qemu(slot: &VmSlot) -> Option<AdoptedQemu> {
     let qmp = slot.qmp().await?;
     let migration = qemu_migrate::status(&qmp).await.ok()?;
     let status = qmp

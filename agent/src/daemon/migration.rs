@@ -20,12 +20,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
+use super::arrivals::{end_images, forget_images, put_back_images, set_aside_images};
 use super::supervisor::Daemon;
 use super::vm::VmSlot;
 use crate::chainfire::moves::{MoveStore, Switch};
 use crate::chainfire::{keys, ClusterView, VmKey};
+use crate::migration::arrival::Arrival;
 use crate::migration::downtime::{self, SwitchoverClock};
-use crate::migration::interrupted::{images_after_discard, Images};
+use crate::migration::interrupted::images_after_discard;
 use crate::migration::ports::PortRange;
 use crate::migration::record::{self, Recovery, TargetStep};
 use crate::migration::{
@@ -935,15 +937,22 @@ impl Daemon {
             }
         };
         let copied = running.disks_to_copy();
-        let aside = match set_aside_images(&running, &request.id) {
-            Ok(aside) => aside,
-            Err(reason) => {
-                let _ = store
-                    .answer(&key, &answer(Answer::Failed { reason }), lease)
-                    .await;
-                return;
-            }
+        // Kept before anything is set aside, until the move ends: an agent back after its lease
+        // ended learns from it which images are the move's and how far it got.
+        let arrival = Arrival::new(&vm, &request.id, &request.from, &running, |path, _| {
+            std::fs::symlink_metadata(path).is_ok()
+        });
+        let set_aside = match self.shell.arrivals.save(&arrival).await {
+            Ok(()) => set_aside_images(&arrival),
+            Err(e) => Err(format!("keeping the move's record in the state dir: {e:#}")),
         };
+        if let Err(reason) = set_aside {
+            self.shell.arrivals.remove(&vm);
+            let _ = store
+                .answer(&key, &answer(Answer::Failed { reason }), lease)
+                .await;
+            return;
+        }
         self.moves.lock().unwrap().set_incoming(&vm, true);
         // Published before the lock can come: a cordon meanwhile keeps it for the arriving VM.
         self.publish();
@@ -960,7 +969,8 @@ impl Daemon {
             Ok(prepared) => prepared,
             Err(reason) => {
                 tracing::warn!(vm = %vm, "migration: preparing failed: {reason}");
-                put_back_images(&running, &aside);
+                put_back_images(&arrival);
+                self.shell.arrivals.remove(&vm);
                 let _ = store
                     .answer(&key, &answer(Answer::Failed { reason }), lease)
                     .await;
@@ -976,7 +986,10 @@ impl Daemon {
         };
         let confirmed = answer(Answer::Confirmed);
         let outcome = match store.answer(&key, &answer(ready), lease).await {
-            Ok(()) => self.await_stream(&key, &qmp, pid, &store, &confirmed).await,
+            Ok(()) => {
+                self.await_stream(&key, &qmp, pid, &store, (&confirmed, &arrival))
+                    .await
+            }
             Err(e) => TargetStep::Discard(format!("answering the source failed: {e:#}")),
         };
         {
@@ -996,7 +1009,8 @@ impl Daemon {
                 // Off the downtime's path: the source's disk mirrors ended before the switchover,
                 // nothing writes through the exports any more.
                 qemu_migrate::disks::unexport(&qmp, &copied).await;
-                forget_images(&aside);
+                forget_images(&arrival);
+                self.shell.arrivals.remove(&vm);
                 slot.adopt_incoming(&self.shell, qmp, pid, running.boot_spec.clone())
                     .await;
                 match resumed {
@@ -1018,8 +1032,9 @@ impl Daemon {
                 slot.discard_incoming(&self.shell, pid, &running).await;
                 let _ = store.forget(keys::incoming(&key)).await;
                 // Read once the answer is withdrawn: the lock can no longer move here.
-                let reached = self.reached(&store, &key, &request).await;
-                end_images(&vm, images_after_discard(reached), &running, &aside);
+                let reached = self.reached(&store, &key, &request.id).await;
+                end_images(&vm, images_after_discard(reached), &arrival);
+                self.shell.arrivals.remove(&vm);
             }
             TargetStep::Wait | TargetStep::Confirm => {
                 unreachable!("await_stream ends in a decision")
@@ -1167,14 +1182,15 @@ impl Daemon {
     }
 
     /// Waits until the incoming QEMU may resume or must go (`record::target_step`), confirming
-    /// the switchover with `confirmed` when the source pauses.
+    /// the switchover with `confirmed` when the source pauses (once `arrival` says so in the
+    /// state dir: the lock can move here only after the confirmation).
     async fn await_stream(
         &self,
         key: &VmKey,
         qmp: &Qmp,
         pid: u32,
         store: &MoveStore,
-        confirmed: &IncomingRecord,
+        (confirmed, arrival): (&IncomingRecord, &Arrival),
     ) -> TargetStep {
         let Some(mut cluster) = self.cluster() else {
             return TargetStep::Discard("the ChainFire session is gone".into());
@@ -1218,6 +1234,15 @@ impl Daemon {
             match record::target_step(request, holds_lock, incoming.as_deref(), has_confirmed) {
                 TargetStep::Wait => {}
                 TargetStep::Confirm => {
+                    let kept = Arrival {
+                        confirmed: true,
+                        ..arrival.clone()
+                    };
+                    if let Err(e) = self.shell.arrivals.save(&kept).await {
+                        return TargetStep::Discard(format!(
+                            "recording the confirmation in the state dir: {e:#}"
+                        ));
+                    }
                     if let Err(e) = store.answer(key, confirmed, confirmed.lease).await {
                         return TargetStep::Discard(format!("confirming the switchover: {e:#}"));
                     }
@@ -1321,84 +1346,6 @@ impl Reporter {
             s.state = VmState::Migrating;
             s.migration = Some(now);
         });
-    }
-}
-
-/// Moves aside (never deletes) whatever sits at the paths of the disks a move copies here: an
-/// older copy from when the VM last ran on this host. The incoming QEMU gets a blank image there.
-fn set_aside_images(running: &RunningConfig, id: &str) -> Result<Vec<(PathBuf, PathBuf)>, String> {
-    let mut aside = Vec::new();
-    for (path, kept) in running.older_copies(id) {
-        if std::fs::symlink_metadata(&path).is_err() {
-            continue;
-        }
-        if let Err(e) = std::fs::rename(&path, &kept) {
-            put_back_images(running, &aside);
-            return Err(format!("moving the older {} aside: {e}", path.display()));
-        }
-        tracing::info!(path = %path.display(), kept = %kept.display(), "migration: an older copy of the disk is set aside");
-        aside.push((path, kept));
-    }
-    Ok(aside)
-}
-
-/// An abandoned move: the blank (or partly copied) images go, the older copies come back.
-fn put_back_images(running: &RunningConfig, aside: &[(PathBuf, PathBuf)]) {
-    for disk in running.disks_to_copy() {
-        let path = &running.spec.disks[&disk].path;
-        if std::fs::remove_file(path).is_ok() {
-            tracing::info!(path = %path.display(), "migration: the image of the abandoned move is removed");
-        }
-    }
-    for (path, kept) in aside {
-        match std::fs::rename(kept, path) {
-            Ok(()) => {
-                tracing::info!(path = %path.display(), kept = %kept.display(), "migration: the older copy of the disk is back")
-            }
-            Err(e) => {
-                tracing::error!(path = %path.display(), kept = %kept.display(), "migration: putting the older copy back: {e}")
-            }
-        }
-    }
-}
-
-/// What a target does with the images of a move's disk copies once it ends (`images`), `aside`
-/// the older copies the move set aside; logged.
-pub(super) fn end_images(
-    vm: &str,
-    images: Images,
-    running: &RunningConfig,
-    aside: &[(PathBuf, PathBuf)],
-) {
-    let kept: Vec<String> = aside
-        .iter()
-        .map(|(_, kept)| kept.display().to_string())
-        .collect();
-    match images {
-        Images::Leave if !aside.is_empty() => tracing::error!(
-            vm,
-            ?kept,
-            "migration: it cannot be told whether the move's images here are whole: they stay, \
-             and so do the older copies it set aside; keep the right one before the VM runs here"
-        ),
-        Images::Leave => {}
-        Images::RemoveOlder => {
-            tracing::info!(vm, ?kept, "migration: the move's images here are whole; the older copies it set aside are stale");
-            forget_images(aside);
-        }
-        Images::PutBackOlder => {
-            tracing::warn!(vm, ?kept, "migration: the move was abandoned before the switchover; its images here are partial");
-            put_back_images(running, aside);
-        }
-    }
-}
-
-/// A completed move: the older copies are stale.
-fn forget_images(aside: &[(PathBuf, PathBuf)]) {
-    for (_, kept) in aside {
-        if std::fs::remove_file(kept).is_ok() {
-            tracing::info!(kept = %kept.display(), "migration: the stale older copy of the disk is removed");
-        }
     }
 }
 

@@ -15,9 +15,11 @@
 //! - `metrics`, `metrics_http`: the sampler behind `/metrics`, and the endpoint.
 //! - `journal`: the event stream behind `plasmavmc events`.
 //! - `first_apply`: the first apply after start, its outcome kept for `plasmavmc first-apply`.
-//! - `migration`: live migration, both the source's and the target's side.
+//! - `migration`: live migration, both the source's and the target's side; `arrivals`: the
+//!   moves arriving here, kept in the state dir; `interrupted`: moves an agent restart cut.
 
 mod adopt;
+mod arrivals;
 mod cluster;
 mod config_file;
 mod console;
@@ -174,6 +176,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         events: vm_events,
         fencing,
         journal: journal::Journal::default(),
+        arrivals: arrivals::Arrivals::new(&options.state_dir),
     };
     let operator = OperatorIntents::load(&options.state_dir)?;
     let daemon = Arc::new(Daemon::new(
@@ -192,10 +195,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     // Moves the previous agent left unfinished: their VMs are held from the first reconcile
     // until each is settled (which may wait for ChainFire); then its evacuation goes on.
     let mid_move = daemon.hold_vms_mid_move().await;
+    // Moves that were arriving here when the previous agent stopped, their QEMU gone: settled
+    // now, before anything can start the VM here (or another move arrive).
+    let arriving = daemon.settle_arrivals_left(&mid_move).await;
     tokio::spawn({
         let daemon = Arc::clone(&daemon);
         async move {
-            daemon.settle_interrupted_moves(mid_move).await;
+            daemon.settle_interrupted_moves(mid_move, arriving).await;
             daemon.resume_evacuation().await;
         }
     });

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::files::write_atomically;
+use crate::files::{sync_dir, write_atomically};
 use crate::paths::{saved_record, saved_state, unrestorable_reason, SavedDir};
 use crate::save::SavedRecord;
 
@@ -119,12 +119,6 @@ fn create_private_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 #[cfg(test)]

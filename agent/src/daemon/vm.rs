@@ -65,6 +65,8 @@ pub struct Shell {
     pub fencing: Option<Fencing>,
     /// What happens, for `plasmavmc events`.
     pub journal: super::journal::Journal,
+    /// The moves arriving here, kept in the state dir.
+    pub arrivals: super::arrivals::Arrivals,
 }
 
 /// How HA VMs are launched under a fence guard: this binary, the lease trust file, and which

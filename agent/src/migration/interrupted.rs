@@ -26,7 +26,8 @@
 //!
 //! Either side: a lock that cannot be read is read again; nothing is done on a guess. A move
 //! found recorded with no QEMU of that VM here: its records are forgotten, nothing else (the VM's
-//! own rules start it where its lock is).
+//! own rules start it where its lock is); the images of one that was arriving here are the
+//! target's own record's business (`arrival`).
 
 use super::Phase;
 
