@@ -4,7 +4,7 @@
 //! its previous agent left (before anything can start the VM here).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -26,10 +26,15 @@ impl Arrivals {
         }
     }
 
-    /// Keeps `arrival` (replacing the VM's record), durably: written, synced, renamed, the
-    /// rename synced. Off the async runtime: a stuck state filesystem holds up this move only.
+    /// Keeps `arrival` (replacing the VM's record) and its mark, not confirmed, durably: each
+    /// written, synced, renamed, the renames synced. Off the async runtime: a stuck state
+    /// filesystem holds up this move only.
     pub async fn save(&self, arrival: &Arrival) -> Result<()> {
-        let (dir, path) = (self.dir.clone(), self.path(&arrival.vm));
+        let (dir, path, mark) = (
+            self.dir.clone(),
+            self.path(&arrival.vm),
+            self.mark(&arrival.vm),
+        );
         let bytes = serde_json::to_vec_pretty(arrival).expect("an arrival serializes");
         let write = move || {
             std::fs::DirBuilder::new()
@@ -37,28 +42,50 @@ impl Arrivals {
                 .mode(0o700)
                 .create(&dir)
                 .with_context(|| format!("creating {}", dir.display()))?;
+            // The mark first: a record is never found without one.
+            crate::files::write_atomically(&mark, arrival::NOT_CONFIRMED)?;
             crate::files::write_atomically(&path, &bytes)?;
             crate::files::sync_dir(&dir)
         };
-        tokio::task::spawn_blocking(write)
-            .await
-            .context("writing the record of a move arriving")?
+        off_runtime(write).await
     }
 
-    /// The move of `vm` here ended: its record goes.
+    /// Marks `vm`'s move confirmed, durably: its mark overwritten in place and synced (no new
+    /// file, no directory to sync: it is on the guest's downtime path).
+    pub async fn confirm(&self, vm: &str) -> Result<()> {
+        let mark = self.mark(vm);
+        off_runtime(move || {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&mark)?;
+            file.write_all_at(arrival::CONFIRMED, 0)?;
+            file.sync_data()?;
+            Ok(())
+        })
+        .await
+        .with_context(|| format!("marking {} confirmed", self.mark(vm).display()))
+    }
+
+    /// The move of `vm` here ended: its record goes, then its mark.
     pub fn remove(&self, vm: &str) {
-        let path = self.path(vm);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                tracing::error!(path = %path.display(), "removing the record of a move that ended: {e}; the next agent start looks at it again")
+        for path in [self.path(vm), self.mark(vm)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(path = %path.display(), "removing the record of a move that ended: {e}; the next agent start looks at it again")
+                }
             }
         }
     }
 
     fn path(&self, vm: &str) -> PathBuf {
         self.dir.join(format!("{vm}.json"))
+    }
+
+    fn mark(&self, vm: &str) -> PathBuf {
+        self.dir.join(format!("{vm}.confirmed"))
     }
 
     /// The records left, each read (or why not).
@@ -72,13 +99,27 @@ impl Arrivals {
             .map(|path| {
                 let read = crate::files::read_regular(&path)
                     .map_err(anyhow::Error::from)
-                    .and_then(|text| Ok(serde_json::from_str(&text)?));
+                    .and_then(|text| Ok(serde_json::from_str::<Arrival>(&text)?))
+                    .map(|arrival| {
+                        let mark = std::fs::read(self.mark(&arrival.vm)).ok();
+                        Arrival {
+                            confirmed: arrival::confirmed_mark(mark.as_deref()),
+                            ..arrival
+                        }
+                    });
                 (path, read)
             })
             .collect();
         left.sort_by(|a, b| a.0.cmp(&b.0));
         left
     }
+}
+
+/// Runs `work` (file I/O) off the async runtime.
+async fn off_runtime(work: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .context("a state dir write did not finish")?
 }
 
 impl Daemon {
@@ -273,6 +314,13 @@ mod tests {
         let left = arrivals.left();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].1.as_ref().unwrap(), &arrival);
+        arrivals.confirm("web").await.unwrap();
+        assert!(arrivals.left()[0].1.as_ref().unwrap().confirmed);
+        std::fs::remove_file(dir.path().join("state/arriving/web.confirmed")).unwrap();
+        assert!(
+            arrivals.left()[0].1.as_ref().unwrap().confirmed,
+            "no mark: confirmed, nothing is deleted on a guess"
+        );
 
         let root = dir.path().join("root.qcow2");
         std::fs::write(&root, "older").unwrap();
@@ -293,6 +341,13 @@ mod tests {
         arrivals.remove("web");
         arrivals.remove("web");
         assert!(arrivals.left().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("state/arriving"))
+                .unwrap()
+                .count(),
+            0,
+            "record and mark gone"
+        );
     }
 
     #[tokio::test]

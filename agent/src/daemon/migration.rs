@@ -1234,11 +1234,7 @@ impl Daemon {
             match record::target_step(request, holds_lock, incoming.as_deref(), has_confirmed) {
                 TargetStep::Wait => {}
                 TargetStep::Confirm => {
-                    let kept = Arrival {
-                        confirmed: true,
-                        ..arrival.clone()
-                    };
-                    if let Err(e) = self.shell.arrivals.save(&kept).await {
+                    if let Err(e) = self.shell.arrivals.confirm(&arrival.vm).await {
                         return TargetStep::Discard(format!(
                             "recording the confirmation in the state dir: {e:#}"
                         ));

@@ -4,7 +4,7 @@
 //! forgot the move) still knows which images are the move's and how far the move got.
 //!
 //! How far is known here for certain: the HA lock moves to this host only after it confirmed
-//! the switchover, and the record says `confirmed` before the confirmation is sent. A move
+//! the switchover, and the record is marked `confirmed` before the confirmation is sent. A move
 //! never confirmed never reached the switchover: the images at the copied disks' paths are
 //! partial; they go and the older copies come back. A confirmed one may have (the images whole,
 //! the guest perhaps run from them since) or not: both files stay, and the operator is told.
@@ -27,8 +27,23 @@ pub struct Arrival {
     pub from: String,
     /// The disks the move copies here.
     pub disks: Vec<CopiedDisk>,
-    /// Set before this host confirms the switchover: from then on the lock may move here.
+    /// Set before this host confirms the switchover: from then on the lock may move here. Kept
+    /// beside the record, as one byte (`confirmed_mark`).
+    #[serde(skip)]
     pub confirmed: bool,
+}
+
+/// The confirmation mark kept beside the record: one byte, written when the record is (`0`)
+/// and overwritten in place (`1`) at the confirmation: it is on the guest's downtime path, and
+/// one byte synced in place costs no journal commit, unlike a file replaced and its directory
+/// synced.
+pub const NOT_CONFIRMED: &[u8] = b"0";
+pub const CONFIRMED: &[u8] = b"1";
+
+/// Whether a move is confirmed, from its mark as read (None: no mark). Anything but the mark
+/// of a move not confirmed counts as confirmed: then nothing is deleted.
+pub fn confirmed_mark(mark: Option<&[u8]>) -> bool {
+    mark != Some(NOT_CONFIRMED)
 }
 
 /// A disk the move copies here: the incoming QEMU writes a new image at `path`.
@@ -191,6 +206,27 @@ mod tests {
             arrival,
             "kept as written"
         );
+        let confirmed = Arrival {
+            confirmed: true,
+            ..arrival.clone()
+        };
+        assert_eq!(
+            serde_json::to_vec(&confirmed).unwrap(),
+            json,
+            "the confirmation is kept apart"
+        );
+    }
+
+    #[test]
+    fn only_the_mark_of_a_move_not_confirmed_counts_as_not_confirmed() {
+        assert!(!confirmed_mark(Some(NOT_CONFIRMED)));
+        assert!(confirmed_mark(Some(CONFIRMED)));
+        for unsure in [None, Some(&b""[..]), Some(&b"x"[..])] {
+            assert!(
+                confirmed_mark(unsure),
+                "{unsure:?}: nothing is deleted on a guess"
+            );
+        }
     }
 
     #[test]
