@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use super::keys::VmKey;
-use super::records::{HandleRecord, LocalVm, VmRecord, STATE_UNKNOWN};
+use super::records::{HandleRecord, HostRecord, LocalVm, VmRecord, STATE_UNKNOWN};
 use super::view::ClusterView;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,11 +164,25 @@ fn revision<T>(stamped: Option<&super::view::Stamped<T>>) -> i64 {
     stamped.map_or(0, |s| s.revision)
 }
 
+/// Whether the host key must be written: `record` under `lease` is not what this host last wrote
+/// (`written`), or the view lost the key (deleted from outside). The view alone cannot say
+/// whether the store holds `record`: the watch may still deliver an older write of this key, and
+/// a view rolled back by it would make a newer record look written (an `uncordon` right after a
+/// `cordon` was skipped so and the store kept the cordon).
+pub fn host_key_needs_write(
+    written: Option<&(i64, HostRecord)>,
+    lease: i64,
+    record: &HostRecord,
+    in_view: bool,
+) -> bool {
+    !in_view || written.is_none_or(|(at, last)| *at != lease || last != record)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chainfire::events::{StateEvent, StateSink};
-    use crate::chainfire::records::{HostRecord, LockRecord};
+    use crate::chainfire::records::LockRecord;
 
     fn record(name: &str, host: &str, state: &str, ha: bool) -> VmRecord {
         let mut record = VmRecord::for_test(&VmKey::new("o", "p", name), host, state);
@@ -443,5 +457,19 @@ mod tests {
             revision: 7,
         });
         assert_eq!(lost_host_writes("h1", &view, "T"), vec![]);
+    }
+
+    #[test]
+    fn the_host_key_is_written_when_it_differs_from_the_last_write_whatever_the_view_says() {
+        let cordoned = HostRecord::of("h", "t0", true, &BTreeMap::new());
+        let open = HostRecord::of("h", "t0", false, &BTreeMap::new());
+        // The last write was the cordon; a late watch event rolled the view back to `open`.
+        let written = (7, cordoned.clone());
+        assert!(host_key_needs_write(Some(&written), 7, &open, true));
+        assert!(!host_key_needs_write(Some(&written), 7, &cordoned, true));
+        // A new lease, nothing written yet, or the key gone from the view: write.
+        assert!(host_key_needs_write(Some(&written), 8, &cordoned, true));
+        assert!(host_key_needs_write(None, 7, &cordoned, true));
+        assert!(host_key_needs_write(Some(&written), 7, &cordoned, false));
     }
 }

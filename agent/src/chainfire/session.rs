@@ -100,7 +100,7 @@ impl Session {
             config: config.clone(),
             view: ClusterView::default(),
             revision: 0,
-            registered_lease: None,
+            registered: None,
             started_at: records::now(),
             local: local_rx,
             cordoned: cordoned_rx,
@@ -303,8 +303,8 @@ struct Worker {
     view: ClusterView,
     /// Last store revision the view has seen; 0: read everything first.
     revision: i64,
-    /// The lease the host key was last written under.
-    registered_lease: Option<i64>,
+    /// The lease the host key was last written under, and the record written.
+    registered: Option<(i64, HostRecord)>,
     started_at: String,
     local: watch::Receiver<Option<BTreeMap<VmKey, LocalVm>>>,
     cordoned: watch::Receiver<bool>,
@@ -435,13 +435,14 @@ impl Worker {
         .with_facts(self.config.host_facts.clone());
         // Before the VM entries: a cordon is in the view (and the store) before `own_writes`
         // decides which locks to seek.
-        if self.registered_lease != Some(lease) || self.view.hosts.get(&host) != Some(&record) {
+        let in_view = self.view.hosts.contains_key(&host);
+        if reconcile::host_key_needs_write(self.registered.as_ref(), lease, &record, in_view) {
             store::put_host(client, &record, lease, limit).await?;
             self.view.apply(&StateEvent::HostUp {
                 host_id: host.clone(),
-                record,
+                record: record.clone(),
             });
-            self.registered_lease = Some(lease);
+            self.registered = Some((lease, record));
         }
         self.published_cordon
             .send_if_modified(|p| p.replace(cordoned) != Some(cordoned));
