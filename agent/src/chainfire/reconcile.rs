@@ -175,7 +175,7 @@ pub fn host_key_needs_write(
     record: &HostRecord,
     in_view: bool,
 ) -> bool {
-    !in_view || written.is_none_or(|(at, last)| *at != lease || last != record)
+    !in_view || written.map_or(true, |(at, last)| *at != lease || last != record)
 }
 
 #[cfg(test)]
